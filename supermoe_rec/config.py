@@ -1,0 +1,340 @@
+"""Strict, frozen run configuration: ``data``, ``model`` and ``train`` sections loaded from YAML.
+
+Every section is a frozen dataclass. Loading is strict: an unknown key, a value of the wrong type or a missing file
+raises :class:`ConfigError` naming the dotted key (``model.moe.top_k``) or the path. CLI overrides use the same
+dotted keys::
+
+    supermoe-rec train --config configs/ml100k.yaml --train.lr=0.01 --model.moe.num_experts=16
+
+Override values are parsed as YAML scalars/flow collections (``--model.tower_hidden=[64,32]``) and then checked
+against the field's annotation exactly like file values.
+
+Example::
+
+    >>> cfg = ExperimentConfig()
+    >>> cfg = apply_overrides(cfg, ["--train.lr=0.01", "--model.moe.top_k=1"])
+    >>> cfg.train.lr, cfg.model.moe.top_k
+    (0.01, 1)
+    >>> apply_overrides(cfg, ["--train.lrr=0.01"])
+    Traceback (most recent call last):
+    ...
+    supermoe_rec.config.ConfigError: train.lrr: unknown key (known: ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key or the file it concerns."""
+
+
+class Arch(str, enum.Enum):
+    """Which model ``model.arch`` builds. All share one SparseArch, so comparisons are fair."""
+
+    SUPERMOE = "supermoe"
+    DENSE_TRANSFORMER = "dense_transformer"
+    SHARED_BOTTOM = "shared_bottom"
+    MMOE = "mmoe"
+    PLE = "ple"
+    SINGLE_TASK = "single_task"
+
+
+class TaskType(str, enum.Enum):
+    """How a task's label is modelled: a binary logit or a regression value."""
+
+    BINARY = "binary"
+    REGRESSION = "regression"
+
+
+class RegressionLoss(str, enum.Enum):
+    MSE = "mse"
+    HUBER = "huber"
+
+
+class SequenceLookup(str, enum.Enum):
+    """How sequence ids are looked up (DESIGN.md §5).
+
+    ``embedding_collection``: an unpooled TorchRec EmbeddingCollection.
+    ``bags_of_one``: an EmbeddingBagCollection where every sequence position is a bag of length 1; on CPU its
+    backward is several times faster than the unpooled EC. ``auto`` picks per device.
+    """
+
+    AUTO = "auto"
+    EMBEDDING_COLLECTION = "embedding_collection"
+    BAGS_OF_ONE = "bags_of_one"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where samples come from and how they are built.
+
+    ``source`` is ``ml100k`` or ``ml1m`` (the ml-mt protocol over MovieLens), ``table`` (bring your own
+    interaction table + ``schema`` YAML) or ``synthetic`` (streaming generator for scale and speed work).
+    """
+
+    source: str = "ml100k"
+    cache_dir: str = "~/.cache/supermoe_rec"
+    # Try the GroupLens URL before the offline fallback (the copy inside the recbole wheel).
+    try_url: bool = True
+    url_timeout_s: float = 5.0
+    seed: int = 0
+    max_history: int = 50
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    # Empty: every task the schema defines. Otherwise a subset, e.g. ["watch"] for a single-task model.
+    tasks: tuple[str, ...] = ()
+    # Bring-your-own data (source: table).
+    schema: str | None = None
+    table: str | None = None
+    valid_table: str | None = None
+    test_table: str | None = None
+    # Synthetic data (source: synthetic).
+    synthetic_users: int = 100_000
+    synthetic_items: int = 1_000_000
+    synthetic_samples: int = 1_000_000
+    synthetic_tasks: int = 3
+    synthetic_zipf: float = 1.1
+    synthetic_task_correlation: float = 0.5
+    synthetic_label_rates: tuple[float, ...] = (1.0, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse Mixture-of-Experts FFN (GShard/Switch style).
+
+    Dimension letters: E experts, K top-k, H expert hidden width, C capacity per expert.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 128
+    capacity_factor_train: float = 1.25
+    capacity_factor_eval: float = 2.0
+    dropless: bool = False
+    # Training-only router perturbations: multiplicative input jitter (Switch) and additive logit noise.
+    router_jitter: float = 0.0
+    router_noise: float = 0.0
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    # Every moe_every-th encoder block uses the MoE FFN (1: all blocks).
+    moe_every: int = 2
+    expert_parallel: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model shape. Dimension letters: D model dim, L sequence length, T tasks."""
+
+    arch: Arch = Arch.SUPERMOE
+    embedding_dim: int = 32
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    # Hidden width of the dense FFN (dense blocks and the dense_transformer arch).
+    ffn_hidden: int = 128
+    use_task_tokens: bool = True
+    use_moe: bool = True
+    dropout: float = 0.0
+    tower_hidden: tuple[int, ...] = (64,)
+    sequence_lookup: SequenceLookup = SequenceLookup.AUTO
+    # MLP baselines (shared_bottom, mmoe, ple): expert/bottom widths and expert counts.
+    bottom_hidden: tuple[int, ...] = (128, 64)
+    mmoe_experts: int = 4
+    ple_shared_experts: int = 2
+    ple_task_experts: int = 1
+    ple_levels: int = 2
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, loss weighting and run outputs."""
+
+    name: str = "ml100k-supermoe"
+    out_dir: str = "runs"
+    seed: int = 0
+    epochs: int = 5
+    max_steps: int | None = None
+    batch_size: int = 512
+    eval_batch_size: int = 4096
+    lr: float = 1e-3
+    sparse_lr: float = 0.05
+    weight_decay: float = 0.0
+    early_stopping_patience: int = 2
+    # Static per-task loss weights w_t (missing tasks weigh 1.0), or learned by uncertainty weighting.
+    task_weights: dict[str, float] = field(default_factory=dict)
+    uncertainty_weighting: bool = False
+    regression_loss: RegressionLoss = RegressionLoss.MSE
+    huber_delta: float = 1.0
+    num_workers: int = 0
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+C = TypeVar("C")
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against ``annotation`` and convert it (enums, tuples, nested dataclasses)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {annotation}")
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return _build(annotation, value, key)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if isinstance(value, annotation):
+            return value
+        choices = [m.value for m in annotation]
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return annotation(value)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_type = args[0]
+        return tuple(_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {
+            _convert(k, key_type, f"{key}"): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()
+        }
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {annotation!r}")  # a bug in a config class
+
+
+def _build(cls: type[C], values: Mapping[str, Any], prefix: str = "") -> C:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(fields))})")
+        kwargs[name] = _convert(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def from_dict(values: Mapping[str, Any], cls: type[C] = ExperimentConfig) -> C:  # type: ignore[assignment]
+    """Build a config from a plain mapping, strictly."""
+    return _build(cls, values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain YAML-safe mapping of a config (enums as their values, tuples as lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    result = plain(cfg)
+    assert isinstance(result, dict)
+    return result
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load a YAML config file strictly, then apply ``--section.key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    with path.open() as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: top level must be a mapping with data/model/train sections")
+    try:
+        cfg: ExperimentConfig = from_dict(raw, ExperimentConfig)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
+    """Apply ``--a.b.c=value`` (or ``a.b.c=value``) overrides; the value is parsed as a YAML scalar."""
+    values = to_dict(cfg)
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"{item}: overrides look like --section.key=value")
+        dotted, raw_value = text.split("=", 1)
+        parts = dotted.split(".")
+        node: dict[str, Any] = values
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: depth + 1])}: unknown section")
+            node = child
+        if parts[-1] not in node:
+            known = ", ".join(sorted(node))
+            raise ConfigError(f"{dotted}: unknown key (known: {known})")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw_value) if raw_value != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{dotted}: cannot parse {raw_value!r}: {exc}") from exc
+    return from_dict(values, type(cfg))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (the file a run or checkpoint keeps next to its outputs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
