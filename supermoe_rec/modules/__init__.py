@@ -1,0 +1,1 @@
+"""Building blocks: embeddings (SparseArch), gating, experts, MoE, transformer encoder, towers, baselines."""
