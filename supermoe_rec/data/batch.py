@@ -1,0 +1,84 @@
+"""The model input: a :class:`Batch` of TorchRec KeyedJaggedTensors plus dense features, labels and task masks.
+
+Dimension letters: B rows (candidates), G groups (distinct users/histories in the batch), T tasks, F dense features.
+
+Rows of a group are contiguous and share the user side: ``group_index`` [B] maps each row to its group (0..G-1),
+and per-group sequence features (the history) are carried on the group's first row only (length 0 elsewhere), so
+the history is looked up and encoded once per group, and every candidate of the group is scored from that pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One batch, movable by TorchRec's TrainPipelineSparseDist (``to``, ``pin_memory``, ``record_stream``).
+
+    Attributes:
+        sparse_features: pooled categorical features (EmbeddingBagCollection input), stride B.
+        sequence_features: unpooled sequence features (EmbeddingCollection input), stride B. Per-group keys
+            (the history) have length 0 on every row but the first of its group.
+        dense_features: [B, F] float32 (F may be 0).
+        labels: [B, T] float32; 0 where the task mask is 0.
+        task_mask: [B, T] float32 in {0, 1}: 1 where row i carries a label for task t.
+        group_index: [B] int64, the group of each row; non-decreasing, so groups are contiguous.
+        user_index: [B] int64 user codes (per-user metrics such as GAUC).
+
+    Example::
+
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([1, 2]), torch.tensor([1, 1]))
+        >>> b = Batch(kjt, kjt, torch.zeros(2, 0), torch.ones(2, 1), torch.ones(2, 1),
+        ...           torch.tensor([0, 0]), torch.tensor([7, 7]))
+        >>> b.batch_size, b.num_groups
+        (2, 1)
+    """
+
+    sparse_features: KeyedJaggedTensor
+    sequence_features: KeyedJaggedTensor
+    dense_features: torch.Tensor
+    labels: torch.Tensor
+    task_mask: torch.Tensor
+    group_index: torch.Tensor
+    user_index: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_index[-1].item()) + 1 if self.group_index.numel() else 0
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            sequence_features=self.sequence_features.to(device=device, non_blocking=non_blocking),
+            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            task_mask=self.task_mask.to(device=device, non_blocking=non_blocking),
+            group_index=self.group_index.to(device=device, non_blocking=non_blocking),
+            user_index=self.user_index.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse_features.record_stream(stream)
+        self.sequence_features.record_stream(stream)
+        for t in (self.dense_features, self.labels, self.task_mask, self.group_index, self.user_index):
+            t.record_stream(stream)  # type: ignore[arg-type]
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            sparse_features=self.sparse_features.pin_memory(),
+            sequence_features=self.sequence_features.pin_memory(),
+            dense_features=self.dense_features.pin_memory(),
+            labels=self.labels.pin_memory(),
+            task_mask=self.task_mask.pin_memory(),
+            group_index=self.group_index.pin_memory(),
+            user_index=self.user_index.pin_memory(),
+        )

@@ -1,0 +1,380 @@
+"""Validated, columnar samples built from an interaction table and a :class:`Schema`, and batch assembly.
+
+:class:`TabularDataset` checks every column once, up front, and stores each categorical feature as a jagged
+(values, offsets) pair, so making a batch is a handful of vectorised gathers. Bad input is a :class:`DataError`
+naming the table, the row and the column. Rows are reordered so that the rows of a group are contiguous.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from supermoe_rec.config import TaskType
+from supermoe_rec.data.batch import Batch
+from supermoe_rec.data.errors import DataError
+from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths, row_of, take_rows
+from supermoe_rec.data.schema import FeatureSpec, Schema
+from supermoe_rec.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass
+class Jagged:
+    values: IntArray
+    offsets: IntArray
+
+
+@dataclass
+class DatasetReport:
+    """What loading did to the input: nothing is dropped or changed without being counted here."""
+
+    source: str
+    rows_read: int
+    rows_dropped_unlabelled: int = 0
+    hashed_ids: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "rows_read": self.rows_read,
+            "rows_dropped_unlabelled": self.rows_dropped_unlabelled,
+            "hashed_ids": dict(self.hashed_ids),
+        }
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV or parquet interaction table; an empty or missing file is a :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "file not found")
+    if path.stat().st_size == 0:
+        raise DataError(str(path), "empty file")
+    if path.suffix in (".parquet", ".pq"):
+        frame = pd.read_parquet(path)
+    elif path.suffix in (".csv", ".tsv", ".txt"):
+        try:
+            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+        except pd.errors.EmptyDataError as exc:
+            raise DataError(str(path), "empty file") from exc
+    else:
+        raise DataError(str(path), f"unknown table format {path.suffix!r} (use .csv, .tsv or .parquet)")
+    if frame.empty:
+        raise DataError(str(path), "no rows (empty table)")
+    return frame
+
+
+class TabularDataset:
+    """Samples of one split: validated jagged features, dense features, labels [N, T] and task masks [N, T].
+
+    Args:
+        frame: the interaction table, one row per sample (candidate).
+        schema: which columns are what.
+        source: the file or table name used in error messages.
+
+    Example::
+
+        >>> schema = Schema.from_dict({
+        ...     "user_column": "u", "tables": [{"name": "item", "num_embeddings": 10}],
+        ...     "sequence_features": [{"name": "target", "column": "i", "table": "item"}],
+        ...     "tasks": [{"name": "click", "type": "binary", "label": "y"}]})
+        >>> ds = TabularDataset(pd.DataFrame({"u": [1, 1, 2], "i": [3, 4, 5], "y": [1, 0, 1]}), schema, "demo")
+        >>> len(ds), ds.num_groups
+        (3, 3)
+        >>> ds.batch(np.array([0, 2])).labels.tolist()
+        [[1.0], [1.0]]
+    """
+
+    def __init__(self, frame: pd.DataFrame, schema: Schema, source: str) -> None:
+        self.schema = schema
+        self.source = source
+        self.tasks: list[TaskSpec] = schema.task_specs()
+        self.report = DatasetReport(source=source, rows_read=len(frame))
+        if frame.empty:
+            raise DataError(source, "no rows (empty table)")
+        frame = frame.reset_index(drop=True)
+        self._check_columns(frame)
+
+        labels, mask = self._labels(frame)
+        keep = mask.any(axis=1)
+        if schema.drop_unlabelled and not keep.all():
+            dropped = int((~keep).sum())
+            self.report.rows_dropped_unlabelled = dropped
+            log.warning("%s: dropped %d row(s) with no labelled task", source, dropped)
+            frame = frame.loc[keep].reset_index(drop=True)
+            labels, mask = labels[keep], mask[keep]
+            if frame.empty:
+                raise DataError(source, "no row carries a label for any task")
+
+        # Rows of a group become contiguous (stable: the input order is kept within and across groups).
+        if schema.group_column is not None:
+            group_codes, _ = pd.factorize(frame[schema.group_column], sort=False)
+            order = np.argsort(group_codes, kind="stable")
+            frame = frame.iloc[order].reset_index(drop=True)
+            labels, mask, group_codes = labels[order], mask[order], group_codes[order]
+            sizes = np.bincount(group_codes)
+        else:
+            sizes = np.ones(len(frame), dtype=np.int64)
+        self.group_offsets: IntArray = offsets_from_lengths(sizes.astype(np.int64))
+
+        self.labels: FloatArray = labels
+        self.task_mask: FloatArray = mask
+        self.user_index: IntArray = pd.factorize(frame[schema.user_column], sort=True)[0].astype(np.int64)
+        self.user_keys = frame[schema.user_column].to_numpy()
+        self.timestamps: IntArray | None = (
+            frame[schema.timestamp_column].to_numpy(np.int64) if schema.timestamp_column else None
+        )
+        self.features: dict[str, Jagged] = {}
+        for spec in (*schema.sparse_features, *schema.sequence_features):
+            self.features[spec.name] = self._categorical(frame, spec)
+        for spec in schema.sequence_features:
+            if spec.per_group:
+                self._check_per_group(spec)
+        self.dense: FloatArray = self._dense(frame)
+
+    # ------------------------------------------------------------------------------------------- validation
+
+    def _check_columns(self, frame: pd.DataFrame) -> None:
+        s = self.schema
+        needed = [s.user_column, *(f.column for f in (*s.sparse_features, *s.sequence_features))]
+        needed += [d.column for d in s.dense_features]
+        needed += [t.label for t in s.tasks] + [t.mask for t in s.tasks if t.mask]
+        needed += [c for c in (s.group_column, s.timestamp_column) if c]
+        for column in dict.fromkeys(needed):
+            if column not in frame.columns:
+                raise DataError(self.source, f"missing column (columns are {list(frame.columns)})", column=column)
+
+    def _labels(self, frame: pd.DataFrame) -> tuple[FloatArray, FloatArray]:
+        n, t = len(frame), len(self.schema.tasks)
+        labels = np.zeros((n, t), dtype=np.float32)
+        mask = np.zeros((n, t), dtype=np.float32)
+        for j, task in enumerate(self.schema.tasks):
+            raw = frame[task.label]
+            values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+            not_numeric = np.isnan(values) & raw.notna().to_numpy()
+            if not_numeric.any():
+                row = int(np.flatnonzero(not_numeric)[0])
+                raise DataError(self.source, f"label is not a number: {raw.iloc[row]!r}", row=row, column=task.label)
+            if task.mask is None:
+                present = ~np.isnan(values)
+            else:
+                m = pd.to_numeric(frame[task.mask], errors="coerce").to_numpy(np.float64)
+                bad = ~np.isin(m, (0.0, 1.0))
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0])
+                    value = frame[task.mask].iloc[row]
+                    raise DataError(self.source, f"task mask must be 0 or 1, got {value!r}", row=row, column=task.mask)
+                present = m == 1.0
+                nan_labelled = present & np.isnan(values)
+                if nan_labelled.any():
+                    row = int(np.flatnonzero(nan_labelled)[0])
+                    raise DataError(
+                        self.source,
+                        f"label is NaN but mask column {task.mask!r} says task {task.name!r} is labelled",
+                        row=row,
+                        column=task.label,
+                    )
+            if task.type is TaskType.BINARY:
+                bad = present & ~np.isin(values, (0.0, 1.0))
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0])
+                    raise DataError(
+                        self.source, f"binary label must be 0 or 1, got {values[row]!r}", row=row, column=task.label
+                    )
+            elif (present & ~np.isfinite(values)).any():
+                row = int(np.flatnonzero(present & ~np.isfinite(values))[0])
+                raise DataError(self.source, f"label is not finite: {values[row]!r}", row=row, column=task.label)
+            labels[:, j] = np.where(present, values, 0.0)
+            mask[:, j] = present
+        return labels, mask
+
+    def _categorical(self, frame: pd.DataFrame, spec: FeatureSpec) -> Jagged:
+        table = self.schema.table(spec.table)
+        column = frame[spec.column]
+        raw_values, lengths = self._flatten(column, spec)
+        offsets = offsets_from_lengths(lengths)
+        ids = self._as_ids(raw_values, offsets, spec, table.hash, table.num_embeddings)
+        return Jagged(ids, offsets)
+
+    def _flatten(self, column: pd.Series, spec: FeatureSpec) -> tuple[npt.NDArray[Any], IntArray]:
+        """Flat values and per-row lengths of a scalar or list-valued column."""
+        if not spec.multi_valued:
+            values = column.to_numpy()
+            if values.dtype == object:
+                listy = np.fromiter((not pd.api.types.is_scalar(v) for v in values), dtype=bool, count=len(values))
+                if listy.any():
+                    raise DataError(
+                        self.source,
+                        "holds a list; set multi_valued: true on this feature",
+                        int(listy.argmax()),
+                        spec.column,
+                    )
+            missing = pd.isna(values)
+            if missing.any():
+                raise DataError(self.source, "missing id", row=int(np.flatnonzero(missing)[0]), column=spec.column)
+            return values, np.ones(len(column), dtype=np.int64)
+        cells: list[npt.NDArray[Any]] = []
+        for row, cell in enumerate(column.to_numpy()):
+            if isinstance(cell, str):
+                cells.append(np.array(cell.split(spec.separator) if cell.strip() else [], dtype=object))
+            elif cell is None or (pd.api.types.is_scalar(cell) and pd.isna(cell)):
+                # An absent list is an empty one (e.g. a user with no history yet); that is valid input.
+                cells.append(np.zeros(0, dtype=np.int64))
+            elif pd.api.types.is_scalar(cell):
+                raise DataError(self.source, f"expected a list of ids, got {cell!r}", row=row, column=spec.column)
+            else:
+                cells.append(np.asarray(cell))
+        lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
+        values = np.concatenate(cells) if cells else np.zeros(0, dtype=np.int64)
+        return values, lengths
+
+    def _as_ids(
+        self, values: npt.NDArray[Any], offsets: IntArray, spec: FeatureSpec, hashed: bool, num_embeddings: int
+    ) -> IntArray:
+        if hashed:
+            # pandas' hash_array uses a fixed key, so the mapping is stable across runs and machines.
+            ids = pd.util.hash_array(values.astype(object) if values.dtype == object else values) % num_embeddings
+            self.report.hashed_ids[spec.name] = len(values)
+            return ids.astype(np.int64)
+        if values.dtype.kind in "iu":
+            ids = values.astype(np.int64)
+        else:
+            numeric = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
+            bad = np.isnan(numeric) | (numeric != np.floor(numeric))
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    self.source,
+                    f"id {values[j]!r} is not an integer (set hash: true on table {spec.table!r} to hash it)",
+                    row=row_of(offsets, j),
+                    column=spec.column,
+                )
+            ids = numeric.astype(np.int64)
+        if len(ids):
+            if (ids < 0).any():
+                j = int(np.flatnonzero(ids < 0)[0])
+                raise DataError(self.source, f"negative id {ids[j]}", row=row_of(offsets, j), column=spec.column)
+            if (ids >= num_embeddings).any():
+                j = int(np.flatnonzero(ids >= num_embeddings)[0])
+                raise DataError(
+                    self.source,
+                    f"id {ids[j]} is outside table {spec.table!r} of {num_embeddings} rows "
+                    "(grow num_embeddings, or set hash: true on the table)",
+                    row=row_of(offsets, j),
+                    column=spec.column,
+                )
+        return ids
+
+    def _check_per_group(self, spec: FeatureSpec) -> None:
+        """Rows of a group must agree on a per-group feature, since only the group's first row is kept."""
+        jag = self.features[spec.name]
+        sizes = np.diff(self.group_offsets)
+        leader = np.repeat(self.group_offsets[:-1], sizes)
+        lengths = np.diff(jag.offsets)
+        differs = lengths != lengths[leader]
+        same_len = ~differs
+        if same_len.any():
+            rows = np.flatnonzero(same_len)
+            mine = jag.values[concat_ranges(jag.offsets[rows], lengths[rows])]
+            theirs = jag.values[concat_ranges(jag.offsets[leader[rows]], lengths[rows])]
+            mismatch = np.repeat(rows, lengths[rows])[mine != theirs]
+            differs[mismatch] = True
+        if differs.any():
+            row = int(np.flatnonzero(differs)[0])
+            raise DataError(
+                self.source,
+                f"per-group feature {spec.name!r} differs from the first row of its group "
+                f"({self.schema.group_column!r})",
+                row=row,
+                column=spec.column,
+            )
+
+    def _dense(self, frame: pd.DataFrame) -> FloatArray:
+        out = np.zeros((len(frame), len(self.schema.dense_features)), dtype=np.float32)
+        for j, spec in enumerate(self.schema.dense_features):
+            values = pd.to_numeric(frame[spec.column], errors="coerce").to_numpy(np.float64)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    self.source,
+                    f"dense value is not a finite number: {frame[spec.column].iloc[row]!r}",
+                    row,
+                    spec.column,
+                )
+            out[:, j] = values
+        return out
+
+    # ---------------------------------------------------------------------------------------------- access
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_offsets) - 1
+
+    def group_sizes(self) -> IntArray:
+        return np.diff(self.group_offsets)
+
+    def rows_of_groups(self, groups: IntArray) -> IntArray:
+        starts = self.group_offsets[groups]
+        return concat_ranges(starts, self.group_offsets[groups + 1] - starts)
+
+    def batch_of_groups(self, groups: IntArray) -> Batch:
+        """The batch holding every row of ``groups``, groups in the given order."""
+        sizes = self.group_offsets[groups + 1] - self.group_offsets[groups]
+        rows = concat_ranges(self.group_offsets[groups], sizes)
+        group_index = np.repeat(np.arange(len(groups), dtype=np.int64), sizes)
+        return self._assemble(rows, group_index)
+
+    def batch(self, rows: IntArray) -> Batch:
+        """A batch of arbitrary rows, each its own group (evaluation, export)."""
+        return self._assemble(np.asarray(rows, dtype=np.int64), np.arange(len(rows), dtype=np.int64))
+
+    def _assemble(self, rows: IntArray, group_index: IntArray) -> Batch:
+        leader = np.ones(len(rows), dtype=bool)
+        leader[1:] = group_index[1:] != group_index[:-1]
+        return Batch(
+            sparse_features=self._kjt(self.schema.sparse_features, rows, leader),
+            sequence_features=self._kjt(self.schema.sequence_features, rows, leader),
+            dense_features=torch.from_numpy(self.dense[rows]),
+            labels=torch.from_numpy(self.labels[rows]),
+            task_mask=torch.from_numpy(self.task_mask[rows]),
+            group_index=torch.from_numpy(group_index),
+            user_index=torch.from_numpy(self.user_index[rows]),
+        )
+
+    def _kjt(self, specs: Sequence[FeatureSpec], rows: IntArray, leader: npt.NDArray[np.bool_]) -> KeyedJaggedTensor:
+        all_values, all_lengths = [], []
+        for spec in specs:
+            jag = self.features[spec.name]
+            take = rows[leader] if spec.per_group else rows
+            values, lengths = take_rows(jag.values, jag.offsets, take)
+            if spec.per_group:
+                # Non-leader rows carry nothing: the group's history is looked up and encoded once.
+                full = np.zeros(len(rows), dtype=np.int64)
+                full[leader] = lengths
+                lengths = full
+            all_values.append(values)
+            all_lengths.append(lengths)
+        values = np.concatenate(all_values) if all_values else np.zeros(0, dtype=np.int64)
+        lengths = np.concatenate(all_lengths) if all_lengths else np.zeros(0, dtype=np.int64)
+        return KeyedJaggedTensor(
+            keys=[s.name for s in specs],
+            values=torch.from_numpy(values),
+            lengths=torch.from_numpy(lengths.astype(np.int32)),
+            stride=len(rows),
+        )

@@ -1,0 +1,249 @@
+"""Top-k softmax router and the dispatch plan it produces (GShard/Switch style).
+
+Dimension letters: N tokens (already-flattened real tokens, N = number of non-padding B*L positions), D model dim,
+E experts, K top-k, C capacity (slots per expert).
+
+Routing is split in two so that expert parallelism can later swap the data movement without touching the maths:
+
+1. :class:`TopKRouter` scores tokens and picks K experts per token (``expert_index`` [N, K], ``gates`` [N, K]),
+   and computes the auxiliary losses.
+2. :func:`make_dispatch_plan` turns the choices into slots: for every assignment, its position inside its expert's
+   buffer and whether it fits under the capacity. The result, :class:`DispatchPlan`, is everything the expert
+   side needs; it does not look at the router again.
+
+Capacity priority (when an expert receives more than C assignments): all top-1 choices rank before all top-2
+choices, and within the same choice rank earlier tokens win (GShard). So a token loses its second expert before any
+other token loses its first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from supermoe_rec.config import MoEConfig
+
+
+class DispatchPlan(NamedTuple):
+    """Where each of the N*K token->expert assignments goes. Row n, column k is token n's k-th choice.
+
+    Attributes:
+        expert_index: ``[N, K]`` int64, chosen expert per assignment.
+        position: ``[N, K]`` int64, slot inside that expert's buffer (rank by priority). Meaningful only where
+            ``kept``; dropped assignments have ``position >= capacity``.
+        kept: ``[N, K]`` bool, the assignment fits under the capacity.
+        gates: ``[N, K]`` float32, combine weights (differentiable w.r.t. the router). Dropped assignments keep
+            their gate value here; the expert side must ignore them via ``kept``.
+        capacity: C, slots per expert in the dispatch buffer ``[E, C, D]``.
+        num_experts: E.
+    """
+
+    expert_index: Tensor
+    position: Tensor
+    kept: Tensor
+    gates: Tensor
+    capacity: int
+    num_experts: int
+
+
+class RouterOutput(NamedTuple):
+    """What :class:`TopKRouter` returns.
+
+    Attributes:
+        plan: the :class:`DispatchPlan`.
+        probs: ``[N, E]`` float32 router probabilities (after noise, if any).
+        balance_loss: scalar, ``E * sum_e f_e * P_e`` (1.0 under perfectly uniform routing).
+        z_loss: scalar, ``mean_n logsumexp(logits_n)^2``.
+        tokens_per_expert: ``[E]`` int64, assignments per expert before dropping (sums to N*K), detached.
+        dropped_fraction: scalar float32, fraction of the N*K assignments dropped by capacity, detached.
+    """
+
+    plan: DispatchPlan
+    probs: Tensor
+    balance_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+    dropped_fraction: Tensor
+
+
+def compute_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert: ``C = ceil(capacity_factor * N * K / E)``, capped at N.
+
+    The cap is free: an expert can receive at most one assignment per token (top-k picks distinct experts), so
+    slots beyond N would always be empty. It keeps the buffer small when E is tiny (E=1 would otherwise allocate
+    ``capacity_factor * N`` rows).
+
+    Example::
+
+        >>> compute_capacity(num_tokens=100, num_experts=8, top_k=2, capacity_factor=1.25)
+        32
+        >>> compute_capacity(num_tokens=10, num_experts=1, top_k=1, capacity_factor=2.0)
+        10
+    """
+    return min(math.ceil(capacity_factor * num_tokens * top_k / num_experts), num_tokens)
+
+
+def make_dispatch_plan(
+    expert_index: Tensor, gates: Tensor, num_experts: int, capacity: int | None
+) -> tuple[DispatchPlan, Tensor]:
+    """Assign every (token, choice) a slot in its expert's buffer, top-1 choices first, then by token order.
+
+    A stable sort by expert of the choice-major flattened assignments gives each expert its assignments in
+    priority order; the rank within the expert is the slot. This costs O(N*K log(N*K)), independent of E (no
+    [N*K, E] one-hot cumsum).
+
+    Args:
+        expert_index: ``[N, K]`` int64 chosen experts.
+        gates: ``[N, K]`` combine weights, passed through into the plan.
+        num_experts: E.
+        capacity: C, or ``None`` for dropless (C = the largest per-expert count, so nothing is dropped).
+
+    Returns:
+        ``(plan, tokens_per_expert)`` where ``tokens_per_expert`` is ``[E]`` int64 counts before dropping.
+
+    Example::
+
+        >>> idx = torch.tensor([[1, 0], [0, 1], [0, 2]])  # (N=3, K=2)
+        >>> plan, counts = make_dispatch_plan(idx, torch.full((3, 2), 0.5), num_experts=3, capacity=2)
+        >>> counts.tolist()
+        [3, 2, 1]
+        >>> plan.position.tolist()  # expert 0: tokens 1 and 2 (top-1) rank before token 0 (top-2)
+        [[0, 2], [0, 1], [1, 0]]
+        >>> plan.kept.tolist()
+        [[True, False], [True, True], [True, True]]
+    """
+    N, K = expert_index.shape
+    # Choice-major order: all top-1 choices (k=0) for tokens 0..N-1, then all top-2 choices, ...
+    flat_expert = expert_index.t().reshape(K * N)  # (K*N,)
+    tokens_per_expert = torch.bincount(flat_expert, minlength=num_experts)  # (E,)
+    # Stable, so within one expert the choice-major order (= priority) is preserved.
+    order = torch.argsort(flat_expert, stable=True)  # (K*N,)
+    starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # (E,) first sorted index of each expert
+    rank_sorted = torch.arange(K * N, device=expert_index.device) - starts[flat_expert[order]]  # (K*N,)
+    flat_position = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (K*N,)
+    position = flat_position.view(K, N).t()  # (N, K)
+    if capacity is None:
+        # Dropless needs a host sync to size the buffer; acceptable for the CPU and single-device paths.
+        capacity = int(tokens_per_expert.max().item()) if N > 0 else 0
+    kept = position < capacity  # (N, K)
+    plan = DispatchPlan(
+        expert_index=expert_index,
+        position=position,
+        kept=kept,
+        gates=gates,
+        capacity=capacity,
+        num_experts=num_experts,
+    )
+    return plan, tokens_per_expert
+
+
+class TopKRouter(nn.Module):
+    """Softmax top-k router with capacity, Switch (K=1) / GShard (K=2) style.
+
+    Dimension letters: N tokens, D model dim, E experts, K top-k, C capacity.
+
+    - Logits ``x @ W^T`` (no bias), softmax over E in float32 (bf16 softmax makes the top-k unstable).
+    - Combine weights: for K >= 2 the top-k probabilities renormalised to sum to 1 over the chosen experts. For
+      K = 1 the raw top-1 probability (Switch): renormalising would make the gate the constant 1.0, and the router
+      would then get no gradient from the task loss, only from the auxiliary losses.
+    - Training-only perturbations: ``router_jitter`` multiplies the router *input* by U(1-eps, 1+eps) noise
+      (Switch), ``router_noise`` adds N(0, sigma^2) to the logits. Neither is applied in eval.
+    - Capacity ``C = ceil(cf * N * K / E)`` with ``cf = capacity_factor_train`` in training and
+      ``capacity_factor_eval`` in eval; ``dropless=True`` never drops. See :func:`make_dispatch_plan` for the
+      priority rule.
+    - Load-balancing loss ``E * sum_e f_e * P_e`` where ``f_e`` is the fraction of *all* N*K assignments (before
+      dropping) that choose expert e, and ``P_e`` is the mean router probability of e. Counting every choice, not
+      only top-1, balances second-choice load too, which consumes capacity just like first-choice load. It is 1.0
+      under perfectly uniform routing and grows up to E under collapse.
+    - Router z-loss ``mean_n logsumexp(logits_n)^2`` keeps the logits small (ST-MoE).
+
+    Args:
+        d_model: D, input width.
+        config: :class:`~supermoe_rec.config.MoEConfig` (``num_experts``, ``top_k``, capacity factors,
+            ``dropless``, ``router_jitter``, ``router_noise`` are read here).
+        device: where to allocate the gate weight (``meta`` for deferred init).
+
+    Example::
+
+        >>> from supermoe_rec.config import MoEConfig
+        >>> _ = torch.manual_seed(0)
+        >>> router = TopKRouter(16, MoEConfig(num_experts=4, top_k=2))
+        >>> out = router(torch.randn(10, 16))
+        >>> out.plan.expert_index.shape, out.plan.capacity, int(out.tokens_per_expert.sum())
+        (torch.Size([10, 2]), 7, 20)
+    """
+
+    def __init__(self, d_model: int, config: MoEConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        if config.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {config.num_experts}")
+        if not 1 <= config.top_k <= config.num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={config.num_experts}], got {config.top_k}")
+        if config.capacity_factor_train <= 0 or config.capacity_factor_eval <= 0:
+            raise ValueError("capacity factors must be > 0")
+        self.d_model = d_model
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.capacity_factor_train = config.capacity_factor_train
+        self.capacity_factor_eval = config.capacity_factor_eval
+        self.dropless = config.dropless
+        self.router_jitter = config.router_jitter
+        self.router_noise = config.router_noise
+        self.weight = nn.Parameter(torch.empty(config.num_experts, d_model, device=device))  # (E, D)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Small init, normal with std sqrt(0.1 / D): near-uniform routing at the start, so experts begin
+        balanced and the balance loss starts near 1."""
+        nn.init.normal_(self.weight, std=math.sqrt(0.1 / self.d_model))
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """C for ``num_tokens`` tokens in the current mode; ``None`` in dropless mode."""
+        if self.dropless:
+            return None
+        cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
+        return compute_capacity(num_tokens, self.num_experts, self.top_k, cf)
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """Route tokens.
+
+        Args:
+            x: ``[N, D]`` tokens.
+
+        Returns:
+            :class:`RouterOutput`: ``plan`` (``[N, K]`` fields, capacity C), ``probs`` ``[N, E]``, scalar
+            ``balance_loss`` and ``z_loss``, ``tokens_per_expert`` ``[E]``, scalar ``dropped_fraction``.
+        """
+        N = x.shape[0]
+        E, K = self.num_experts, self.top_k
+        h = x.float()  # (N, D)
+        if self.training and self.router_jitter > 0:
+            h = h * torch.empty_like(h).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+        logits = F.linear(h, self.weight.float())  # (N, E)
+        if self.training and self.router_noise > 0:
+            logits = logits + torch.randn_like(logits) * self.router_noise
+        probs = torch.softmax(logits, dim=-1)  # (N, E)
+        top_probs, expert_index = torch.topk(probs, K, dim=-1)  # (N, K), (N, K)
+        gates = top_probs if K == 1 else top_probs / top_probs.sum(dim=-1, keepdim=True)  # (N, K)
+
+        plan, tokens_per_expert = make_dispatch_plan(expert_index, gates, E, self.capacity(N))
+
+        # Sums divided by max(.., 1) rather than means: N = 0 gives 0 instead of NaN and keeps the graph
+        # connected to the router weight (so DDP sees the parameter used).
+        f = tokens_per_expert.to(probs.dtype) / max(N * K, 1)  # (E,)
+        p_mean = probs.sum(dim=0) / max(N, 1)  # (E,)
+        balance_loss = E * torch.sum(f * p_mean)
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).sum() / max(N, 1)
+        dropped = (N * K - plan.kept.sum()).to(torch.float32) / max(N * K, 1)
+        return RouterOutput(
+            plan=plan,
+            probs=probs,
+            balance_loss=balance_loss,
+            z_loss=z_loss,
+            tokens_per_expert=tokens_per_expert.detach(),
+            dropped_fraction=dropped.detach(),
+        )

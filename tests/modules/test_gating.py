@@ -1,0 +1,206 @@
+"""Router and dispatch-plan invariants: top-k, gates, capacity, priority, aux losses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supermoe_rec.config import MoEConfig
+from supermoe_rec.modules.gating import TopKRouter, compute_capacity, make_dispatch_plan
+
+
+def _router(d: int, **overrides: object) -> TopKRouter:
+    cfg = dataclasses.replace(MoEConfig(), **overrides)  # type: ignore[arg-type]
+    return TopKRouter(d, cfg)
+
+
+def _brute_force_positions(expert_index: torch.Tensor, num_experts: int) -> list[list[int]]:
+    """Slot of every assignment by the documented priority: all top-1 choices first, then top-2, token order."""
+    n, k = expert_index.shape
+    pos = [[-1] * k for _ in range(n)]
+    fill = [0] * num_experts
+    for choice in range(k):
+        for token in range(n):
+            e = int(expert_index[token, choice])
+            pos[token][choice] = fill[e]
+            fill[e] += 1
+    return pos
+
+
+def test_compute_capacity_formula() -> None:
+    assert compute_capacity(100, 8, 2, 1.25) == 32  # ceil(31.25)
+    assert compute_capacity(64, 4, 1, 1.0) == 16
+    assert compute_capacity(10, 1, 1, 2.0) == 10  # capped at N: an expert takes each token at most once
+    assert compute_capacity(0, 4, 2, 1.25) == 0
+
+
+def test_priority_top1_before_top2_then_token_order() -> None:
+    # Expert 0 receives token 0's top-2 and the top-1 of tokens 1, 2: the top-1s win although token 0 is first.
+    idx = torch.tensor([[1, 0], [0, 1], [0, 2]])
+    plan, counts = make_dispatch_plan(idx, torch.full((3, 2), 0.5), num_experts=3, capacity=2)
+    assert counts.tolist() == [3, 2, 1]
+    assert plan.position.tolist() == [[0, 2], [0, 1], [1, 0]]
+    assert plan.kept.tolist() == [[True, False], [True, True], [True, True]]
+    assert plan.capacity == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(0, 30),
+    e=st.integers(1, 8),
+    k=st.integers(1, 2),
+    capacity=st.one_of(st.none(), st.integers(0, 12)),
+    seed=st.integers(0, 2**16),
+)
+def test_positions_match_brute_force(n: int, e: int, k: int, capacity: int | None, seed: int) -> None:
+    k = min(k, e)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)]) if n else torch.empty(0, k).long()
+    plan, counts = make_dispatch_plan(idx, torch.ones(n, k), e, capacity)
+    assert plan.position.tolist() == _brute_force_positions(idx, e)
+    assert counts.tolist() == [int((idx == j).sum()) for j in range(e)]
+    expected_c = (max(counts.tolist()) if n else 0) if capacity is None else capacity
+    assert plan.capacity == expected_c
+    assert torch.equal(plan.kept, plan.position < expected_c)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("dropless", [False, True])
+def test_routing_invariants(k: int, dropless: bool) -> None:
+    torch.manual_seed(0)
+    n, d, e = 200, 16, 8
+    router = _router(d, num_experts=e, top_k=k, capacity_factor_train=0.75, dropless=dropless)
+    # Scale the gate up so routing is skewed and some experts overflow.
+    with torch.no_grad():
+        router.weight.mul_(20.0)
+    out = router(torch.randn(n, d))
+    plan = out.plan
+    assert plan.expert_index.shape == (n, k) and plan.gates.shape == (n, k)
+    # At most k distinct experts per token (exactly k distinct: top-k never repeats).
+    assert all(len(set(row)) == k for row in plan.expert_index.tolist())
+    # Gates: the chosen experts' probabilities, renormalised for k >= 2, raw for k = 1 (Switch).
+    chosen = out.probs.gather(1, plan.expert_index)
+    if k == 1:
+        torch.testing.assert_close(plan.gates, chosen)
+        torch.testing.assert_close(plan.gates[:, 0], out.probs.max(dim=1).values)
+    else:
+        torch.testing.assert_close(plan.gates.sum(dim=1), torch.ones(n))
+        torch.testing.assert_close(plan.gates, chosen / chosen.sum(dim=1, keepdim=True))
+    # Per-expert kept count <= C, and kept slots are distinct and inside [0, C).
+    kept_per_expert = torch.bincount(plan.expert_index[plan.kept], minlength=e)
+    assert int(kept_per_expert.max()) <= plan.capacity
+    slots = (plan.expert_index * plan.capacity + plan.position)[plan.kept]
+    assert slots.unique().numel() == slots.numel()
+    assert int(plan.position[plan.kept].max()) < plan.capacity
+    assert int(out.tokens_per_expert.sum()) == n * k
+    dropped = 1.0 - plan.kept.float().mean()
+    torch.testing.assert_close(out.dropped_fraction, dropped)
+    if dropless:
+        assert bool(plan.kept.all()) and float(out.dropped_fraction) == 0.0
+        assert plan.capacity == int(out.tokens_per_expert.max())
+    else:
+        assert plan.capacity == math.ceil(0.75 * n * k / e)
+        assert float(out.dropped_fraction) > 0.0  # the skewed router overflows at cf 0.75
+
+
+def test_train_and_eval_capacity_factors() -> None:
+    n, e, k = 40, 4, 2
+    router = _router(8, num_experts=e, top_k=k, capacity_factor_train=0.5, capacity_factor_eval=2.0)
+    x = torch.randn(n, 8)
+    router.train()
+    assert router(x).plan.capacity == math.ceil(0.5 * n * k / e) == 10
+    router.eval()
+    assert router(x).plan.capacity == min(math.ceil(2.0 * n * k / e), n) == 40
+
+
+def test_balance_loss_is_one_under_uniform_probs() -> None:
+    # Zero gate: every probability is exactly 1/E, so E * sum_e f_e / E = sum_e f_e = 1 whatever the tie-break.
+    router = _router(8, num_experts=4, top_k=2)
+    with torch.no_grad():
+        router.weight.zero_()
+    out = router(torch.randn(32, 8))
+    assert out.balance_loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_balance_loss_is_one_under_uniform_assignment(k: int) -> None:
+    # Hand-set router: token i prefers expert i % E, then (i + 1) % E. Per-token probabilities are cyclic shifts of
+    # one vector, so over a multiple of E tokens both f_e and P_e are exactly 1/E.
+    e = 4
+    router = _router(e, num_experts=e, top_k=k)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(e))
+    i = torch.arange(4 * e)
+    x = 2.0 * torch.nn.functional.one_hot(i % e, e).float() + torch.nn.functional.one_hot((i + 1) % e, e).float()
+    out = router(x)
+    assert out.tokens_per_expert.tolist() == [4 * k] * e
+    torch.testing.assert_close(out.balance_loss, torch.tensor(1.0))
+
+
+def test_balance_loss_above_one_under_collapse() -> None:
+    e, d = 4, 8
+    router = _router(d, num_experts=e, top_k=1)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[0].fill_(5.0)
+    out = router(torch.rand(64, d) + 0.5)  # positive inputs: expert 0 wins every token
+    assert out.tokens_per_expert.tolist() == [64, 0, 0, 0]
+    # f = (1, 0, 0, 0) so the loss is E * P_0, near E.
+    torch.testing.assert_close(out.balance_loss, e * out.probs[:, 0].mean())
+    assert out.balance_loss.item() > 3.9
+
+
+def test_z_loss_hand_computed() -> None:
+    router = _router(3, num_experts=3, top_k=1)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(3))  # logits = x
+    out = router(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]))
+    lse0 = math.log(math.exp(1) + math.exp(2) + math.exp(3))
+    lse1 = math.log(3.0)
+    assert out.z_loss.item() == pytest.approx((lse0**2 + lse1**2) / 2, rel=1e-6)
+
+
+def test_noise_only_in_training() -> None:
+    torch.manual_seed(0)
+    noisy = _router(8, num_experts=4, top_k=2, router_jitter=0.2, router_noise=1.0)
+    clean = _router(8, num_experts=4, top_k=2)
+    clean.load_state_dict(noisy.state_dict())
+    x = torch.randn(50, 8)
+    noisy.eval()
+    clean.eval()
+    assert torch.equal(noisy(x).probs, clean(x).probs)
+    noisy.train()
+    clean.train()
+    assert not torch.allclose(noisy(x).probs, clean(x).probs)
+
+
+def test_empty_input_gives_zero_losses_and_keeps_graph() -> None:
+    router = _router(8, num_experts=4, top_k=2)
+    out = router(torch.randn(0, 8))
+    assert out.plan.expert_index.shape == (0, 2) and out.plan.capacity == 0
+    assert out.balance_loss.item() == 0.0 and out.z_loss.item() == 0.0 and out.dropped_fraction.item() == 0.0
+    assert out.tokens_per_expert.tolist() == [0, 0, 0, 0]
+    (out.balance_loss + out.z_loss).backward()
+    assert router.weight.grad is not None and float(router.weight.grad.abs().sum()) == 0.0
+
+
+def test_rejects_bad_top_k() -> None:
+    with pytest.raises(ValueError, match="top_k"):
+        _router(8, num_experts=2, top_k=3)
+
+
+def test_builds_on_meta_and_materialises() -> None:
+    router = _router(8, num_experts=4, top_k=2)
+    meta = TopKRouter(8, MoEConfig(num_experts=4, top_k=2), device=torch.device("meta"))
+    assert meta.weight.is_meta
+    meta.to_empty(device=torch.device("cpu"))
+    torch.manual_seed(3)
+    meta.reset_parameters()
+    torch.manual_seed(3)
+    router.reset_parameters()
+    assert torch.equal(meta.weight, router.weight)
