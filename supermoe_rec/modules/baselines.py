@@ -17,7 +17,7 @@ from torch import nn
 from supermoe_rec.modules.towers import MLP, validate_task_names
 from supermoe_rec.tasks import TaskSpec
 
-__all__ = ["MMoE", "PLE", "SharedBottom"]
+__all__ = ["PLE", "MMoE", "SharedBottom"]
 
 
 def _check_input(x: torch.Tensor, in_features: int) -> None:
@@ -44,8 +44,8 @@ def _experts(
     )
 
 
-def _run_experts(experts: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
-    return [expert(x) for expert in experts]  # E x (B, H)
+def _run_experts(experts: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    return [expert(x) for expert in experts.children()]  # E x (B, H)
 
 
 def _mix(

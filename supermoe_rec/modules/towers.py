@@ -67,24 +67,26 @@ class MLP(nn.Module):
             raise ValueError(
                 f"MLP widths must be positive: in={in_features}, hidden={list(hidden)}, out={out_features}"
             )
-        layers: list[nn.Module] = []
+        # Linear layers sit in their own list, so parameter names (and checkpoints) do not depend on whether
+        # dropout is on or which activation is used.
+        self.hidden_layers = nn.ModuleList()
+        self.activations = nn.ModuleList()
         width = in_features
         for h in hidden:
-            layers.append(nn.Linear(width, h, device=device))
-            layers.append(activation())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+            self.hidden_layers.append(nn.Linear(width, h, device=device))
+            self.activations.append(activation())
             width = h
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.output_layer: nn.Linear | None = None
         if out_features is not None:
-            layers.append(nn.Linear(width, out_features, device=device))
+            self.output_layer = nn.Linear(width, out_features, device=device)
             width = out_features
-        self.layers = nn.Sequential(*layers)
         self.in_features = in_features
         self.output_dim: int = width
 
     def reset_parameters(self) -> None:
         """Re-initialise every linear layer (needed after ``to_empty`` from ``meta``)."""
-        for module in self.layers:
+        for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
 
@@ -97,8 +99,11 @@ class MLP(nn.Module):
         Returns:
             [..., output_dim] outputs.
         """
-        out: torch.Tensor = self.layers(x)
-        return out
+        for linear, act in zip(self.hidden_layers, self.activations, strict=True):
+            x = self.dropout(act(linear(x)))
+        if self.output_layer is not None:
+            x = self.output_layer(x)
+        return x
 
 
 class TaskTower(nn.Module):
@@ -121,7 +126,8 @@ class TaskTower(nn.Module):
 
     Example::
 
-        >>>         >>> from supermoe_rec.tasks import TaskSpec
+        >>> from supermoe_rec.config import TaskType
+        >>> from supermoe_rec.tasks import TaskSpec
         >>> tower = TaskTower(8, [16], TaskSpec("rating", TaskType.REGRESSION), output_bias=3.5)
         >>> tower(torch.randn(4, 8)).shape
         torch.Size([4])
@@ -162,7 +168,8 @@ class TaskTower(nn.Module):
         Returns:
             [B] logits (binary) or values (regression).
         """
-        return self.head(self.body(x)).squeeze(-1)  # (B, 1) -> (B,)
+        out: torch.Tensor = self.head(self.body(x))  # (B, 1)
+        return out.squeeze(-1)  # (B,)
 
 
 class MultiTaskTowers(nn.Module):
@@ -181,7 +188,8 @@ class MultiTaskTowers(nn.Module):
 
     Example::
 
-        >>>         >>> from supermoe_rec.tasks import TaskSpec
+        >>> from supermoe_rec.config import TaskType
+        >>> from supermoe_rec.tasks import TaskSpec
         >>> tasks = [TaskSpec("watch", TaskType.BINARY), TaskSpec("rating", TaskType.REGRESSION)]
         >>> towers = MultiTaskTowers(tasks, in_features=8, hidden=[16])
         >>> out = towers(torch.randn(4, 8))  # one representation shared by both towers
