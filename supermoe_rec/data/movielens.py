@@ -223,7 +223,7 @@ def fetch_movielens(name: str, cache_dir: str | Path, try_url: bool = True, url_
         try:
             _pip_download_wheel(cache)
             return _read_wheel(wheel)
-        except (OSError, subprocess.CalledProcessError, zipfile.BadZipFile) as exc:
+        except (OSError, zipfile.BadZipFile, KeyError) as exc:
             tried.append(f"pip download {RECBOLE_WHEEL} ({exc})")
     raise DataError(
         name,
@@ -244,12 +244,14 @@ def _download_zip(url: str, cache: Path, timeout_s: float) -> None:
 def _pip_download_wheel(cache: Path) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     log.warning("fetching MovieLens-100k from the %s wheel via pip download (one time)", RECBOLE_WHEEL)
-    subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
          RECBOLE_WHEEL, "-d", str(cache)],
-        check=True,
-        stdout=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
     )  # fmt: skip
+    if result.returncode != 0:
+        raise OSError(f"pip download exited {result.returncode}: {result.stderr.strip()[-2000:]}")
 
 
 def _read_wheel(wheel: Path) -> MovieLens:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
@@ -41,7 +39,8 @@ class ProtocolOutput:
 
     frames: dict[str, pd.DataFrame]
     schema: Schema
-    counts: dict[str, Any]
+    # Per split: ratings, positives, negatives, positives_without_negative.
+    split_counts: dict[str, dict[str, int]]
 
 
 def _codes(values: pd.Series) -> tuple[IntArray, int]:
@@ -138,7 +137,7 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
 
     # ---- samples: the positive row then its negative row, per (user, position)
     frames: dict[str, pd.DataFrame] = {}
-    counts: dict[str, Any] = {"positives_without_negative": {}}
+    split_counts: dict[str, dict[str, int]] = {}
     r_rating = ratings["rating"].to_numpy(np.int64)
     for split_id, split_name in enumerate(SPLITS):
         sel = pos_idx[split[pos_idx] == split_id]
@@ -178,7 +177,12 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
                 "history": history,
             }
         )
-        counts["positives_without_negative"][split_name] = int((~sel_neg).sum())
+        split_counts[split_name] = {
+            "ratings": int((split == split_id).sum()),
+            "positives": len(sel),
+            "negatives": int(sel_neg.sum()),
+            "positives_without_negative": int((~sel_neg).sum()),
+        }
 
     tables = [
         {"name": "user", "num_embeddings": n_user},
@@ -212,8 +216,7 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
         },
         source=f"{ml.name}-mt protocol",
     )
-    counts["split_ratings"] = {name: int((split == i).sum()) for i, name in enumerate(SPLITS)}
-    return ProtocolOutput(frames=frames, schema=schema, counts=counts)
+    return ProtocolOutput(frames=frames, schema=schema, split_counts=split_counts)
 
 
 def split_sizes(n: int, valid_fraction: float, test_fraction: float) -> tuple[int, int, int]:

@@ -42,9 +42,7 @@ def _run(
     cf=st.sampled_from([0.5, 1.0, 1.25]),
     seed=st.integers(0, 2**16),
 )
-def test_fast_matches_reference(
-    n: int, d: int, h: int, e: int, k: int, dropless: bool, cf: float, seed: int
-) -> None:
+def test_fast_matches_reference(n: int, d: int, h: int, e: int, k: int, dropless: bool, cf: float, seed: int) -> None:
     k = min(k, e)
     torch.manual_seed(seed)
     cfg = MoEConfig(num_experts=e, top_k=k, expert_hidden=h, capacity_factor_train=cf, dropless=dropless)
