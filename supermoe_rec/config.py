@@ -228,9 +228,7 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         key_type, value_type = typing.get_args(annotation)
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {
-            _convert(k, key_type, f"{key}"): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()
-        }
+        return {_convert(k, key_type, f"{key}"): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")

@@ -18,9 +18,7 @@ def check() -> str:
     ebc = EmbeddingBagCollection(
         tables=[EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])]
     )
-    kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=["f"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1])
-    )
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1]))
     pooled = ebc(kjt).to_dict()["f"]
     if tuple(pooled.shape) != (2, 4):
         raise RuntimeError(f"EmbeddingBagCollection returned shape {tuple(pooled.shape)}, expected (2, 4)")

@@ -241,7 +241,7 @@ class TaskIndicatorLoss(nn.Module):
                 s = self.log_vars[t].to(dtype)
                 scale = 0.5 if task.type is TaskType.REGRESSION else 1.0
                 # Gate on the global count so every rank agrees on whether the regulariser is present.
-                present = (local_counts[t] > 0).to(dtype)
+                present = (global_counts[t] > 0).to(dtype)
                 term = present * (scale * torch.exp(-s) * task_loss + 0.5 * s)
             else:
                 term = task_loss

@@ -107,42 +107,46 @@ class TabularDataset:
         frame = frame.reset_index(drop=True)
         self._check_columns(frame)
 
+        # Validate and convert every column in input order, so errors name rows as the user sees them.
         labels, mask = self._labels(frame)
-        keep = mask.any(axis=1)
-        if schema.drop_unlabelled and not keep.all():
-            dropped = int((~keep).sum())
-            self.report.rows_dropped_unlabelled = dropped
-            log.warning("%s: dropped %d row(s) with no labelled task", source, dropped)
-            frame = frame.loc[keep].reset_index(drop=True)
-            labels, mask = labels[keep], mask[keep]
-            if frame.empty:
-                raise DataError(source, "no row carries a label for any task")
+        features = {
+            spec.name: self._categorical(frame, spec) for spec in (*schema.sparse_features, *schema.sequence_features)
+        }
+        dense = self._dense(frame)
 
-        # Rows of a group become contiguous (stable: the input order is kept within and across groups).
+        keep = mask.any(axis=1) if schema.drop_unlabelled else np.ones(len(frame), dtype=bool)
+        if not keep.all():
+            self.report.rows_dropped_unlabelled = int((~keep).sum())
+            log.warning("%s: dropped %d row(s) with no labelled task", source, self.report.rows_dropped_unlabelled)
+            if not keep.any():
+                raise DataError(source, "no row carries a label for any task")
+        # Rows of a group become contiguous (stable: input order is kept within and across groups).
+        order = np.flatnonzero(keep)
         if schema.group_column is not None:
-            group_codes, _ = pd.factorize(frame[schema.group_column], sort=False)
-            order = np.argsort(group_codes, kind="stable")
-            frame = frame.iloc[order].reset_index(drop=True)
-            labels, mask, group_codes = labels[order], mask[order], group_codes[order]
-            sizes = np.bincount(group_codes)
+            group_codes = pd.factorize(frame[schema.group_column].to_numpy()[order], sort=False)[0]
+            by_group = np.argsort(group_codes, kind="stable")
+            order, sizes = order[by_group], np.bincount(group_codes)
         else:
-            sizes = np.ones(len(frame), dtype=np.int64)
+            sizes = np.ones(len(order), dtype=np.int64)
+        self.input_row: IntArray = order  # input row of each stored row, for error messages
         self.group_offsets: IntArray = offsets_from_lengths(sizes.astype(np.int64))
 
-        self.labels: FloatArray = labels
-        self.task_mask: FloatArray = mask
-        self.user_index: IntArray = pd.factorize(frame[schema.user_column], sort=True)[0].astype(np.int64)
-        self.user_keys = frame[schema.user_column].to_numpy()
+        self.labels: FloatArray = labels[order]
+        self.task_mask: FloatArray = mask[order]
+        self.dense: FloatArray = dense[order]
+        users = frame[schema.user_column].to_numpy()[order]
+        self.user_keys = users
+        self.user_index: IntArray = pd.factorize(users, sort=True)[0].astype(np.int64)
         self.timestamps: IntArray | None = (
-            frame[schema.timestamp_column].to_numpy(np.int64) if schema.timestamp_column else None
+            frame[schema.timestamp_column].to_numpy(np.int64)[order] if schema.timestamp_column else None
         )
         self.features: dict[str, Jagged] = {}
-        for spec in (*schema.sparse_features, *schema.sequence_features):
-            self.features[spec.name] = self._categorical(frame, spec)
+        for name, jag in features.items():
+            values, lengths = take_rows(jag.values, jag.offsets, order)
+            self.features[name] = Jagged(values, offsets_from_lengths(lengths))
         for spec in schema.sequence_features:
             if spec.per_group:
                 self._check_per_group(spec)
-        self.dense: FloatArray = self._dense(frame)
 
     # ------------------------------------------------------------------------------------------- validation
 
@@ -191,11 +195,14 @@ class TabularDataset:
                 if bad.any():
                     row = int(np.flatnonzero(bad)[0])
                     raise DataError(
-                        self.source, f"binary label must be 0 or 1, got {values[row]!r}", row=row, column=task.label
+                        self.source,
+                        f"binary label must be 0 or 1, got {float(values[row])}",
+                        row=row,
+                        column=task.label,
                     )
             elif (present & ~np.isfinite(values)).any():
                 row = int(np.flatnonzero(present & ~np.isfinite(values))[0])
-                raise DataError(self.source, f"label is not finite: {values[row]!r}", row=row, column=task.label)
+                raise DataError(self.source, f"label is not finite: {float(values[row])}", row=row, column=task.label)
             labels[:, j] = np.where(present, values, 0.0)
             mask[:, j] = present
         return labels, mask
@@ -292,7 +299,7 @@ class TabularDataset:
             mismatch = np.repeat(rows, lengths[rows])[mine != theirs]
             differs[mismatch] = True
         if differs.any():
-            row = int(np.flatnonzero(differs)[0])
+            row = int(self.input_row[np.flatnonzero(differs)].min())
             raise DataError(
                 self.source,
                 f"per-group feature {spec.name!r} differs from the first row of its group "

@@ -155,7 +155,7 @@ class BatchedExperts(nn.Module):
         for e in range(self.num_experts):
             # No skip for experts without tokens: the empty matmuls keep every parameter in the graph (zero
             # grads rather than None), exactly like the fast path, which DDP and the equivalence tests rely on.
-            token, choice = ((plan.expert_index == e)).nonzero(as_tuple=True)  # (M_e,), (M_e,)
+            token, choice = ((plan.expert_index == e) & plan.kept).nonzero(as_tuple=True)  # (M_e,), (M_e,)
             h = F.gelu(x.index_select(0, token) @ self.w1[e] + self.b1[e])  # (M_e, H)
             y = h @ self.w2[e] + self.b2[e]  # (M_e, D)
             gate = plan.gates[token, choice].to(x.dtype)  # (M_e,)
