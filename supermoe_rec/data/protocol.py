@@ -195,7 +195,9 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
         {"name": "genre", "num_embeddings": len(genre_vocab) + 1},
         {"name": "year", "num_embeddings": len(YEAR_EDGES) + 2},
     ]
-    sparse = [{"name": f, "column": f, "table": f} for f in ("user", "age", "gender", "occupation", "zip3", "year")]
+    sparse: list[dict[str, object]] = [
+        {"name": f, "column": f, "table": f} for f in ("user", "age", "gender", "occupation", "zip3", "year")
+    ]
     sparse.append({"name": "genres", "column": "genres", "table": "genre", "multi_valued": True})
     schema = Schema.from_dict(
         {

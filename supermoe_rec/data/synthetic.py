@@ -87,7 +87,8 @@ def zipf_ids(rng: np.random.Generator, n: int, size: int, exponent: float) -> In
 def _hash_latent(ids: IntArray, salt: int) -> npt.NDArray[np.float64]:
     """A fixed pseudo-random N(0, 1) vector [LATENT_DIM] per id, from a splitmix64 hash (no per-id storage)."""
     with np.errstate(over="ignore"):
-        x = ids.astype(np.uint64)[:, None] * np.uint64(LATENT_DIM) + np.arange(LATENT_DIM, dtype=np.uint64)
+        lane = np.arange(LATENT_DIM, dtype=np.uint64)
+        x = np.asarray(ids.astype(np.uint64)[:, None] * np.uint64(LATENT_DIM) + lane, dtype=np.uint64)
         x = x + np.uint64(salt) * np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
