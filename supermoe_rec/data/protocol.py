@@ -195,9 +195,9 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
         {"name": "genre", "num_embeddings": len(genre_vocab) + 1},
         {"name": "year", "num_embeddings": len(YEAR_EDGES) + 2},
     ]
-    sparse: list[dict[str, object]] = [
-        {"name": f, "column": f, "table": f} for f in ("user", "age", "gender", "occupation", "zip3", "year")
-    ]
+    profile = ("user", "age", "gender", "occupation", "zip3")
+    sparse: list[dict[str, object]] = [{"name": f, "column": f, "table": f, "side": "user"} for f in profile]
+    sparse.append({"name": "year", "column": "year", "table": "year"})
     sparse.append({"name": "genres", "column": "genres", "table": "genre", "multi_valued": True})
     schema = Schema.from_dict(
         {

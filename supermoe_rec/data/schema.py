@@ -9,7 +9,7 @@ MovieLens protocol builds one in code, users write one in YAML (see ``configs/sc
       - {name: user, num_embeddings: 100000}
       - {name: item, num_embeddings: 1000000, hash: true}   # ids hashed into range instead of rejected
     sparse_features:              # pooled by an EmbeddingBagCollection
-      - {name: user_id, column: user_id, table: user}
+      - {name: user_id, column: user_id, table: user, side: user}
       - {name: tags, column: tags, table: tag, multi_valued: true}   # a list, or a "a b c" string
     sequence_features:            # unpooled (EmbeddingCollection); may share a table with others
       - {name: history, column: history, table: item, per_group: true}
@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,13 @@ class TableSpec:
     embedding_dim: int | None = None
 
 
+class FeatureSide(str, enum.Enum):
+    """Whose attribute a pooled feature is: the user's (profile) or the candidate item's."""
+
+    USER = "user"
+    ITEM = "item"
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """A categorical feature: the column it reads and the table it looks up.
@@ -64,6 +72,8 @@ class FeatureSpec:
     ``multi_valued``: the column holds a list of ids per row (or a string of ids joined by ``separator``).
     ``per_group`` (sequence features): the value is the same for every row of a group, so a batch carries it once
     per group (on the group's first row) and the encoder runs once per group.
+    ``side`` (pooled features): ``user`` features describe the user (they condition the encoder's [USER] and task
+    tokens and feed the towers as the profile), ``item`` features describe the candidate.
     """
 
     name: str
@@ -72,6 +82,7 @@ class FeatureSpec:
     multi_valued: bool = False
     per_group: bool = False
     separator: str = " "
+    side: FeatureSide = FeatureSide.ITEM
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,14 @@ class Schema:
                     raise ConfigError(
                         f"{src}: {kind}.{f.name}.table: unknown table {f.table!r} (known: {sorted(tables)})"
                     )
+        pooled_tables = {f.table for f in self.sparse_features}
+        for f in self.sequence_features:
+            if f.table in pooled_tables:
+                raise ConfigError(
+                    f"{src}: sequence_features.{f.name}.table: table {f.table!r} is also used by a pooled feature; "
+                    "an EmbeddingBagCollection table cannot be shared with an EmbeddingCollection, so make the "
+                    "pooled one a sequence feature of length 1 (as target_item is)"
+                )
         for f in self.sparse_features:
             if f.per_group:
                 raise ConfigError(f"{src}: sparse_features.{f.name}.per_group applies to sequence features only")

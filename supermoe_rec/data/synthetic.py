@@ -53,8 +53,8 @@ def synthetic_schema(cfg: DataConfig) -> Schema:
                 {"name": "item", "num_embeddings": cfg.synthetic_items},
             ],
             "sparse_features": [
-                {"name": "user", "column": "user", "table": "user"},
-                {"name": "segment", "column": "segment", "table": "segment"},
+                {"name": "user", "column": "user", "table": "user", "side": "user"},
+                {"name": "segment", "column": "segment", "table": "segment", "side": "user"},
             ],
             "sequence_features": [
                 {"name": "history", "column": "history", "table": "item", "multi_valued": True, "per_group": True},
