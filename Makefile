@@ -12,8 +12,8 @@ demo: bootstrap
 test: bootstrap lint typecheck unit
 
 lint:
-	.venv/bin/ruff check supermoe_rec tests examples
-	.venv/bin/ruff format --check supermoe_rec tests examples
+	.venv/bin/ruff check supermoe_rec tests examples benchmarks
+	.venv/bin/ruff format --check supermoe_rec tests examples benchmarks
 
 typecheck:
 	.venv/bin/mypy supermoe_rec

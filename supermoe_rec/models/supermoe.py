@@ -1,0 +1,124 @@
+"""SUPERMOE: TorchRec embeddings -> sparse-MoE transformer over the behaviour sequence -> multi-task towers.
+
+Dimension letters: B rows (candidates), G groups (one encoder pass each), L history length, D embedding dim,
+M model dim, T tasks, P/I profile/item feature widths, F dense features.
+
+Data flow of :class:`SuperMoERec`::
+
+    batch.sparse_features, batch.sequence_features --SparseArch--> pooled [B, D] / sequences [B, L, D]
+    leader rows (one per group) --> history [G, L, D], profile [G, P] --Linear--> context [G, M]
+    MoETransformerEncoder([USER] + task tokens + history, context) --> user [G, M], tasks [G, T, M]
+    tower_t([tasks[group_index, t], item [B, I], profile [B, P], dense [B, F]]) --> prediction_t [B]
+
+Every candidate of a group (a positive and its negative) is scored from one encoder pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from supermoe_rec.data.batch import Batch
+from supermoe_rec.models.layout import FeatureLayout, concat_pooled, history_of, leader_rows
+from supermoe_rec.modules.embeddings import SparseArch
+from supermoe_rec.modules.towers import MultiTaskTowers
+from supermoe_rec.modules.transformer import MoETransformerEncoder
+
+
+@dataclass
+class ModelOutput:
+    """What every model returns.
+
+    Attributes:
+        predictions: task name -> [B] (a logit for binary tasks, a value for regression tasks).
+        user: [G, M] universal user representation (the [USER] token), or None for MLP models.
+        task_representations: [G, T, M] per-task representations, or None for MLP models.
+        group_index: [B] group of each row (rows -> user/task representations).
+        balance_loss, z_loss: scalar MoE auxiliary losses (0 when the model has no MoE layer), unweighted.
+        tokens_per_expert: [MoE layers, E]; dropped_fraction: scalar; task_expert_counts: [MoE layers, T+2, E].
+    """
+
+    predictions: dict[str, torch.Tensor]
+    group_index: torch.Tensor
+    user: torch.Tensor | None = None
+    task_representations: torch.Tensor | None = None
+    balance_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    tokens_per_expert: torch.Tensor | None = None
+    dropped_fraction: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    task_expert_counts: torch.Tensor | None = None
+
+
+class SuperMoERec(nn.Module):
+    """The SUPERMOE model, assembled from built modules.
+
+    Args:
+        sparse_arch: the TorchRec embedding tables (:class:`SparseArch`).
+        encoder: the MoE transformer over the history.
+        towers: one tower per task; tower input width = M + I + P + F (see :meth:`tower_input_dim`).
+        layout: which features are profile, item and history.
+        device: where the dense parameters live.
+
+    Example::
+
+        >>> from supermoe_rec.models.factory import build_model, tiny_schema_and_batch
+        >>> from supermoe_rec.config import ModelConfig
+        >>> schema, batch = tiny_schema_and_batch()
+        >>> model = build_model(ModelConfig(), schema)
+        >>> out = model(batch)
+        >>> sorted(out.predictions), out.predictions["click"].shape, out.user.shape
+        (['click', 'rating'], torch.Size([4]), torch.Size([2, 64]))
+    """
+
+    def __init__(
+        self,
+        sparse_arch: SparseArch,
+        encoder: MoETransformerEncoder,
+        towers: MultiTaskTowers,
+        layout: FeatureLayout,
+        profile_dim: int,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.sparse_arch = sparse_arch
+        self.encoder = encoder
+        self.towers = towers
+        self.layout = layout
+        self.task_names = [t.name for t in towers.tasks]
+        # The profile conditions the [USER] and task tokens, so the encoder knows who it is encoding.
+        self.context = nn.Linear(profile_dim, encoder.d_model, device=device) if profile_dim else None
+
+    @staticmethod
+    def tower_input_dim(model_dim: int, item_dim: int, profile_dim: int, num_dense: int) -> int:
+        return model_dim + item_dim + profile_dim + num_dense
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Score every row of ``batch`` for every task.
+
+        Returns:
+            :class:`ModelOutput` with predictions [B] per task, user [G, M] and task representations [G, T, M].
+        """
+        emb = self.sparse_arch(batch.sparse_features, batch.sequence_features)
+        rows = leader_rows(batch.group_index)  # (G,)
+        B = batch.batch_size
+        profile = concat_pooled(emb, self.layout.profile, B, batch.labels)  # (B, P)
+        item = concat_pooled(emb, self.layout.item, B, batch.labels)  # (B, I)
+        history, lengths = history_of(emb, self.layout.history, rows, self.sparse_arch.embedding_dim, batch.labels)
+        context = self.context(profile[rows]) if self.context is not None else None  # (G, M)
+        enc = self.encoder(history, lengths, context)
+        task_reps = enc.tasks[batch.group_index]  # (B, T, M): every candidate reads its group's pass
+        shared = torch.cat([item, profile, batch.dense_features], dim=1)  # (B, I + P + F)
+        inputs = {name: torch.cat([task_reps[:, t], shared], dim=1) for t, name in enumerate(self.task_names)}
+        return ModelOutput(
+            predictions=self.towers(inputs),
+            group_index=batch.group_index,
+            user=enc.user,
+            task_representations=enc.tasks,
+            balance_loss=enc.balance_loss,
+            z_loss=enc.z_loss,
+            tokens_per_expert=enc.tokens_per_expert,
+            dropped_fraction=enc.dropped_fraction,
+            task_expert_counts=enc.task_expert_counts,
+        )

@@ -1,0 +1,218 @@
+"""SparseArch: TorchRec embedding collections for the pooled and the sequence features of a schema.
+
+Dimension letters: B rows, L_f padded length of sequence feature f, S = Σ_f L_f, D embedding dim, F features.
+
+- Pooled features (user profile, multi-hot genres, ...) go through one :class:`EmbeddingBagCollection`.
+- Sequence features (the history, and the target item as a sequence of length 1 sharing the item table) go
+  through either an unpooled :class:`EmbeddingCollection`, or an EmbeddingBagCollection in which every sequence
+  position is a bag of length 1 ("bags of one"). On CPU the EC's backward was measured at ~7x the cost of bags
+  of one (DESIGN.md §5), so ``SequenceLookup.AUTO`` picks bags of one on CPU and the EC elsewhere.
+
+Both are plain TorchRec modules, so DistributedModelParallel shards them without changes, and the whole arch can
+be built on ``meta``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from supermoe_rec.config import SequenceLookup
+from supermoe_rec.data.schema import FeatureSpec, Schema
+
+# N(0, 0.02) learned far faster than N(0, 1) or TorchRec's uniform(±1/sqrt(rows)) on ml100k-mt (DESIGN.md §5).
+EMBEDDING_INIT_STD = 0.02
+
+
+def resolve_sequence_lookup(lookup: SequenceLookup, device: torch.device | None) -> SequenceLookup:
+    """``AUTO`` -> bags of one on CPU (measured faster there), the EmbeddingCollection on accelerators."""
+    if lookup is not SequenceLookup.AUTO:
+        return lookup
+    device_type = (device or torch.device("cpu")).type
+    return SequenceLookup.BAGS_OF_ONE if device_type in ("cpu", "meta") else SequenceLookup.EMBEDDING_COLLECTION
+
+
+@dataclass
+class SparseOutput:
+    """Embeddings of one batch.
+
+    Attributes:
+        pooled: feature -> [B, D] pooled embedding.
+        sequences: feature -> [B, L_f, D], left-aligned, zeros at padding.
+        lengths: feature -> [B] int64 sequence lengths.
+    """
+
+    pooled: dict[str, torch.Tensor]
+    sequences: dict[str, torch.Tensor]
+    lengths: dict[str, torch.Tensor]
+
+
+def _tables_by_feature(features: tuple[FeatureSpec, ...]) -> dict[str, list[FeatureSpec]]:
+    by_table: dict[str, list[FeatureSpec]] = {}
+    for f in features:
+        by_table.setdefault(f.table, []).append(f)
+    return by_table
+
+
+def bags_of_one(kjt: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, list[int]]:
+    """Re-express jagged sequences as bags of length 0/1, one bag per (row, position): stride B * S.
+
+    Key f owns positions [off_f, off_f + L_f) of every row; its bags there have length 1 up to the row's length
+    and 0 after (zeros after pooling). Values are untouched: their order is already (key, row, position).
+
+    Returns:
+        the new KJT and the per-key padded lengths L_f.
+
+    Example::
+
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["h"], torch.tensor([5, 6, 7]), torch.tensor([2, 1]))
+        >>> out, max_lengths = bags_of_one(kjt)
+        >>> out.lengths().tolist(), out.stride(), max_lengths
+        ([1, 1, 1, 0], 4, [2])
+    """
+    keys = kjt.keys()
+    batch = kjt.stride()
+    lengths = kjt.lengths().view(len(keys), batch).long()  # (F, B)
+    max_lengths = lengths.max(dim=1).values.tolist() if batch else [0] * len(keys)
+    total = int(sum(max_lengths))
+    new_lengths = torch.zeros(len(keys), batch, total, dtype=torch.int32, device=lengths.device)  # (F, B, S)
+    offset = 0
+    for f, width in enumerate(max_lengths):
+        positions = torch.arange(width, device=lengths.device)
+        new_lengths[f, :, offset : offset + width] = (positions[None, :] < lengths[f, :, None]).to(torch.int32)
+        offset += width
+    out = KeyedJaggedTensor(
+        keys=keys, values=kjt.values(), lengths=new_lengths.view(-1), stride=batch * total  # (F*B*S,)
+    )
+    return out, [int(w) for w in max_lengths]
+
+
+class SparseArch(nn.Module):
+    """All embedding tables of a schema: pooled features through an EBC, sequence features through an EC or bags of one.
+
+    Tables are created once per schema table, so features naming the same table share it (the history and the
+    target item share the item table). Table rows are initialised N(0, 0.02).
+
+    Args:
+        schema: the data schema (tables, pooled and sequence features).
+        embedding_dim: D, the width of every table that does not set its own.
+        sequence_lookup: how sequence features are looked up (resolved with the device when AUTO).
+        device: where the tables live; ``meta`` for sharding with DistributedModelParallel.
+
+    Example::
+
+        >>> schema = Schema.from_dict({"user_column": "u",
+        ...     "tables": [{"name": "user", "num_embeddings": 10}, {"name": "item", "num_embeddings": 20}],
+        ...     "sparse_features": [{"name": "user", "column": "u", "table": "user", "side": "user"}],
+        ...     "sequence_features": [
+        ...         {"name": "history", "column": "h", "table": "item", "multi_valued": True, "per_group": True},
+        ...         {"name": "target_item", "column": "i", "table": "item"}],
+        ...     "tasks": [{"name": "y", "type": "binary", "label": "y"}]})
+        >>> arch = SparseArch(schema, embedding_dim=4)
+        >>> sparse = KeyedJaggedTensor.from_lengths_sync(["user"], torch.tensor([1, 2]), torch.tensor([1, 1]))
+        >>> seq = KeyedJaggedTensor.from_lengths_sync(
+        ...     ["history", "target_item"], torch.tensor([3, 4, 5, 6, 7]), torch.tensor([3, 0, 1, 1]))
+        >>> out = arch(sparse, seq)
+        >>> out.pooled["user"].shape, out.sequences["history"].shape, out.lengths["history"].tolist()
+        (torch.Size([2, 4]), torch.Size([2, 3, 4]), [3, 0])
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        embedding_dim: int,
+        sequence_lookup: SequenceLookup = SequenceLookup.AUTO,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.sequence_lookup = resolve_sequence_lookup(sequence_lookup, device)
+        self.pooled_features = [f.name for f in schema.sparse_features]
+        self.sequence_features = [f.name for f in schema.sequence_features]
+        init = functools.partial(nn.init.normal_, mean=0.0, std=EMBEDDING_INIT_STD)
+
+        def dim(table: str) -> int:
+            return schema.table(table).embedding_dim or embedding_dim
+
+        pooled_tables = [
+            EmbeddingBagConfig(
+                name=table,
+                embedding_dim=dim(table),
+                num_embeddings=schema.table(table).num_embeddings,
+                feature_names=[f.name for f in feats],
+                # Multi-hot features average their ids, so a long list does not outweigh a single id.
+                pooling=PoolingType.MEAN if any(f.multi_valued for f in feats) else PoolingType.SUM,
+                init_fn=init,
+            )
+            for table, feats in _tables_by_feature(schema.sparse_features).items()
+        ]
+        self.ebc: EmbeddingBagCollection | None = (
+            EmbeddingBagCollection(tables=pooled_tables, device=device) if pooled_tables else None
+        )
+        sequence_groups = _tables_by_feature(schema.sequence_features).items()
+        self.sequence_ec: EmbeddingCollection | None = None
+        self.sequence_ebc: EmbeddingBagCollection | None = None
+        if self.sequence_lookup is SequenceLookup.EMBEDDING_COLLECTION and sequence_groups:
+            self.sequence_ec = EmbeddingCollection(
+                tables=[
+                    EmbeddingConfig(
+                        name=table,
+                        embedding_dim=dim(table),
+                        num_embeddings=schema.table(table).num_embeddings,
+                        feature_names=[f.name for f in feats],
+                        init_fn=init,
+                    )
+                    for table, feats in sequence_groups
+                ],
+                device=device,
+            )
+        elif sequence_groups:
+            self.sequence_ebc = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(
+                        name=table,
+                        embedding_dim=dim(table),
+                        num_embeddings=schema.table(table).num_embeddings,
+                        feature_names=[f.name for f in feats],
+                        pooling=PoolingType.SUM,  # every bag holds one id (or none, at padding)
+                        init_fn=init,
+                    )
+                    for table, feats in sequence_groups
+                ],
+                device=device,
+            )
+
+    def forward(self, sparse_features: KeyedJaggedTensor, sequence_features: KeyedJaggedTensor) -> SparseOutput:
+        """Look up every feature.
+
+        Returns:
+            :class:`SparseOutput` with pooled [B, D] and padded sequence [B, L_f, D] embeddings.
+        """
+        pooled: dict[str, torch.Tensor] = {}
+        if self.ebc is not None:
+            pooled = self.ebc(sparse_features).to_dict()
+        sequences: dict[str, torch.Tensor] = {}
+        lengths: dict[str, torch.Tensor] = {}
+        batch = sequence_features.stride()
+        for name, jt in sequence_features.to_dict().items():
+            lengths[name] = jt.lengths().long()
+        if self.sequence_ec is not None:
+            for name, jt in self.sequence_ec(sequence_features).items():
+                width = int(lengths[name].max().item()) if batch else 0
+                sequences[name] = jt.to_padded_dense(desired_length=width, padding_value=0.0)  # (B, L_f, D)
+        elif self.sequence_ebc is not None:
+            bags, widths = bags_of_one(sequence_features)
+            flat = self.sequence_ebc(bags).to_dict()
+            total = sum(widths)
+            offset = 0
+            for name, width in zip(bags.keys(), widths, strict=True):
+                per_row = flat[name].view(batch, total, -1)  # (B, S, D)
+                sequences[name] = per_row[:, offset : offset + width]  # (B, L_f, D)
+                offset += width
+        return SparseOutput(pooled=pooled, sequences=sequences, lengths=lengths)
