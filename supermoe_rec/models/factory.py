@@ -25,7 +25,7 @@ from supermoe_rec.data.schema import Schema
 from supermoe_rec.models.layout import FeatureLayout
 from supermoe_rec.models.mlp import MultiTaskMLPRec
 from supermoe_rec.models.supermoe import SuperMoERec
-from supermoe_rec.modules.baselines import MMoE, PLE, SharedBottom
+from supermoe_rec.modules.baselines import PLE, MMoE, SharedBottom
 from supermoe_rec.modules.embeddings import SparseArch
 from supermoe_rec.modules.experts import BatchedExperts
 from supermoe_rec.modules.towers import MultiTaskTowers

@@ -88,7 +88,10 @@ def bags_of_one(kjt: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, list[int]]:
         new_lengths[f, :, offset : offset + width] = (positions[None, :] < lengths[f, :, None]).to(torch.int32)
         offset += width
     out = KeyedJaggedTensor(
-        keys=keys, values=kjt.values(), lengths=new_lengths.view(-1), stride=batch * total  # (F*B*S,)
+        keys=keys,
+        values=kjt.values(),
+        lengths=new_lengths.view(-1),
+        stride=batch * total,  # (F*B*S,)
     )
     return out, [int(w) for w in max_lengths]
 
