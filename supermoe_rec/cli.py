@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     summary = data_sub.add_parser("summary", help="print the dataset summary as JSON")
     summary.add_argument("--config", required=True, help="YAML config file, e.g. configs/ml100k.yaml")
     summary.add_argument("--out", default=None, help="also write summary.json and the resolved config.yaml here")
+    train = sub.add_parser("train", help="train model.arch; writes <train.out_dir>/<train.name>/")
+    train.add_argument("--config", required=True, help="YAML config file, e.g. configs/ml100k.yaml")
     return parser
 
 
@@ -51,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("supermoe_rec").setLevel(logging.INFO)
     args, overrides = _parser().parse_known_args(argv)
+    if args.command == "train":
+        from supermoe_rec import train
+
+        return train.main(["--config", args.config, *overrides])
     try:
         if args.command == "data" and args.data_command == "summary":
             print(json.dumps(data_summary(args.config, overrides, args.out), indent=2))

@@ -75,6 +75,15 @@ class SequenceLookup(str, enum.Enum):
     BAGS_OF_ONE = "bags_of_one"
 
 
+class SparseOptimizer(str, enum.Enum):
+    """The optimizer fused into the embedding tables' backward (TorchRec/fbgemm TBE)."""
+
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    ADAGRAD = "adagrad"
+    ADAM = "adam"
+    SGD = "sgd"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where samples come from and how they are built.
@@ -177,7 +186,19 @@ class TrainConfig:
     uncertainty_weighting: bool = False
     regression_loss: RegressionLoss = RegressionLoss.MSE
     huber_delta: float = 1.0
-    num_workers: int = 0
+    sparse_optimizer: SparseOptimizer = SparseOptimizer.ROWWISE_ADAGRAD
+    # Per-table sharding constraints, e.g. {item: column_wise}; the planner chooses for unlisted tables.
+    # CPU (gloo) supports data_parallel, table_wise, column_wise, table_column_wise.
+    sharding: dict[str, str] = field(default_factory=dict)
+    # "auto": CUDA when available, else CPU.
+    device: str = "auto"
+    # "loss" (valid task-indicator loss, lower is better) or "<task>.<metric>", e.g. "watch.auc".
+    early_stopping_metric: str = "loss"
+    # Write a checkpoint every N steps (and at every epoch end); 0 = only at epoch ends.
+    checkpoint_every: int = 0
+    # Continue from the run dir's latest checkpoint; an absent or unreadable checkpoint is an error.
+    resume: bool = False
+    tensorboard: bool = True
     log_every: int = 50
 
 

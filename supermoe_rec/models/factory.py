@@ -45,15 +45,19 @@ def build_model(
     device: torch.device | None = None,
     max_history: int = 50,
     output_bias: Mapping[str, float] | None = None,
+    sparse_device: torch.device | None = None,
 ) -> nn.Module:
     """Build ``cfg.arch`` for ``schema``'s features and tasks.
 
     Args:
         cfg: model config.
         schema: data schema (tables, features, tasks).
-        device: where to build; ``meta`` to shard later with DistributedModelParallel.
+        device: where to build the dense (non-embedding) modules.
         max_history: longest history the encoder's positions cover.
         output_bias: initial output bias per task (e.g. the mean rating for a regression task).
+        sparse_device: where to build the embedding tables (default: ``device``). ``meta`` lets
+            DistributedModelParallel allocate only each rank's shards, while the dense modules keep the
+            initialisation they were built with.
     """
     tasks = schema.task_specs()
     if cfg.arch is Arch.SINGLE_TASK and len(tasks) != 1:
@@ -68,7 +72,7 @@ def build_model(
         raise ConfigError(f"schema: per-group sequence features {layout.history} must share one embedding dim")
     profile_dim = sum(dims[n] for n in layout.profile)
     item_dim = sum(dims[n] for n in layout.item)
-    sparse_arch = SparseArch(schema, cfg.embedding_dim, cfg.sequence_lookup, device=device)
+    sparse_arch = SparseArch(schema, cfg.embedding_dim, cfg.sequence_lookup, device=sparse_device or device)
 
     if cfg.arch in (Arch.SUPERMOE, Arch.DENSE_TRANSFORMER):
         dense = cfg.arch is Arch.DENSE_TRANSFORMER
@@ -119,7 +123,8 @@ def parameter_report(model: nn.Module, cfg: ModelConfig, batch: Batch | None = N
     embedding rows it looks up (ids per row in ``batch`` × their width; history counted once per group, as it is
     looked up once per group). Without a batch, only the dense part is reported.
     """
-    sparse_arch: SparseArch = model.sparse_arch  # type: ignore[assignment]
+    sparse_arch = model.sparse_arch
+    assert isinstance(sparse_arch, SparseArch)
     embedding = sum(p.numel() for p in sparse_arch.parameters())
     total = sum(p.numel() for p in model.parameters())
     inactive = 0

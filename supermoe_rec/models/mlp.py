@@ -9,22 +9,42 @@ score them. Sharing the SparseArch, data and towers with SUPERMOE keeps the comp
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import nn
 
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.models.layout import FeatureLayout, concat_pooled, history_of, leader_rows
 from supermoe_rec.models.supermoe import ModelOutput
-from supermoe_rec.modules.embeddings import SparseArch
+from supermoe_rec.modules.embeddings import SparseArch, SparseOutput
 from supermoe_rec.modules.towers import MultiTaskTowers
 
 
-class Backbone(Protocol):
-    output_dim: int
+class MLPOverArch(nn.Module):
+    """Everything above the embeddings for the MLP baselines (a module without tables, see SuperMoEOverArch)."""
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def __init__(self, backbone: nn.Module, towers: MultiTaskTowers, layout: FeatureLayout, embedding_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.towers = towers
+        self.layout = layout
+        self.embedding_dim = embedding_dim
+
+    def forward(self, emb: SparseOutput, batch: Batch) -> ModelOutput:
+        """Returns: :class:`ModelOutput` with predictions [B] per task (no user representation)."""
+        rows = leader_rows(batch.group_index)
+        B = batch.batch_size
+        history, lengths = history_of(emb, self.layout.history, rows, self.embedding_dim, batch.labels)
+        mean_history = history.sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(history.dtype)  # (G, D)
+        x = torch.cat(
+            [
+                mean_history[batch.group_index],  # (B, D)
+                concat_pooled(emb, self.layout.item, B, batch.labels),
+                concat_pooled(emb, self.layout.profile, B, batch.labels),
+                batch.dense_features,
+            ],
+            dim=1,
+        )  # (B, X)
+        return ModelOutput(predictions=self.towers(self.backbone(x)), group_index=batch.group_index)
 
 
 class MultiTaskMLPRec(nn.Module):
@@ -51,9 +71,11 @@ class MultiTaskMLPRec(nn.Module):
     ) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
-        self.backbone = backbone
-        self.towers = towers
-        self.layout = layout
+        self.over_arch = MLPOverArch(backbone, towers, layout, sparse_arch.embedding_dim)
+
+    @property
+    def towers(self) -> MultiTaskTowers:
+        return self.over_arch.towers
 
     def forward(self, batch: Batch) -> ModelOutput:
         """Score every row of ``batch`` for every task.
@@ -61,18 +83,5 @@ class MultiTaskMLPRec(nn.Module):
         Returns:
             :class:`ModelOutput` with predictions [B] per task (no user representation).
         """
-        emb = self.sparse_arch(batch.sparse_features, batch.sequence_features)
-        rows = leader_rows(batch.group_index)
-        B = batch.batch_size
-        history, lengths = history_of(emb, self.layout.history, rows, self.sparse_arch.embedding_dim, batch.labels)
-        mean_history = history.sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(history.dtype)  # (G, D)
-        x = torch.cat(
-            [
-                mean_history[batch.group_index],  # (B, D)
-                concat_pooled(emb, self.layout.item, B, batch.labels),
-                concat_pooled(emb, self.layout.profile, B, batch.labels),
-                batch.dense_features,
-            ],
-            dim=1,
-        )  # (B, X)
-        return ModelOutput(predictions=self.towers(self.backbone(x)), group_index=batch.group_index)
+        out: ModelOutput = self.over_arch(self.sparse_arch(batch.sparse_features, batch.sequence_features), batch)
+        return out

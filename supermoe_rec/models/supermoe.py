@@ -22,7 +22,7 @@ from torch import nn
 
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.models.layout import FeatureLayout, concat_pooled, history_of, leader_rows
-from supermoe_rec.modules.embeddings import SparseArch
+from supermoe_rec.modules.embeddings import SparseArch, SparseOutput
 from supermoe_rec.modules.towers import MultiTaskTowers
 from supermoe_rec.modules.transformer import MoETransformerEncoder
 
@@ -51,41 +51,35 @@ class ModelOutput:
     task_expert_counts: torch.Tensor | None = None
 
 
-class SuperMoERec(nn.Module):
-    """The SUPERMOE model, assembled from built modules.
+class SuperMoEOverArch(nn.Module):
+    """Everything above the embeddings: history/profile assembly, the MoE encoder and the towers.
+
+    A separate module because TorchRec's pipeline traces modules that hold sharded tables with torch.fx: keeping
+    this data-dependent code in a module without tables makes it one opaque node of that trace.
 
     Args:
-        sparse_arch: the TorchRec embedding tables (:class:`SparseArch`).
         encoder: the MoE transformer over the history.
         towers: one tower per task; tower input width = M + I + P + F (see :meth:`tower_input_dim`).
         layout: which features are profile, item and history.
-        device: where the dense parameters live.
-
-    Example::
-
-        >>> from supermoe_rec.models.factory import build_model, tiny_schema_and_batch
-        >>> from supermoe_rec.config import ModelConfig
-        >>> schema, batch = tiny_schema_and_batch()
-        >>> model = build_model(ModelConfig(), schema)
-        >>> out = model(batch)
-        >>> sorted(out.predictions), out.predictions["click"].shape, out.user.shape
-        (['click', 'rating'], torch.Size([4]), torch.Size([2, 64]))
+        profile_dim: P, the width of the concatenated profile features (0: no profile, no context).
+        embedding_dim: D, the width of history embeddings.
+        device: where the parameters live.
     """
 
     def __init__(
         self,
-        sparse_arch: SparseArch,
         encoder: MoETransformerEncoder,
         towers: MultiTaskTowers,
         layout: FeatureLayout,
         profile_dim: int,
+        embedding_dim: int,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.sparse_arch = sparse_arch
         self.encoder = encoder
         self.towers = towers
         self.layout = layout
+        self.embedding_dim = embedding_dim
         self.task_names = [t.name for t in towers.tasks]
         # The profile conditions the [USER] and task tokens, so the encoder knows who it is encoding.
         self.context = nn.Linear(profile_dim, encoder.d_model, device=device) if profile_dim else None
@@ -94,18 +88,13 @@ class SuperMoERec(nn.Module):
     def tower_input_dim(model_dim: int, item_dim: int, profile_dim: int, num_dense: int) -> int:
         return model_dim + item_dim + profile_dim + num_dense
 
-    def forward(self, batch: Batch) -> ModelOutput:
-        """Score every row of ``batch`` for every task.
-
-        Returns:
-            :class:`ModelOutput` with predictions [B] per task, user [G, M] and task representations [G, T, M].
-        """
-        emb = self.sparse_arch(batch.sparse_features, batch.sequence_features)
+    def forward(self, emb: SparseOutput, batch: Batch) -> ModelOutput:
+        """Returns: :class:`ModelOutput` with predictions [B] per task, user [G, M], task reps [G, T, M]."""
         rows = leader_rows(batch.group_index)  # (G,)
         B = batch.batch_size
         profile = concat_pooled(emb, self.layout.profile, B, batch.labels)  # (B, P)
         item = concat_pooled(emb, self.layout.item, B, batch.labels)  # (B, I)
-        history, lengths = history_of(emb, self.layout.history, rows, self.sparse_arch.embedding_dim, batch.labels)
+        history, lengths = history_of(emb, self.layout.history, rows, self.embedding_dim, batch.labels)
         context = self.context(profile[rows]) if self.context is not None else None  # (G, M)
         enc = self.encoder(history, lengths, context)
         task_reps = enc.tasks[batch.group_index]  # (B, T, M): every candidate reads its group's pass
@@ -122,3 +111,58 @@ class SuperMoERec(nn.Module):
             dropped_fraction=enc.dropped_fraction,
             task_expert_counts=enc.task_expert_counts,
         )
+
+
+class SuperMoERec(nn.Module):
+    """The SUPERMOE model, assembled from built modules: ``SparseArch`` then ``SuperMoEOverArch``.
+
+    Args:
+        sparse_arch: the TorchRec embedding tables (:class:`SparseArch`).
+        encoder: the MoE transformer over the history.
+        towers: one tower per task; tower input width = M + I + P + F (see :meth:`tower_input_dim`).
+        layout: which features are profile, item and history.
+        profile_dim: P, the width of the concatenated profile features.
+        device: where the dense parameters live.
+
+    Example::
+
+        >>> from supermoe_rec.models.factory import build_model, tiny_schema_and_batch
+        >>> from supermoe_rec.config import ModelConfig
+        >>> schema, batch = tiny_schema_and_batch()
+        >>> model = build_model(ModelConfig(), schema)
+        >>> out = model(batch)
+        >>> sorted(out.predictions), out.predictions["click"].shape, out.user.shape
+        (['click', 'rating'], torch.Size([4]), torch.Size([2, 64]))
+    """
+
+    tower_input_dim = SuperMoEOverArch.tower_input_dim
+
+    def __init__(
+        self,
+        sparse_arch: SparseArch,
+        encoder: MoETransformerEncoder,
+        towers: MultiTaskTowers,
+        layout: FeatureLayout,
+        profile_dim: int,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.sparse_arch = sparse_arch
+        self.over_arch = SuperMoEOverArch(encoder, towers, layout, profile_dim, sparse_arch.embedding_dim, device)
+
+    @property
+    def encoder(self) -> MoETransformerEncoder:
+        return self.over_arch.encoder
+
+    @property
+    def towers(self) -> MultiTaskTowers:
+        return self.over_arch.towers
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Score every row of ``batch`` for every task.
+
+        Returns:
+            :class:`ModelOutput` with predictions [B] per task, user [G, M] and task representations [G, T, M].
+        """
+        out: ModelOutput = self.over_arch(self.sparse_arch(batch.sparse_features, batch.sequence_features), batch)
+        return out

@@ -18,10 +18,30 @@ from supermoe_rec.models.supermoe import ModelOutput
 
 @dataclass
 class StepOutput:
-    """One step's loss parts and model outputs (predictions detached)."""
+    """One step's loss parts, model outputs (predictions detached), and the labels they were scored against.
+
+    The labels travel with the output because a train pipeline consumes the batch itself: metrics read them here.
+    """
 
     loss: LossOutput
     model: ModelOutput
+    labels: torch.Tensor
+    task_mask: torch.Tensor
+    user_index: torch.Tensor
+
+
+class StepHead(nn.Module):
+    """Loss and step output from a model output and its batch (a table-free module: one node of the fx trace)."""
+
+    def __init__(self, loss_fn: TaskIndicatorLoss) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
+        loss = self.loss_fn(out.predictions, batch.labels, batch.task_mask, out.balance_loss, out.z_loss)
+        out.predictions = {k: v.detach() for k, v in out.predictions.items()}
+        step = StepOutput(loss, out, labels=batch.labels, task_mask=batch.task_mask, user_index=batch.user_index)
+        return loss.total, step
 
 
 class TrainModule(nn.Module):
@@ -45,14 +65,16 @@ class TrainModule(nn.Module):
     def __init__(self, model: nn.Module, loss_fn: TaskIndicatorLoss) -> None:
         super().__init__()
         self.model = model
-        self.loss_fn = loss_fn
+        self.head = StepHead(loss_fn)
+
+    @property
+    def loss_fn(self) -> TaskIndicatorLoss:
+        return self.head.loss_fn
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         """Returns: the scalar loss to backpropagate, and the step's :class:`StepOutput`."""
-        out: ModelOutput = self.model(batch)
-        loss = self.loss_fn(out.predictions, batch.labels, batch.task_mask, out.balance_loss, out.z_loss)
-        out.predictions = {k: v.detach() for k, v in out.predictions.items()}
-        return loss.total, StepOutput(loss=loss, model=out)
+        result: tuple[torch.Tensor, StepOutput] = self.head(self.model(batch), batch)
+        return result
 
 
 def train_step(module: TrainModule, optimizer: torch.optim.Optimizer, batch: Batch) -> StepOutput:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from supermoe_rec.config import SequenceLookup
 from supermoe_rec.data.schema import FeatureSpec, Schema
@@ -36,6 +36,25 @@ def resolve_sequence_lookup(lookup: SequenceLookup, device: torch.device | None)
         return lookup
     device_type = (device or torch.device("cpu")).type
     return SequenceLookup.BAGS_OF_ONE if device_type in ("cpu", "meta") else SequenceLookup.EMBEDDING_COLLECTION
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None  # type: ignore[attr-defined]
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged, with its gradient multiplied by ``scale``."""
+    out: torch.Tensor = _ScaleGrad.apply(x, scale)  # type: ignore[no-untyped-call]
+    return out
 
 
 @dataclass
@@ -138,6 +157,10 @@ class SparseArch(nn.Module):
         self.sequence_lookup = resolve_sequence_lookup(sequence_lookup, device)
         self.pooled_features = [f.name for f in schema.sparse_features]
         self.sequence_features = [f.name for f in schema.sequence_features]
+        # Sharded tables sum their row gradients over ranks, while DDP averages dense gradients. Each rank's loss is
+        # world_size x its share of the global loss (see TaskIndicatorLoss), so the trainer sets this to
+        # 1 / world_size and every parameter then receives exactly the gradient of the global loss.
+        self.grad_scale = 1.0
         init = functools.partial(nn.init.normal_, mean=0.0, std=EMBEDDING_INIT_STD)
 
         def dim(table: str) -> int:
@@ -194,28 +217,74 @@ class SparseArch(nn.Module):
     def forward(self, sparse_features: KeyedJaggedTensor, sequence_features: KeyedJaggedTensor) -> SparseOutput:
         """Look up every feature.
 
+        The body only calls the embedding collections on the batch's KJTs and hands their outputs to plain
+        functions: TorchRec's TrainPipelineSparseDist traces it with torch.fx to pipeline the sharded lookups.
+
         Returns:
             :class:`SparseOutput` with pooled [B, D] and padded sequence [B, L_f, D] embeddings.
         """
-        pooled: dict[str, torch.Tensor] = {}
-        if self.ebc is not None:
-            pooled = self.ebc(sparse_features).to_dict()
-        sequences: dict[str, torch.Tensor] = {}
-        lengths: dict[str, torch.Tensor] = {}
-        batch = sequence_features.stride()
-        for name, jt in sequence_features.to_dict().items():
-            lengths[name] = jt.lengths().long()
+        pooled = self.ebc(sparse_features) if self.ebc is not None else None
         if self.sequence_ec is not None:
-            for name, jt in self.sequence_ec(sequence_features).items():
-                width = int(lengths[name].max().item()) if batch else 0
-                sequences[name] = jt.to_padded_dense(desired_length=width, padding_value=0.0)  # (B, L_f, D)
-        elif self.sequence_ebc is not None:
-            bags, widths = bags_of_one(sequence_features)
-            flat = self.sequence_ebc(bags).to_dict()
-            total = sum(widths)
-            offset = 0
-            for name, width in zip(bags.keys(), widths, strict=True):
-                per_row = flat[name].view(batch, total, -1)  # (B, S, D)
-                sequences[name] = per_row[:, offset : offset + width]  # (B, L_f, D)
-                offset += width
-        return SparseOutput(pooled=pooled, sequences=sequences, lengths=lengths)
+            unpooled = self.sequence_ec(sequence_features)
+            return sparse_output_from_ec(pooled, unpooled, sequence_features, self.grad_scale)
+        if self.sequence_ebc is not None:
+            bags = self.sequence_ebc(bags_of_one_kjt(sequence_features))
+            return sparse_output_from_bags(pooled, bags, sequence_features, self.grad_scale)
+        return sparse_output_from_ec(pooled, {}, sequence_features, self.grad_scale)
+
+
+def _finish(
+    pooled: KeyedTensor | None,
+    sequences: dict[str, torch.Tensor],
+    lengths: dict[str, torch.Tensor],
+    grad_scale: float,
+) -> SparseOutput:
+    pooled_dict: dict[str, torch.Tensor] = pooled.to_dict() if pooled is not None else {}
+    if grad_scale != 1.0:
+        pooled_dict = {k: scale_grad(v, grad_scale) for k, v in pooled_dict.items()}
+        sequences = {k: scale_grad(v, grad_scale) for k, v in sequences.items()}
+    return SparseOutput(pooled=pooled_dict, sequences=sequences, lengths=lengths)
+
+
+def sparse_output_from_ec(
+    pooled: KeyedTensor | None,
+    unpooled: dict[str, JaggedTensor],
+    sequence_features: KeyedJaggedTensor,
+    grad_scale: float,
+) -> SparseOutput:
+    """Pad the EmbeddingCollection's jagged outputs to [B, L_f, D]."""
+    lengths = {name: jt.lengths().long() for name, jt in sequence_features.to_dict().items()}
+    sequences = {}
+    for name, jt in unpooled.items():
+        width = int(lengths[name].max().item()) if lengths[name].numel() else 0
+        sequences[name] = jt.to_padded_dense(desired_length=width, padding_value=0.0)  # (B, L_f, D)
+    return _finish(pooled, sequences, lengths, grad_scale)
+
+
+def bags_of_one_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """:func:`bags_of_one` without the widths (a single output keeps it traceable as one graph node)."""
+    return bags_of_one(kjt)[0]
+
+
+def sparse_output_from_bags(
+    pooled: KeyedTensor | None, bags: KeyedTensor, sequence_features: KeyedJaggedTensor, grad_scale: float
+) -> SparseOutput:
+    """Cut the bags-of-one EBC output [B * S, D] per key back into [B, L_f, D]."""
+    lengths = {name: jt.lengths().long() for name, jt in sequence_features.to_dict().items()}
+    batch = sequence_features.stride()
+    widths = [int(lengths[k].max().item()) if batch else 0 for k in sequence_features.keys()]  # noqa: SIM118 (a KJT, not a dict)
+    total = sum(widths)
+    flat = bags.to_dict()
+    sequences = {}
+    offset = 0
+    for name, width in zip(sequence_features.keys(), widths, strict=True):
+        per_row = flat[name].view(batch, total, -1)  # (B, S, D)
+        sequences[name] = per_row[:, offset : offset + width]  # (B, L_f, D)
+        offset += width
+    return _finish(pooled, sequences, lengths, grad_scale)
+
+
+# Leaf functions for torch.fx (TorchRec's pipeline tracer): called with proxies, run eagerly at execution time.
+torch.fx.wrap("sparse_output_from_ec")
+torch.fx.wrap("sparse_output_from_bags")
+torch.fx.wrap("bags_of_one_kjt")

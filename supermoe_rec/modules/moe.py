@@ -9,9 +9,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from supermoe_rec.config import MoEConfig
+from supermoe_rec.distributed.expert_parallel import (
+    ExpertParallelExperts,
+    all_reduce_sum_no_grad,
+    globalize_router_output,
+)
 from supermoe_rec.modules.experts import BatchedExperts, ExpertImpl
 from supermoe_rec.modules.gating import TopKRouter
 
@@ -56,6 +62,11 @@ class MoELayer(nn.Module):
         device: where to allocate parameters (``meta`` for deferred init; then ``to_empty`` +
             ``reset_parameters``).
         impl: :class:`~supermoe_rec.modules.experts.ExpertImpl`, fast batched path or the reference loop.
+        expert_group: process group for expert parallelism, used only when ``config.expert_parallel`` is set
+            (``None``: the default group if ``torch.distributed`` is initialised, else the layer stays
+            single-process). The experts are then split over the group
+            (:class:`~supermoe_rec.distributed.expert_parallel.ExpertParallelExperts`), and the losses and
+            statistics are computed over the group's global batch; see :mod:`supermoe_rec.distributed.expert_parallel`.
 
     Example::
 
@@ -77,6 +88,7 @@ class MoELayer(nn.Module):
         num_tasks: int = 0,
         device: torch.device | None = None,
         impl: ExpertImpl = ExpertImpl.FAST,
+        expert_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if num_tasks < 0:
@@ -85,7 +97,13 @@ class MoELayer(nn.Module):
         self.config = config
         self.num_tasks = num_tasks
         self.router = TopKRouter(d_model, config, device=device)
-        self.experts = BatchedExperts(d_model, config.expert_hidden, config.num_experts, impl=impl, device=device)
+        self.experts: BatchedExperts
+        if config.expert_parallel and (expert_group is not None or (dist.is_available() and dist.is_initialized())):
+            self.experts = ExpertParallelExperts(
+                d_model, config.expert_hidden, config.num_experts, group=expert_group, impl=impl, device=device
+            )
+        else:
+            self.experts = BatchedExperts(d_model, config.expert_hidden, config.num_experts, impl=impl, device=device)
 
     def reset_parameters(self) -> None:
         """Re-initialise router and experts (e.g. after ``to_empty`` on a meta-built layer)."""
@@ -117,12 +135,19 @@ class MoELayer(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"x must be [N, D={self.d_model}], got {list(x.shape)}")
         route = self.router(x)
-        hidden = self.experts(x, route.plan)  # (N, D)
+        experts = self.experts
+        if isinstance(experts, ExpertParallelExperts):
+            # Global losses/statistics and one agreed capacity; see supermoe_rec.distributed.expert_parallel.
+            route = globalize_router_output(route, experts.group)
+        hidden = experts(x, route.plan)  # (N, D)
+        task_expert_counts = self._task_expert_counts(task_ids, route.plan.expert_index.detach())
+        if isinstance(experts, ExpertParallelExperts) and task_expert_counts is not None:
+            task_expert_counts = all_reduce_sum_no_grad(task_expert_counts, experts.group)
         return MoEOutput(
             hidden=hidden,
             balance_loss=route.balance_loss,
             z_loss=route.z_loss,
             tokens_per_expert=route.tokens_per_expert,
             dropped_fraction=route.dropped_fraction,
-            task_expert_counts=self._task_expert_counts(task_ids, route.plan.expert_index.detach()),
+            task_expert_counts=task_expert_counts,
         )

@@ -1,0 +1,1 @@
+"""Distributed training pieces: expert parallelism (and, later, sharding plans, pipelines, checkpoints)."""

@@ -1,0 +1,469 @@
+"""Expert parallelism: the E experts of an MoE layer split across the W ranks of a process group.
+
+Dimension letters: N tokens (this rank's), N_g tokens over all ranks, D model dim, H expert hidden, E experts (all
+ranks), E_l = E / W experts per rank, W ranks in the expert group, K top-k, C capacity (slots per expert).
+
+**Layout.** Rank r holds experts ``[r*E_l, (r+1)*E_l)`` (:func:`local_expert_range`). Routing stays local: every
+rank routes its own tokens with its replica of the router and scatters them into the usual ``[E, C, D]`` buffer
+(:meth:`~supermoe_rec.modules.experts.BatchedExperts.dispatch`). Because the experts are ordered by owner, that
+buffer is already ``[W, E_l, C, D]``, block w being what rank w must receive. One ``all_to_all`` delivers to each
+rank ``[W, E_l, C, D]`` (its E_l experts' slots from every rank), the experts run on ``[E_l, W*C, D]``, a second
+``all_to_all`` sends the outputs home, and the combine is local. ``all_to_all_single`` needs one buffer shape on
+all ranks, so C is agreed with an ``all_reduce(MAX)``:
+
+- dropless: C = the global largest per-expert count, so nothing is dropped anywhere;
+- with a capacity factor: every rank keeps the drop decisions its router made with C computed from its *local*
+  token count (so they depend on how tokens are split over ranks, exactly as in GShard); the agreed C only pads.
+
+**Gradient convention** (the one :class:`~supermoe_rec.loss.TaskIndicatorLoss` uses). Each rank's loss is
+``L_r = W * (its share of the global loss)``, so ``mean_r L_r`` equals the single-process loss ``L`` on the
+concatenated batch, and DDP's gradient *average* of the replicated (dense, router) parameters is the
+single-process gradient. The all-to-alls here are autograd functions whose backward is the reverse all-to-all, so
+rank r's backward computes, for every tensor it owns, the gradient of ``sum_s L_s = W * L``:
+
+- activations (e.g. the layer input x): ``W * dL/dx``, as in any data-parallel run under this convention;
+- replicated parameters: ``W * dL/dθ`` restricted to the rank's own tokens; DDP's average over the W ranks gives
+  exactly ``dL/dθ``;
+- expert parameters: ``W * dL/dφ`` (all W ranks' tokens reach them) and they are *not* averaged by DDP (they are
+  not replicated, see :func:`expert_parallel_parameter_names`), so :class:`ExpertParallelExperts` multiplies their
+  gradient by ``1/W`` (an identity op on the weights with gradient ``g/W``, in ``compute``). Their gradient then
+  equals the single-process gradient of ``L``. (TorchRec's ``set_gradient_division(True)`` does the same for
+  sharded embedding tables.) This requires the data-parallel group, the group whose size is the loss's
+  ``world_size``, to be the expert group.
+
+**Auxiliary losses** (:func:`globalize_router_output`). The load-balancing statistics are computed over the global
+batch: ``f_e`` from all-reduced counts and ``P_e`` from an autograd-aware all-reduce of the probability sums; the
+z-loss from an all-reduced sum of ``logsumexp^2`` and the global token count. Every rank then returns the global
+value of both losses, so ``mean_r`` of them is the single-process value, and by the argument above (the backward
+of the all-reduce sums all ranks' gradients) DDP's average gives the single-process router gradient. The routing
+statistics (``tokens_per_expert``, ``dropped_fraction``, ``task_expert_counts``) are global too.
+
+**Collectives.** Forward and backward issue collectives, so every rank of the group must call the layer the same
+number of times, with the same arguments present (``task_ids`` given on all ranks or none), and back-propagate
+through it (a rank with no tokens passes an empty ``[0, D]`` input). Collectives in forward: two small
+``all_reduce`` (counts, capacity), one ``all_reduce`` of ``E+1`` floats, two ``all_to_all`` of ``E*C*D``; the same
+``all_to_all`` and the ``E+1`` all-reduce again in backward.
+
+**Wiring.** :class:`~supermoe_rec.modules.moe.MoELayer` builds :class:`ExpertParallelExperts` instead of
+``BatchedExperts`` when ``config.expert_parallel`` is set and a process group is available (its ``expert_group``
+argument, else the default group once ``torch.distributed`` is initialised); without one it stays single-process.
+A trainer must keep the expert parameters out of DDP: pass :func:`expert_parallel_parameter_names` of the unwrapped
+model to ``DefaultDataParallelWrapper(params_to_ignore=...)`` for DMP, or call :func:`exclude_experts_from_ddp`
+before ``DistributedDataParallel(model)``. Checkpoints hold each rank's expert slice: convert with
+:func:`shard_experts_state` / :func:`unshard_experts_state`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from supermoe_rec.modules.experts import BatchedExperts, ExpertImpl
+from supermoe_rec.modules.gating import DispatchPlan, RouterOutput
+
+__all__ = [
+    "ExpertParallelExperts",
+    "all_reduce_sum",
+    "all_reduce_sum_no_grad",
+    "all_to_all",
+    "exclude_experts_from_ddp",
+    "expert_parallel_parameter_names",
+    "globalize_router_output",
+    "local_expert_range",
+    "scale_grad",
+    "shard_experts_state",
+    "unshard_experts_state",
+]
+
+ProcessGroup = dist.ProcessGroup
+
+# State-dict keys of expert weights: ``...experts.{w1,b1,w2,b2}`` (BatchedExperts / ExpertParallelExperts params).
+_EXPERT_KEY = re.compile(r"(?:^|\.)experts\.(?:w1|b1|w2|b2)$")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autograd-aware collectives. torch.distributed.nn.functional has equivalents in torch 2.13 (and they work on gloo),
+# but they are deprecated there (FutureWarning on every call) in favour of the functional collectives; these few
+# lines pin the exact backward we rely on.
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        # Equal splits: the adjoint of the exchange is the same exchange (block s of rank r <-> block r of rank s).
+        return all_to_all(grad, ctx.group), None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        # out = sum_s x_s on every rank, so d(sum_s L_s)/dx_r = sum_s dL_s/dout_s: an all-reduce of the gradients.
+        return all_reduce_sum(grad, ctx.group), None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def all_to_all(x: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """Differentiable ``all_to_all_single`` with equal splits along dim 0.
+
+    Args:
+        x: ``[W * M, ...]``; block w (rows ``[w*M, (w+1)*M)``) goes to rank w.
+        group: process group (``None``: the default group).
+
+    Returns:
+        ``[W * M, ...]``; block w came from rank w. Backward is the reverse exchange.
+    """
+    return cast(Tensor, _AllToAll.apply(x, group))  # type: ignore[no-untyped-call]
+
+
+def all_reduce_sum(x: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """Differentiable all-reduce SUM (out of place); backward all-reduces the gradients (SUM).
+
+    Args:
+        x: any tensor, same shape on every rank.
+        group: process group (``None``: the default group).
+
+    Returns:
+        ``sum over ranks of x``, same shape as ``x``.
+    """
+    return cast(Tensor, _AllReduceSum.apply(x, group))  # type: ignore[no-untyped-call]
+
+
+def all_reduce_sum_no_grad(x: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """All-reduce SUM of a detached copy of ``x`` (for counts and statistics).
+
+    Args:
+        x: any tensor, same shape on every rank.
+        group: process group (``None``: the default group).
+
+    Returns:
+        ``sum over ranks of x``, detached.
+    """
+    out = x.detach().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """Identity in forward; multiplies the gradient by ``scale`` in backward.
+
+    Args:
+        x: any tensor.
+        scale: gradient factor.
+
+    Returns:
+        a view of ``x``.
+    """
+    return cast(Tensor, _ScaleGrad.apply(x, scale))  # type: ignore[no-untyped-call]
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def local_expert_range(num_experts: int, rank: int, world_size: int) -> range:
+    """Global ids of the experts that ``rank`` holds: ``[rank*E/W, (rank+1)*E/W)``.
+
+    Args:
+        num_experts: E, all ranks together.
+        rank: r, in ``[0, W)``.
+        world_size: W, ranks in the expert group.
+
+    Returns:
+        ``range`` of E/W expert ids.
+
+    Raises:
+        ValueError: E is not a positive multiple of W, or the rank is out of range.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+    if num_experts < 1 or num_experts % world_size != 0:
+        raise ValueError(
+            f"expert parallelism needs num_experts divisible by the expert-group size: num_experts={num_experts}, "
+            f"world_size={world_size} (choose num_experts as a multiple of {world_size})"
+        )
+    per_rank = num_experts // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+class ExpertParallelExperts(BatchedExperts):
+    """This rank's E/W experts of an expert-parallel MoE layer; tokens reach them through all-to-alls.
+
+    Dimension letters: N tokens (this rank's), D model dim, H expert hidden, E experts (all ranks), E_l = E/W local
+    experts, W ranks, C capacity.
+
+    A :class:`~supermoe_rec.modules.experts.BatchedExperts` whose parameters hold only the local experts
+    (``w1 [E_l, D, H]``, ``b1 [E_l, H]``, ``w2 [E_l, H, D]``, ``b2 [E_l, D]``), under the same names, so a
+    single-process state dict maps onto it by slicing dim 0 (:func:`shard_experts_state`). ``num_experts`` is E_l;
+    ``global_num_experts`` is E; ``expert_offset`` is the global id of local expert 0.
+
+    Init draws the full ``[E, ...]`` weights and keeps this rank's slice, so with the same seed the W-rank layer
+    holds exactly the experts of the 1-rank layer (and ranks seeded alike do not hold copies of each other's
+    experts). That costs one transient full-size tensor per weight at init; a model too big for that should be
+    built on ``meta`` and loaded from a sharded checkpoint.
+
+    The forward is always the batched path (the per-expert ``REFERENCE`` loop has no buffers to exchange; the
+    single-process layer is the reference). Expert gradients are scaled by ``1/W`` (see the module docstring).
+
+    Args:
+        d_model: D.
+        hidden: H.
+        num_experts: E, the total over all ranks; must be divisible by W.
+        group: the expert process group (``None``: the default group). ``torch.distributed`` must be initialised.
+        impl: must be :attr:`ExpertImpl.FAST`.
+        device: where to allocate the local weights (``meta`` for deferred init).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        num_experts: int,
+        group: ProcessGroup | None = None,
+        impl: ExpertImpl = ExpertImpl.FAST,
+        device: torch.device | None = None,
+    ) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ExpertParallelExperts needs an initialised torch.distributed process group")
+        if ExpertImpl(impl) is not ExpertImpl.FAST:
+            raise ValueError("expert parallelism runs the FAST (batched) expert path only")
+        world_size = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        experts = local_expert_range(num_experts, rank, world_size)
+        # Plain attributes set before Module.__init__ because BatchedExperts.__init__ calls reset_parameters, which
+        # needs the layout to draw the full-size weights.
+        self.group = group
+        self.world_size = world_size
+        self.rank = rank
+        self.global_num_experts = num_experts
+        self.expert_offset = experts.start
+        super().__init__(d_model, hidden, len(experts), impl=impl, device=device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, hidden={self.hidden}, experts=[{self.expert_offset}, "
+            f"{self.expert_offset + self.num_experts}) of {self.global_num_experts}, world_size={self.world_size}"
+        )
+
+    def reset_parameters(self) -> None:
+        """Same distribution and RNG stream as ``BatchedExperts(num_experts=E).reset_parameters()``; keep the slice."""
+        lo, hi = self.expert_offset, self.expert_offset + self.num_experts
+        with torch.no_grad():
+            for weight, fan_in in ((self.w1, self.d_model), (self.w2, self.hidden)):
+                full = weight.new_empty((self.global_num_experts, *weight.shape[1:]))  # (E, D, H) or (E, H, D)
+                nn.init.normal_(full, std=1.0 / math.sqrt(fan_in))
+                weight.copy_(full[lo:hi])
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
+
+    def compute(self, buf: Tensor) -> Tensor:
+        """Run the local experts; their parameter gradients are scaled by ``1/W``.
+
+        Args:
+            buf: ``[E_l, W*C, D]`` slots received from all ranks.
+
+        Returns:
+            ``[E_l, W*C, D]`` expert outputs.
+        """
+        s = 1.0 / self.world_size
+        w1, b1, w2, b2 = (scale_grad(p, s) for p in (self.w1, self.b1, self.w2, self.b2))
+        h = F.gelu(torch.baddbmm(b1.unsqueeze(1), buf, w1))  # (E_l, W*C, H)
+        return torch.baddbmm(b2.unsqueeze(1), h, w2)  # (E_l, W*C, D)
+
+    def forward(self, x: Tensor, plan: DispatchPlan) -> Tensor:
+        """Dispatch locally, exchange, run the local experts, exchange back, combine locally.
+
+        Args:
+            x: ``[N, D]`` this rank's tokens (N may be 0).
+            plan: this rank's :class:`~supermoe_rec.modules.gating.DispatchPlan` over all E experts, with the
+                capacity agreed by all ranks (:func:`globalize_router_output`).
+
+        Returns:
+            ``[N, D]`` combined expert outputs (no residual); 0 for a token whose assignments were all dropped.
+        """
+        if plan.num_experts != self.global_num_experts:
+            raise ValueError(f"plan routes over {plan.num_experts} experts, layer has {self.global_num_experts}")
+        W, E_l, C, D = self.world_size, self.num_experts, plan.capacity, x.shape[1]
+        buf = self.dispatch(x, plan)  # (E, C, D) = (W*E_l, C, D): block w is for rank w's experts
+        recv = all_to_all(buf, self.group)  # (W*E_l, C, D): block w holds rank w's tokens for the local experts
+        recv = recv.view(W, E_l, C, D).transpose(0, 1).reshape(E_l, W * C, D)  # (E_l, W*C, D)
+        out = self.compute(recv)  # (E_l, W*C, D)
+        out = out.view(E_l, W, C, D).transpose(0, 1).reshape(W * E_l, C, D)  # (W*E_l, C, D): block w goes home
+        back = all_to_all(out, self.group)  # (E, C, D): this rank's slots, from every expert
+        return self.combine(back, plan, x.shape[0])
+
+
+def globalize_router_output(route: RouterOutput, group: ProcessGroup | None = None) -> RouterOutput:
+    """Turn one rank's :class:`~supermoe_rec.modules.gating.RouterOutput` into global-batch losses and statistics.
+
+    Every rank gets the same ``balance_loss``, ``z_loss``, ``tokens_per_expert`` and ``dropped_fraction``: the values
+    the single-process router computes on the concatenated batch. ``balance_loss`` and ``z_loss`` stay
+    differentiable w.r.t. this rank's router (through an all-reduce whose backward all-reduces the gradients).
+    The plan keeps its local slots and drop decisions; its ``capacity`` becomes the maximum over ranks, so the
+    dispatch buffers have one shape.
+
+    Args:
+        route: this rank's router output (``plan`` fields ``[N, K]``, ``probs`` ``[N, E]``, local losses).
+        group: the expert process group (``None``: the default group).
+
+    Returns:
+        :class:`~supermoe_rec.modules.gating.RouterOutput` with the agreed capacity, local ``probs``, global scalar
+        losses, ``tokens_per_expert`` ``[E]`` (sums to N_g*K) and the global ``dropped_fraction``.
+    """
+    plan = route.plan
+    N, K = plan.expert_index.shape
+    E = plan.num_experts
+    counts = torch.cat(
+        [route.tokens_per_expert.to(torch.int64), plan.kept.sum().reshape(1).to(torch.int64), torch.tensor([N])]
+    )  # (E+2,) per-expert assignments, kept assignments, tokens
+    counts = all_reduce_sum_no_grad(counts, group)  # (E+2,)
+    tokens_per_expert, kept_g, N_g = counts[:E], int(counts[E]), int(counts[E + 1])
+    capacity = torch.tensor([plan.capacity], dtype=torch.int64)
+    dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=group)
+
+    # The router's z_loss is sum/max(N, 1), so times max(N, 1) it is the local sum again (0 when N = 0).
+    local_sums = torch.cat([route.probs.sum(dim=0), (route.z_loss * max(N, 1)).reshape(1)])  # (E+1,)
+    global_sums = all_reduce_sum(local_sums, group)  # (E+1,)
+    # Same formulas as TopKRouter, over the global batch (divided by max(.., 1) so N_g = 0 gives 0, not NaN).
+    f = tokens_per_expert.to(route.probs.dtype) / max(N_g * K, 1)  # (E,)
+    p_mean = global_sums[:E] / max(N_g, 1)  # (E,)
+    balance_loss = E * torch.sum(f * p_mean)
+    z_loss = global_sums[E] / max(N_g, 1)
+    dropped = torch.tensor((N_g * K - kept_g) / max(N_g * K, 1), dtype=torch.float32)
+    return RouterOutput(
+        plan=plan._replace(capacity=int(capacity.item())),
+        probs=route.probs,
+        balance_loss=balance_loss,
+        z_loss=z_loss,
+        tokens_per_expert=tokens_per_expert,
+        dropped_fraction=dropped,
+    )
+
+
+def expert_parallel_parameter_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of the expert-parallel (not replicated) parameters in ``model``.
+
+    Pass them to DDP as parameters to ignore, so DDP neither broadcasts them at construction (that would overwrite
+    every rank's experts with rank 0's) nor averages their gradients:
+
+    - DMP: ``DistributedModelParallel(model, ..., data_parallel_wrapper=DefaultDataParallelWrapper(
+      params_to_ignore=expert_parallel_parameter_names(model)))`` (DMP overwrites any ignore list set on the model
+      beforehand, so it must go through the wrapper);
+    - plain DDP: :func:`exclude_experts_from_ddp` before ``DistributedDataParallel(model)``.
+
+    Args:
+        model: the unwrapped module (names are relative to it, as DDP/DMP see them).
+
+    Returns:
+        names such as ``"encoder.blocks.1.ffn.experts.w1"``, in ``named_modules`` order.
+    """
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            for param_name, _ in module.named_parameters(recurse=False):
+                names.append(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
+def exclude_experts_from_ddp(model: nn.Module) -> list[str]:
+    """Add :func:`expert_parallel_parameter_names` to DDP's ignore list of ``model`` (keeping names already there).
+
+    Call before ``torch.nn.parallel.DistributedDataParallel(model, ...)``.
+
+    Args:
+        model: the module that will be wrapped.
+
+    Returns:
+        the full ignore list now set on ``model``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = sorted(
+        set(getattr(model, "_ddp_params_and_buffers_to_ignore", [])) | set(expert_parallel_parameter_names(model))
+    )
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)  # type: ignore[no-untyped-call]
+    return names
+
+
+def _is_expert_key(key: str, expert_keys: Collection[str] | None) -> bool:
+    return key in expert_keys if expert_keys is not None else _EXPERT_KEY.search(key) is not None
+
+
+def shard_experts_state(
+    full_state: Mapping[str, Tensor], rank: int, world_size: int, expert_keys: Collection[str] | None = None
+) -> dict[str, Tensor]:
+    """Slice a single-process state dict into rank ``rank``'s state for a W-rank expert-parallel model.
+
+    Expert tensors (dim 0 = E) keep rows :func:`local_expert_range`; every other entry is returned as is.
+
+    Args:
+        full_state: state dict of the single-process (all experts) model.
+        rank: r.
+        world_size: W.
+        expert_keys: which keys are expert tensors; default every key ending in ``experts.{w1,b1,w2,b2}``
+            (or pass :func:`expert_parallel_parameter_names` of the sharded model).
+
+    Returns:
+        a new dict, loadable with ``load_state_dict`` into rank r's expert-parallel model.
+
+    Raises:
+        ValueError: an expert tensor's dim 0 is not divisible by W.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in full_state.items():
+        if _is_expert_key(key, expert_keys):
+            experts = local_expert_range(value.shape[0], rank, world_size)
+            out[key] = value[experts.start : experts.stop].clone()
+        else:
+            out[key] = value
+    return out
+
+
+def unshard_experts_state(
+    shards: Sequence[Mapping[str, Tensor]], expert_keys: Collection[str] | None = None
+) -> dict[str, Tensor]:
+    """Inverse of :func:`shard_experts_state`: concatenate the ranks' expert slices into a single-process state.
+
+    Args:
+        shards: the W ranks' state dicts, in rank order (e.g. gathered with ``all_gather_object``).
+        expert_keys: which keys are expert tensors (default as in :func:`shard_experts_state`).
+
+    Returns:
+        a state dict of the all-experts model; non-expert entries are taken from rank 0.
+    """
+    if not shards:
+        raise ValueError("unshard_experts_state needs at least one shard")
+    return {
+        key: torch.cat([s[key] for s in shards]) if _is_expert_key(key, expert_keys) else value
+        for key, value in shards[0].items()
+    }

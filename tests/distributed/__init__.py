@@ -1,0 +1,1 @@
+"""Tests of supermoe_rec.distributed (real multi-process gloo)."""

@@ -1,0 +1,270 @@
+"""Expert parallelism: a real 2-process gloo run against the 1-process MoELayer on the same global batch.
+
+Convention under test (see ``supermoe_rec.distributed.expert_parallel``): rank r's loss is
+``L_r = W * (its share of the task loss) + a * balance_loss + b * z_loss`` with global aux losses, so
+``mean_r L_r`` is the 1-process loss. DDP averages the router gradient; expert gradients are scaled by 1/W inside
+the layer. Hence, compared with the 1-process run on the concatenated batch:
+
+- ``mean_r L_r``, every rank's ``balance_loss`` / ``z_loss`` and the routing statistics equal the 1-process values;
+- the router gradient (after DDP) and every expert's gradient (each rank's slice, concatenated) equal them;
+- the input gradient on rank r is ``W x`` the 1-process gradient of its tokens (the same factor plain data
+  parallelism gives activations under this loss convention).
+
+All to 1e-5. The equivalence cases never drop (dropless, or capacity factor E so that C = N): with a capacity, the
+drop decisions are made per rank from the rank's *local* token count, so once tokens drop, the 2-rank layer equals
+the 1-process layer applied to each rank's tokens separately, not to the global batch (checked separately).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from supermoe_rec.config import MoEConfig
+from supermoe_rec.distributed.expert_parallel import (
+    ExpertParallelExperts,
+    exclude_experts_from_ddp,
+    expert_parallel_parameter_names,
+    local_expert_range,
+    shard_experts_state,
+    unshard_experts_state,
+)
+from supermoe_rec.modules.experts import BatchedExperts
+from supermoe_rec.modules.moe import MoELayer
+
+from ..dist_utils import run_distributed
+
+W, E, D, H, T, N_G = 2, 4, 8, 16, 3, 20
+BALANCE_W, Z_W = 0.5, 0.1
+SPLITS = {"even": 10, "uneven": 7, "empty": 0}  # tokens on rank 1; rank 0 gets the rest
+CASES = list(itertools.product([1, 2], ["dropless", "capacity"], list(SPLITS)))
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _config(top_k: int, mode: str, expert_parallel: bool, num_experts: int = E) -> MoEConfig:
+    # Capacity factor E gives C = min(ceil(E * N * K / E), N) = N: nothing can drop.
+    cf = float(num_experts) if mode == "capacity" else 1.0
+    return MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_hidden=H,
+        capacity_factor_train=cf,
+        dropless=mode == "dropless",
+        expert_parallel=expert_parallel,
+    )
+
+
+def _data(seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_G, D, generator=g)
+    target = torch.randn(N_G, D, generator=g)
+    task_ids = torch.randint(0, T, (N_G,), generator=g)
+    return x, target, task_ids
+
+
+def _rank_slice(rank: int, split: str, n: int = N_G) -> slice:
+    n1 = SPLITS[split]
+    return slice(0, n - n1) if rank == 0 else slice(n - n1, n)
+
+
+def _full_layer(top_k: int, mode: str) -> MoELayer:
+    torch.manual_seed(1234)  # not the workers' build seed: the weights must arrive through shard_experts_state
+    return MoELayer(D, _config(top_k, mode, expert_parallel=False), num_tasks=T)
+
+
+def _reference(top_k: int, mode: str, seed: int) -> dict[str, Any]:
+    """1-process run on the whole batch."""
+    layer = _full_layer(top_k, mode)
+    x, target, task_ids = _data(seed)
+    x.requires_grad_(True)
+    out = layer(x, task_ids=task_ids)
+    loss = (out.hidden - target).pow(2).sum() / (N_G * D) + BALANCE_W * out.balance_loss + Z_W * out.z_loss
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "balance": out.balance_loss.detach(),
+        "z": out.z_loss.detach(),
+        "tokens_per_expert": out.tokens_per_expert,
+        "dropped": out.dropped_fraction,
+        "task_expert_counts": out.task_expert_counts,
+        "hidden": out.hidden.detach(),
+        "x_grad": x.grad,
+        "router_grad": layer.router.weight.grad,
+        "expert_grads": {f"experts.{n}": p.grad for n, p in layer.experts.named_parameters()},
+    }
+
+
+def _ep_case(rank: int, top_k: int, mode: str, split: str, seed: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    layer = MoELayer(D, _config(top_k, mode, expert_parallel=True), num_tasks=T)
+    assert isinstance(layer.experts, ExpertParallelExperts)
+    full = _full_layer(top_k, mode).state_dict()
+    layer.load_state_dict(shard_experts_state(full, rank, W))
+    exclude_experts_from_ddp(layer)
+    ddp = DistributedDataParallel(layer)  # broadcasts the router from rank 0, must leave the experts alone
+    x, target, task_ids = _data(seed)
+    sl = _rank_slice(rank, split)
+    x_r = x[sl].clone().requires_grad_(True)
+    out = ddp(x_r, task_ids=task_ids[sl])
+    share = (out.hidden - target[sl]).pow(2).sum() / (N_G * D)
+    loss = W * share + BALANCE_W * out.balance_loss + Z_W * out.z_loss
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "balance": out.balance_loss.detach(),
+        "z": out.z_loss.detach(),
+        "tokens_per_expert": out.tokens_per_expert,
+        "dropped": out.dropped_fraction,
+        "task_expert_counts": out.task_expert_counts,
+        "hidden": out.hidden.detach(),
+        "x_grad": x_r.grad,
+        "router_grad": layer.router.weight.grad,
+        "expert_grads": {f"experts.{n}": p.grad for n, p in layer.experts.named_parameters()},
+    }
+
+
+def _drop_case(rank: int, top_k: int) -> dict[str, Any]:
+    """Capacity factor 0.5 (tokens drop): compare with the 1-process layer on this rank's tokens only."""
+    cfg = dataclasses.replace(_config(top_k, "capacity", expert_parallel=True), capacity_factor_train=0.5)
+    torch.manual_seed(0)
+    layer = MoELayer(D, cfg, num_tasks=T)
+    torch.manual_seed(0)
+    local = MoELayer(D, dataclasses.replace(cfg, expert_parallel=False), num_tasks=T)
+    x, _, _ = _data(7)
+    sl = _rank_slice(rank, "uneven")
+    out, ref = layer(x[sl]), local(x[sl])
+    return {
+        "hidden": out.hidden,
+        "local_hidden": ref.hidden,
+        "dropped": out.dropped_fraction,
+        "n": x[sl].shape[0],
+        "local_dropped": ref.dropped_fraction,
+    }
+
+
+def _worker(rank: int, world_size: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    results: dict[str, Any] = {"cases": {c: _ep_case(rank, *c, seed=i) for i, c in enumerate(CASES)}}
+    results["drop"] = {k: _drop_case(rank, k) for k in (1, 2)}
+    # Init: same seed -> this rank's experts are its slice of the 1-process layer's; also after a meta build.
+    torch.manual_seed(0)
+    results["init"] = MoELayer(D, _config(2, "dropless", True), num_tasks=T).state_dict()
+    meta = MoELayer(D, _config(2, "dropless", True), num_tasks=T, device=torch.device("meta"))
+    meta.to_empty(device="cpu")
+    torch.manual_seed(0)
+    meta.reset_parameters()
+    results["meta_init"] = meta.state_dict()
+    results["param_names"] = expert_parallel_parameter_names(torch.nn.ModuleDict({"ffn": meta}))
+    try:
+        MoELayer(D, _config(2, "dropless", True, num_experts=3))
+        results["indivisible"] = None
+    except ValueError as e:
+        results["indivisible"] = str(e)
+    # An explicit group (here a new group over both ranks) is honoured.
+    group = dist.new_group([0, 1])
+    results["group_ok"] = MoELayer(D, _config(1, "dropless", True), expert_group=group).experts.num_experts
+    return results
+
+
+@pytest.fixture(scope="module")
+def dist_results() -> list[dict[str, Any]]:
+    return run_distributed(_worker, W)
+
+
+@pytest.mark.parametrize(("top_k", "mode", "split"), CASES)
+def test_two_ranks_match_one_process(dist_results: list[dict[str, Any]], top_k: int, mode: str, split: str) -> None:
+    seed = CASES.index((top_k, mode, split))
+    ref = _reference(top_k, mode, seed)
+    ranks = [r["cases"][(top_k, mode, split)] for r in dist_results]
+    torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), ref["loss"], **TOL)
+    for r in ranks:
+        torch.testing.assert_close(r["balance"], ref["balance"], **TOL)
+        torch.testing.assert_close(r["z"], ref["z"], **TOL)
+        assert torch.equal(r["tokens_per_expert"], ref["tokens_per_expert"])
+        assert torch.equal(r["task_expert_counts"], ref["task_expert_counts"])
+        assert float(r["dropped"]) == float(ref["dropped"]) == 0.0
+        torch.testing.assert_close(r["router_grad"], ref["router_grad"], **TOL)  # DDP-averaged
+    torch.testing.assert_close(torch.cat([r["hidden"] for r in ranks]), ref["hidden"], **TOL)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), W * ref["x_grad"], **TOL)
+    gathered = unshard_experts_state([r["expert_grads"] for r in ranks])
+    assert gathered.keys() == ref["expert_grads"].keys()
+    for name, grad in ref["expert_grads"].items():
+        torch.testing.assert_close(gathered[name], grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    if split == "empty":
+        assert ranks[1]["hidden"].shape == (0, D) and ranks[1]["x_grad"].shape == (0, D)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_capacity_drops_are_decided_per_rank(dist_results: list[dict[str, Any]], top_k: int) -> None:
+    ranks = [r["drop"][top_k] for r in dist_results]
+    for r in ranks:
+        torch.testing.assert_close(r["hidden"], r["local_hidden"], **TOL)
+    n_local = torch.tensor([float(r["n"]) for r in ranks])
+    expected = (torch.stack([r["local_dropped"] for r in ranks]) * n_local).sum() / n_local.sum()
+    assert float(expected) > 0  # the case really drops
+    for r in ranks:
+        torch.testing.assert_close(r["dropped"], expected, **TOL)
+
+
+def test_same_seed_gives_the_sharded_one_process_init(dist_results: list[dict[str, Any]]) -> None:
+    torch.manual_seed(0)
+    full = MoELayer(D, _config(2, "dropless", False), num_tasks=T).state_dict()
+    for rank, r in enumerate(dist_results):
+        for key in ("init", "meta_init"):
+            state = r[key]
+            expected = shard_experts_state(full, rank, W)
+            assert state.keys() == expected.keys()
+            for name, value in expected.items():
+                assert torch.equal(state[name], value), (key, name)
+    assert dist_results[0]["param_names"] == [f"ffn.experts.{n}" for n in ("w1", "b1", "w2", "b2")]
+
+
+def test_indivisible_experts_and_explicit_group(dist_results: list[dict[str, Any]]) -> None:
+    for r in dist_results:
+        assert (
+            r["indivisible"] is not None and "num_experts=3" in r["indivisible"] and "world_size=2" in r["indivisible"]
+        )
+        assert r["group_ok"] == E // W
+
+
+def test_local_expert_range() -> None:
+    assert local_expert_range(8, 1, 4) == range(2, 4)
+    assert local_expert_range(4, 0, 1) == range(0, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        local_expert_range(6, 0, 4)
+    with pytest.raises(ValueError, match="rank"):
+        local_expert_range(4, 2, 2)
+
+
+def test_shard_unshard_round_trip() -> None:
+    torch.manual_seed(0)
+    full = MoELayer(D, _config(2, "dropless", False)).state_dict()
+    shards = [shard_experts_state(full, r, W) for r in range(W)]
+    assert shards[1]["experts.w1"].shape == (E // W, D, H) and shards[1]["router.weight"].shape == (E, D)
+    assert torch.equal(shards[1]["experts.b2"], full["experts.b2"][E // W :])
+    back = unshard_experts_state(shards)
+    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
+    with pytest.raises(ValueError, match="divisible"):
+        shard_experts_state(full, 0, 3)
+
+
+def test_without_process_group_the_layer_stays_single_process() -> None:
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    plain = MoELayer(D, _config(2, "capacity", False), num_tasks=T)
+    torch.manual_seed(0)
+    flagged = MoELayer(D, _config(2, "capacity", True), num_tasks=T)
+    assert type(flagged.experts) is BatchedExperts
+    x, _, task_ids = _data(0)
+    a, b = plain(x, task_ids=task_ids), flagged(x, task_ids=task_ids)
+    for u, v in zip(a, b, strict=True):
+        assert (u is None and v is None) or torch.equal(u, v)
+    with pytest.raises(RuntimeError, match="initialised"):
+        ExpertParallelExperts(D, H, E)
