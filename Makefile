@@ -1,12 +1,15 @@
 # The two commands the README opens with. Each bootstraps .venv itself (a no-op when it is current).
 PY := .venv/bin/python
 
-.PHONY: demo test lint typecheck unit bootstrap clean
+.PHONY: demo summary test lint typecheck unit bootstrap clean
 
 bootstrap:
 	@scripts/bootstrap.sh
 
 demo: bootstrap
+	.venv/bin/supermoe-rec train --config configs/ml100k.yaml
+
+summary: bootstrap
 	.venv/bin/supermoe-rec data summary --config configs/ml100k.yaml
 
 test: bootstrap lint typecheck unit

@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,7 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
         state = checkpoints.load(trainer, state)
         log.info("resumed from step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batches_done"])
     train_loader = trainer.loaders["train"]
+    recent_loss: deque[float] = deque(maxlen=50)  # for the report only; not part of the resumable state
     stop = False
     while state["epoch"] < cfg.train.epochs and not stop:
         train_loader.set_epoch(state["epoch"])
@@ -342,6 +344,7 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
             state["batches_done"] += 1
             rows = int(out.labels.shape[0]) * ctx.world_size
             state["train_samples"] += rows
+            recent_loss.append(float(out.loss.total))
             now = time.monotonic()
             state["train_seconds"] += now - tick
             tick = now
@@ -402,6 +405,8 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
         "valid_history": state["history"],
         "params": trainer.params,
         "train_samples_per_s": state["train_samples"] / max(state["train_seconds"], 1e-9),
+        # Mean training loss of this rank's last (up to) 50 steps: world_size x its share of the global loss.
+        "train_loss_recent": sum(recent_loss) / max(1, len(recent_loss)),
     }
     if "test" in trainer.loaders:
         result["test"] = evaluate(trainer, "test", pipeline)
