@@ -216,7 +216,13 @@ def build_trainer(cfg: ExperimentConfig, ctx: DistContext, data: SplitData | Non
     pg = dist.group.WORLD
     assert pg is not None
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
+        # Ranks per host: torchrun sets LOCAL_WORLD_SIZE; without it the planner would price cross-host traffic as
+        # if every rank shared one machine.
+        topology=Topology(
+            world_size=ctx.world_size,
+            compute_device=ctx.device.type,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)),
+        ),
         constraints=constraints,
     )
     plan = planner.collective_plan(module, sharders, pg)
