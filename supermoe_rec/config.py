@@ -103,6 +103,8 @@ class DataConfig:
     test_fraction: float = 0.1
     # Empty: every task the schema defines. Otherwise a subset, e.g. ["watch"] for a single-task model.
     tasks: tuple[str, ...] = ()
+    # Schema features to remove before samples are built, e.g. the user profile for a behaviour-only model.
+    drop_features: tuple[str, ...] = ()
     # Bring-your-own data (source: table).
     schema: str | None = None
     table: str | None = None
@@ -187,8 +189,10 @@ class TrainConfig:
     regression_loss: RegressionLoss = RegressionLoss.MSE
     huber_delta: float = 1.0
     sparse_optimizer: SparseOptimizer = SparseOptimizer.ROWWISE_ADAGRAD
-    # Per-table sharding constraints, e.g. {item: column_wise}; the planner chooses for unlisted tables.
-    # CPU (gloo) supports data_parallel, table_wise, column_wise, table_column_wise.
+    # Per-table sharding constraints, e.g. {item: column_wise}; the planner chooses a sharded layout for unlisted
+    # tables. CPU (gloo) supports data_parallel, table_wise, column_wise, table_column_wise. A data_parallel table
+    # is replicated and trained by the dense optimizer (train.lr), not train.sparse_optimizer. TorchRec's column
+    # shards are at least 128 wide, so column_wise splits only tables with embedding_dim >= 256.
     sharding: dict[str, str] = field(default_factory=dict)
     # "auto": CUDA when available, else CPU.
     device: str = "auto"

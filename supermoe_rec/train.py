@@ -9,9 +9,10 @@ Per run, in ``<train.out_dir>/<train.name>/``: ``config.yaml`` (resolved), ``pla
 (TensorBoard).
 
 Gradient convention (exact across world sizes): each rank's loss is world_size x its share of the global loss
-(:class:`TaskIndicatorLoss` with global normalisation), DDP averages dense gradients, and the embedding outputs
-scale their gradient by 1/world_size because sharded tables sum row gradients over ranks. Every parameter then
-receives the gradient of the loss on the global batch, whatever the world size.
+(:class:`TaskIndicatorLoss` with global normalisation); DDP averages dense gradients, and TorchRec's sharded tables
+average theirs too (its gradient division, on by default; were it off, SparseArch.grad_scale supplies the
+1/world_size). Every parameter then receives the gradient of the loss on the global batch, whatever the world size
+(tests/distributed/test_dmp_equivalence.py checks this with SGD, which would expose any stray factor).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from supermoe_rec.checkpoint import CheckpointManager
+from supermoe_rec.checkpoint import CheckpointError, CheckpointManager
 from supermoe_rec.config import (
     ConfigError,
     ExperimentConfig,
@@ -120,7 +121,11 @@ def sharding_constraints(
     """Per-table constraints from ``train.sharding``; impossible requests fail here, before any work starts."""
     tables = {t.name for t in data.schema.tables}
     allowed = CPU_SHARDING_TYPES if device.type == "cpu" else ALL_SHARDING_TYPES
-    constraints = {}
+    # Tables without a request are never data_parallel: DDP would replicate them and the dense Adam would train
+    # them instead of train.sparse_optimizer, and the planner picks data_parallel or not depending on the world
+    # size, so a run's optimizer semantics would change with it.
+    sharded = [t for t in allowed if t != "data_parallel"]
+    constraints = {t: ParameterConstraints(sharding_types=list(sharded)) for t in sorted(tables)}
     for table, sharding_type in cfg.train.sharding.items():
         if table not in tables:
             raise ConfigError(f"train.sharding.{table}: unknown table (known: {sorted(tables)})")
@@ -461,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"supermoe-rec: error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointError as exc:  # resume from a missing, incomplete or corrupt checkpoint: never from scratch
+        print(f"supermoe-rec: checkpoint error: {exc}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchrec.distributed.comm_ops import get_gradient_division
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
@@ -157,9 +158,13 @@ class SparseArch(nn.Module):
         self.sequence_lookup = resolve_sequence_lookup(sequence_lookup, device)
         self.pooled_features = [f.name for f in schema.sparse_features]
         self.sequence_features = [f.name for f in schema.sequence_features]
-        # Sharded tables sum their row gradients over ranks, while DDP averages dense gradients. Each rank's loss is
-        # world_size x its share of the global loss (see TaskIndicatorLoss), so the trainer sets this to
-        # 1 / world_size and every parameter then receives exactly the gradient of the global loss.
+        # Gradient factor for the embedding outputs, meant to turn a *sum* of row gradients over ranks into a mean
+        # (each rank's loss is world_size x its share of the global loss, see TaskIndicatorLoss). It is applied
+        # only when TorchRec's gradient division is off: by default (comm_ops.GRADIENT_DIVISION) the backward of
+        # the sharded lookups' all-to-all already divides by world_size, as DDP does for data-parallel tables, so
+        # every table already receives the gradient of the global loss and a further 1 / world_size would halve it
+        # (tests/distributed/test_dmp_equivalence.py). With the division off, data-parallel tables (averaged by DDP)
+        # would need 1.0 while sharded ones need 1 / world_size: a per-table factor, not supported here.
         self.grad_scale = 1.0
         init = functools.partial(nn.init.normal_, mean=0.0, std=EMBEDDING_INIT_STD)
 
@@ -240,7 +245,8 @@ def _finish(
     grad_scale: float,
 ) -> SparseOutput:
     pooled_dict: dict[str, torch.Tensor] = pooled.to_dict() if pooled is not None else {}
-    if grad_scale != 1.0:
+    # TorchRec's default gradient division already averages table gradients over ranks (see SparseArch.grad_scale).
+    if grad_scale != 1.0 and not get_gradient_division():
         pooled_dict = {k: scale_grad(v, grad_scale) for k, v in pooled_dict.items()}
         sequences = {k: scale_grad(v, grad_scale) for k, v in sequences.items()}
     return SparseOutput(pooled=pooled_dict, sequences=sequences, lengths=lengths)
