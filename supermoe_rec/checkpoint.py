@@ -2,15 +2,27 @@
 
 Layout under ``<run>/checkpoints/``::
 
-    ckpt-000120-last/        one DCP checkpoint: sharded embeddings (and experts), dense weights, optimizer states
-        rank0.pt, rank1.pt   per-rank extras: data position and RNG states (loaded with weights_only=True)
+    ckpt-000120-last/        one DCP checkpoint: sharded embeddings and experts, dense weights, optimizer states
+        .metadata, __<rank>_<n>.distcp   DCP's files
+        rank0.pt, rank1.pt   per-rank extras: training state (data position), RNG states (loaded weights_only)
         config.yaml          the resolved config of the run
-        COMPLETE             written last, by rank 0, after every rank finished writing
-    LATEST, BEST             pointer files naming a checkpoint dir; replaced atomically (write + os.replace)
+        COMPLETE             written last (atomically, by rank 0) once every rank finished: a JSON manifest with
+                             the size and CRC-32 of every other file
+    LATEST, BEST             pointer files naming a checkpoint dir; replaced atomically (write, fsync, rename)
 
-A crash mid-save leaves a dir without COMPLETE, which nothing points to: the previous checkpoint stays the one that
-loads. Loading a missing, incomplete or corrupt checkpoint raises :class:`CheckpointError` naming the path; it never
-silently starts from scratch. DCP reshards on load, so a checkpoint written by N ranks loads on M ranks.
+A crash mid-save leaves a dir without COMPLETE, which no pointer names: the previous checkpoint stays the one that
+loads (the leftover is deleted by the next save). A save never rewrites the dir a pointer names, so there is no
+moment without a loadable checkpoint. Loading a missing, incomplete, truncated or corrupt checkpoint raises
+:class:`CheckpointError` naming the path on *every* rank (ranks agree before going on, so none runs ahead into a
+collective alone); it never silently starts from scratch. DCP reshards on load, so a checkpoint written by N ranks
+loads on M ranks.
+
+The data position is ``state["batches_done"]``: batches *trained* in the current epoch. The train pipeline
+prefetches, so the loader's own cursor runs ahead and is not the position to resume from.
+
+Expert-parallel experts (:class:`~supermoe_rec.distributed.expert_parallel.ExpertParallelExperts`) hold a
+different slice of the ``[E, ...]`` weights on each rank under one name; they (and their optimizer states) are
+saved as ``DTensor`` sharded on dim 0, so DCP stores every rank's slice and reshards them on load.
 """
 
 from __future__ import annotations
@@ -19,69 +31,207 @@ import json
 import logging
 import os
 import shutil
+import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+from torchrec.distributed.model_parallel import get_unwrapped_module
 
 from supermoe_rec.config import ExperimentConfig, save_config
+from supermoe_rec.distributed.expert_parallel import ExpertParallelExperts
 
 if TYPE_CHECKING:
     from supermoe_rec.train import Trainer
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+MANIFEST_FORMAT = 1
+MARKER = "COMPLETE"
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it and says why."""
 
 
+# ----------------------------------------------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader (or a crash) sees the old or the new file, never a part."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _digest(path: Path, sync: bool = False) -> tuple[int, int]:
+    """(size in bytes, CRC-32) of a file; ``sync`` also flushes it to disk first."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
+def _agree(error: str | None) -> None:
+    """Collective: raise the same :class:`CheckpointError` on every rank if any rank reports an error."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise CheckpointError(first)
+
+
+def _agreed(what: str, fn: Callable[[], T]) -> T:
+    """Collective: run ``fn`` on every rank; if it fails anywhere, raise the first failure on every rank."""
+    error: str | None = None
+    result: T | None = None
+    try:
+        result = fn()
+    except CheckpointError as exc:
+        error = str(exc)
+    except Exception as exc:
+        error = f"{what}: {type(exc).__name__}: {exc}"
+    _agree(error)
+    return result  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------- expert parallelism
+
+
+def _shard0(t: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """This rank's slice ``t`` of a tensor sharded on dim 0 over ``mesh`` (no copy: DCP loads into ``t``)."""
+    return DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
+
+
+def _local(obj: Any) -> Any:
+    """The state with every DTensor replaced by this rank's local tensor (what ``load_state_dict`` takes)."""
+    if isinstance(obj, DTensor):
+        return obj.to_local()
+    if isinstance(obj, dict):
+        return {k: _local(v) for k, v in obj.items()}
+    return obj
 
 
 class CheckpointManager:
-    """Save and load the training state of a :class:`Trainer` (all ranks call every method)."""
+    """Save and load the training state of a :class:`Trainer` (all ranks call every method: they are collective)."""
 
     def __init__(self, root: Path, cfg: ExperimentConfig) -> None:
         self.root = Path(root)
         self.cfg = cfg
+        self._meshes: dict[int, DeviceMesh] = {}
+
+    # ------------------------------------------------------------------------------------------- state dict
+
+    def _mesh(self, module: ExpertParallelExperts, device_type: str) -> DeviceMesh:
+        group = module.group if module.group is not None else dist.group.WORLD
+        assert group is not None
+        if id(group) not in self._meshes:
+            self._meshes[id(group)] = DeviceMesh.from_group(group, device_type)
+        return self._meshes[id(group)]
+
+    def _state(self, trainer: Trainer, optim_states: bool = True) -> dict[str, Any]:
+        """What DCP saves/loads: the model (sharded tables, experts, dense) and all optimizer states."""
+        model = trainer.dmp.state_dict()
+        optim = trainer.optimizer.state_dict() if optim_states else {}
+        root = get_unwrapped_module(trainer.dmp)
+        for name, module in root.named_modules():
+            if not isinstance(module, ExpertParallelExperts):
+                continue
+            mesh = self._mesh(module, trainer.ctx.device.type)
+            for pname, param in module.named_parameters(recurse=False):
+                key = f"{name}.{pname}" if name else pname
+                if key in model:
+                    model[key] = _shard0(model[key], mesh)
+                states = optim.get("state", {})
+                if key in states:  # a new dict: the optimizer's own state stays untouched
+                    states[key] = {
+                        k: _shard0(v, mesh) if isinstance(v, torch.Tensor) and v.shape == param.shape else v
+                        for k, v in states[key].items()
+                    }
+        return {"model": model, "optim": optim} if optim_states else {"model": model}
 
     # ------------------------------------------------------------------------------------------------- save
 
-    def _model_state(self, trainer: Trainer) -> dict[str, Any]:
-        return {"model": trainer.dmp.state_dict(), "optim": trainer.optimizer.state_dict()}
+    def _pointer(self, name: str) -> str | None:
+        path = self.root / name
+        return path.read_text().strip() if path.is_file() else None
+
+    def _fresh_name(self, name: str) -> str:
+        """``name``, or ``name.N`` when a pointer names ``name`` (re-saving a step must not touch the good copy)."""
+        pointed = {self._pointer("LATEST"), self._pointer("BEST")}
+        candidate, n = name, 0
+        while candidate in pointed:
+            n += 1
+            candidate = f"{name}.{n}"
+        return candidate
 
     def save(self, trainer: Trainer, state: dict[str, Any], tag: str) -> Path:
         """Write a checkpoint of the current step; ``tag`` 'best' also moves the BEST pointer."""
-        rank = dist.get_rank()
-        name = f"ckpt-{state['step']:06d}-{tag}"
-        path = self.root / name
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        names: list[str | None] = [self._fresh_name(f"ckpt-{state['step']:06d}-{tag}") if rank == 0 else None]
+        dist.broadcast_object_list(names, src=0)
+        assert names[0] is not None
+        path = self.root / names[0]
         if rank == 0:
             if path.exists():  # a leftover of a crashed save of this very step: never pointed to
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         dist.barrier()
-        dcp_save(self._model_state(trainer), checkpoint_id=str(path))
-        extras = {
+        dcp_save(self._state(trainer), checkpoint_id=str(path))
+        extras: dict[str, Any] = {
             "state": json.dumps(state),
-            "world_size": dist.get_world_size(),
+            "world_size": world_size,
             "torch_rng": torch.get_rng_state(),
-            "loader": json.dumps(trainer.loaders["train"].state_dict()),
+            "loader": json.dumps(trainer.loaders["train"].state_dict()),  # informational: runs ahead (prefetch)
         }
+        if trainer.ctx.device.type == "cuda":
+            extras["cuda_rng"] = torch.cuda.get_rng_state(trainer.ctx.device)
         torch.save(extras, path / f"rank{rank}.pt")
-        dist.barrier()
         if rank == 0:
             save_config(self.cfg, path / "config.yaml")
-            (path / "COMPLETE").write_text("ok\n")
-            _write_atomic(self.root / "LATEST", name)
+        dist.barrier()
+        # Every file is written: each rank flushes and fingerprints its share, rank 0 writes the manifest.
+        files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+        mine = {f: _digest(path / f, sync=True) for f in files[rank::world_size]}
+        gathered: list[dict[str, tuple[int, int]] | None] = [None] * world_size
+        dist.all_gather_object(gathered, mine)
+        if rank == 0:
+            manifest: dict[str, Any] = {
+                "format": MANIFEST_FORMAT,
+                "step": state["step"],
+                "epoch": state["epoch"],
+                "world_size": world_size,
+                "files": dict(sorted((f, list(d)) for part in gathered if part for f, d in part.items())),
+            }
+            _fsync_dir(path)
+            _write_atomic(path / MARKER, json.dumps(manifest, indent=1) + "\n")
+            _write_atomic(self.root / "LATEST", path.name)
             if tag == "best":
-                _write_atomic(self.root / "BEST", name)
+                _write_atomic(self.root / "BEST", path.name)
             self._prune()
         dist.barrier()
         return path
@@ -92,43 +242,91 @@ class CheckpointManager:
             if child.name not in keep:
                 shutil.rmtree(child, ignore_errors=True)
 
-    def _pointer(self, name: str) -> str | None:
-        path = self.root / name
-        return path.read_text().strip() if path.is_file() else None
-
     # ------------------------------------------------------------------------------------------------- load
 
     def _resolve(self, pointer: str) -> Path:
         target = self._pointer(pointer)
         if target is None:
-            raise CheckpointError(f"{self.root}: no checkpoint to resume from ({pointer} is missing)")
+            raise CheckpointError(
+                f"{self.root}: no checkpoint to resume from ({self.root / pointer} does not exist); "
+                "run without train.resume to start from scratch"
+            )
         path = self.root / target
-        if not (path / "COMPLETE").is_file():
-            raise CheckpointError(f"{path}: checkpoint is incomplete (no COMPLETE marker); it cannot be resumed")
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: checkpoint named by {self.root / pointer} does not exist")
+        if not (path / MARKER).is_file():
+            raise CheckpointError(f"{path}: checkpoint is incomplete (no {MARKER} marker); it cannot be resumed")
         return path
 
-    def load(self, trainer: Trainer, state: dict[str, Any]) -> dict[str, Any]:
-        """Restore weights, optimizer states, data position and RNG from LATEST; returns the training state."""
-        path = self._resolve("LATEST")
-        # Optimizer states must exist before DCP can fill them in place.
-        trainer.optimizer.init_state()
-        target = self._model_state(trainer)
+    def _verify(self, path: Path) -> None:
+        """This rank's share of the manifest check: every file present, with its recorded size and CRC-32."""
+        text = (path / MARKER).read_text()
+        if text.strip() == "ok":  # written before manifests existed
+            log.warning("%s: no manifest in %s; the files are not verified", path, MARKER)
+            return
         try:
+            manifest = json.loads(text)
+            files: dict[str, list[int]] = manifest["files"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: unreadable {MARKER} manifest ({type(exc).__name__}: {exc})") from exc
+        if ".metadata" not in files:
+            raise CheckpointError(f"{path}: the {MARKER} manifest lists no DCP .metadata")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        for name in sorted(files)[rank::world_size]:
+            file = path / name
+            if not file.is_file():
+                raise CheckpointError(f"{path}: checkpoint is corrupt: {name} is missing")
+            size, crc = _digest(file)
+            want_size, want_crc = files[name]
+            if size != want_size:
+                raise CheckpointError(
+                    f"{path}: checkpoint is corrupt: {name} has {size} bytes, the manifest says {want_size} "
+                    "(truncated or overwritten)"
+                )
+            if crc != want_crc:
+                raise CheckpointError(f"{path}: checkpoint is corrupt: {name} fails its CRC-32 check")
+
+    def _open(self, pointer: str) -> Path:
+        """Collective: the verified checkpoint dir ``pointer`` names, or the same CheckpointError on every rank."""
+        path = _agreed(f"{self.root / pointer}", lambda: self._resolve(pointer))
+        _agreed(f"{path}: cannot verify checkpoint", lambda: self._verify(path))
+        return path
+
+    def _dcp_load(self, target: dict[str, Any], path: Path) -> None:
+        try:  # DCP gathers every rank's failure and raises on all of them
             dcp_load(target, checkpoint_id=str(path))
-        except Exception as exc:  # DCP raises many types for truncated or corrupt files
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-        trainer.dmp.load_state_dict(target["model"])
-        trainer.optimizer.load_state_dict(target["optim"])
+        except Exception as exc:  # many types for unreadable files or mismatched models
+            raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
+
+    def load(self, trainer: Trainer, state: dict[str, Any]) -> dict[str, Any]:
+        """Restore weights, optimizer states, data position and RNG from LATEST; returns the training state.
+
+        ``state`` is the fresh-run state: keys the checkpoint lacks keep its values.
+        """
+        path = self._open("LATEST")
+        # Optimizer states must exist before DCP can fill them in place. The dummy step this takes may move weights
+        # (weight decay): the load below overwrites every weight and state, and the zero grads it leaves go too.
+        trainer.optimizer.init_state()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        target = self._state(trainer)
+        self._dcp_load(target, path)
+        trainer.dmp.load_state_dict(_local(target["model"]))
+        trainer.optimizer.load_state_dict(_local(target["optim"]))
+
         rank = dist.get_rank()
         extras_path = path / f"rank{rank}.pt"
         if not extras_path.is_file():
-            extras_path = path / "rank0.pt"  # fewer ranks now than when saved: rank 0's position is global
-        try:
-            extras = torch.load(extras_path, weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{extras_path}: cannot read ({type(exc).__name__}: {exc})") from exc
-        restored: dict[str, Any] = json.loads(extras["state"])
+            extras_path = path / "rank0.pt"  # more ranks now than when saved: rank 0's position is global
+
+        def read_extras() -> dict[str, Any]:
+            extras: dict[str, Any] = torch.load(extras_path, weights_only=True)
+            return extras
+
+        extras = _agreed(f"{extras_path}: cannot read", read_extras)
+        restored: dict[str, Any] = {**state, **json.loads(extras["state"])}
         torch.set_rng_state(extras["torch_rng"])
+        if "cuda_rng" in extras and trainer.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(extras["cuda_rng"], trainer.ctx.device)
         if int(extras["world_size"]) != dist.get_world_size() and restored["batches_done"]:
             log.warning(
                 "%s was written by %d rank(s), this run has %d: batches per epoch differ, so epoch %d restarts "
@@ -139,14 +337,12 @@ class CheckpointManager:
                 restored["epoch"],
             )
             restored["batches_done"] = 0
+        log.info("loaded %s", path)
         return restored
 
     def restore_weights(self, trainer: Trainer, tag: str = "best") -> None:
         """Load only the model weights of the BEST (or LATEST) checkpoint, e.g. before testing."""
-        path = self._resolve("BEST" if tag == "best" else "LATEST")
-        target = {"model": trainer.dmp.state_dict()}
-        try:
-            dcp_load(target, checkpoint_id=str(path))
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-        trainer.dmp.load_state_dict(target["model"])
+        path = self._open("BEST" if tag == "best" else "LATEST")
+        target = self._state(trainer, optim_states=False)
+        self._dcp_load(target, path)
+        trainer.dmp.load_state_dict(_local(target["model"]))

@@ -64,7 +64,7 @@ from supermoe_rec.models.factory import build_model, parameter_report
 from supermoe_rec.models.train_module import StepOutput, TrainModule
 from supermoe_rec.modules.embeddings import SparseArch
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("supermoe_rec.train")  # not __name__: that is "__main__" under python -m
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 ALL_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")
