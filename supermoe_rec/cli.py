@@ -1,6 +1,10 @@
 """The ``supermoe-rec`` command line. It only parses arguments; the work lives in typed functions.
 
     supermoe-rec data summary --config configs/ml100k.yaml [--data.seed=1 ...]
+    supermoe-rec export --run runs/<name> [--out user_embeddings.parquet] [--model.moe.dropless=true ...]
+    supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3]
+    supermoe-rec plan --config configs/scale_1t.yaml --world-size 1024 --hbm-gb 80 [--local-world-size 8] [--json F]
+    supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe,ple --seeds 3 [--out DIR] [--force]
 
 Arguments after the known flags are ``--section.key=value`` config overrides, checked strictly.
 """
@@ -14,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from supermoe_rec.compare import COMPARABLE_ARCHS, CompareError, compare
 from supermoe_rec.config import ConfigError, load_config, save_config
 from supermoe_rec.data.errors import DataError
 
@@ -31,6 +36,40 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--out", default=None, help="also write summary.json and the resolved config.yaml here")
     train = sub.add_parser("train", help="train model.arch; writes <train.out_dir>/<train.name>/")
     train.add_argument("--config", required=True, help="YAML config file, e.g. configs/ml100k.yaml")
+    export = sub.add_parser(
+        "export", help="user representations (parquet), routing.json and plots of a trained run (best weights)"
+    )
+    export.add_argument("--run", required=True, help="run directory, e.g. runs/ml100k-supermoe")
+    export.add_argument("--out", default=None, help="parquet path (default: <run>/user_embeddings.parquet)")
+    probe = sub.add_parser(
+        "probe", help="linear probes of a behaviour-only run's user representation for gender, age, occupation"
+    )
+    probe.add_argument("--run", required=True, help="run directory trained with configs/ml100k_behaviour.yaml")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the user split and CV folds (default 0)")
+    probe.add_argument("--test-fraction", type=float, default=0.3, help="held-out share of users (default 0.3)")
+    comp = sub.add_parser(
+        "compare",
+        help="multi-task vs single-task runs of several archs over seeds; writes report.json/.md and plots",
+    )
+    comp.add_argument("--config", required=True, help="YAML config file, e.g. configs/ml100k.yaml")
+    comp.add_argument(
+        "--archs",
+        default=",".join(a.value for a in COMPARABLE_ARCHS),
+        help="comma-separated architectures (default: all of %(default)s)",
+    )
+    comp.add_argument("--seeds", type=int, default=3, help="seeds per run: train.seed, train.seed+1, ... (default 3)")
+    comp.add_argument("--out", default=None, help="report directory (default: reports/<config file stem>)")
+    comp.add_argument("--force", action="store_true", help="retrain runs that already finished with the same config")
+    plan = sub.add_parser(
+        "plan",
+        help="plan the tables' sharding on a simulated GPU cluster (no GPU needed): parameters, memory per rank",
+    )
+    plan.add_argument("--config", required=True, help="YAML config file, e.g. configs/scale_1t.yaml")
+    plan.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) in the simulated cluster")
+    plan.add_argument("--hbm-gb", type=float, default=80.0, help="HBM per rank, GiB (default %(default)s)")
+    plan.add_argument("--local-world-size", type=int, default=8, help="ranks per host (default %(default)s)")
+    plan.add_argument("--ddr-gb", type=float, default=128.0, help="host memory per rank for UVM, GiB (default 128)")
+    plan.add_argument("--json", default=None, help="also write the report as JSON to this file")
     return parser
 
 
@@ -48,6 +87,23 @@ def data_summary(config: str, overrides: Sequence[str], out: str | None = None) 
     return summary
 
 
+def _representation_command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """``export`` / ``probe``: overrides apply to the run's saved config; checkpoint problems are user errors."""
+    from supermoe_rec.checkpoint import CheckpointError
+
+    try:
+        if args.command == "export":
+            from supermoe_rec.export import main as export_main
+
+            return export_main(args.run, args.out, overrides)
+        from supermoe_rec.probe import main as probe_main
+
+        return probe_main(args.run, overrides, args.test_fraction, args.seed)
+    except CheckpointError as exc:
+        print(f"supermoe-rec: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Our progress at INFO; third-party libraries (fbgemm logs every .so it loads) only from WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -61,9 +117,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data" and args.data_command == "summary":
             print(json.dumps(data_summary(args.config, overrides, args.out), indent=2))
             return 0
+        if args.command in ("export", "probe"):
+            return _representation_command(args, overrides)
+        if args.command == "plan":
+            from supermoe_rec.plan import ClusterSpec, format_report, plan_command
+
+            cluster = ClusterSpec(args.world_size, args.hbm_gb, args.local_world_size, args.ddr_gb)
+            print(format_report(plan_command(args.config, overrides, cluster, args.json)))
+            return 0
+        if args.command == "compare":
+            archs = [a for a in args.archs.split(",") if a.strip()]
+            compare(args.config, archs, args.seeds, args.out, args.force, overrides)
+            return 0
     except (ConfigError, DataError) as exc:
         print(f"supermoe-rec: error: {exc}", file=sys.stderr)
         return 2
+    except CompareError as exc:
+        print(f"supermoe-rec: error: {exc}", file=sys.stderr)
+        return 1
     raise AssertionError(f"unhandled command {args}")  # argparse only admits the commands above
 
 

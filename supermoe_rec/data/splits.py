@@ -6,7 +6,9 @@ table(s) with a schema YAML. (``synthetic`` data is a stream, see :mod:`supermoe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,9 +70,36 @@ def load_data(cfg: DataConfig) -> SplitData:
     raise ConfigError(f"data.source: {cfg.source!r} has no train/valid/test splits (known: ml100k, ml1m, table)")
 
 
+def drop_features(schema: Schema, names: Sequence[str]) -> Schema:
+    """``schema`` without the named pooled/sequence features and the tables only they used (``data.drop_features``).
+
+    The input columns stay in the table; no sample reads them. An unknown name is a :class:`ConfigError`.
+    """
+    if not names:
+        return schema
+    known = [f.name for f in (*schema.sparse_features, *schema.sequence_features)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"data.drop_features: unknown feature(s) {unknown} (known: {known})")
+    sparse = tuple(f for f in schema.sparse_features if f.name not in names)
+    sequence = tuple(f for f in schema.sequence_features if f.name not in names)
+    used = {f.table for f in (*sparse, *sequence)}
+    out = dataclasses.replace(
+        schema,
+        sparse_features=sparse,
+        sequence_features=sequence,
+        tables=tuple(t for t in schema.tables if t.name in used),
+    )
+    try:
+        out.validate()  # e.g. dropping every feature leaves nothing to embed
+    except ConfigError as exc:
+        raise ConfigError(f"data.drop_features: {exc}") from exc
+    return out
+
+
 def from_movielens(ml: MovieLens, cfg: DataConfig) -> SplitData:
     out = build_ml_mt(ml, cfg)
-    schema = out.schema.select_tasks(cfg.tasks)
+    schema = drop_features(out.schema.select_tasks(cfg.tasks), cfg.drop_features)
     splits = {
         name: TabularDataset(frame, schema, f"{ml.name}-mt/{name}")
         for name, frame in tqdm(out.frames.items(), desc="validating splits", leave=False, disable=None)
@@ -84,7 +113,7 @@ def from_movielens(ml: MovieLens, cfg: DataConfig) -> SplitData:
 def from_tables(cfg: DataConfig) -> SplitData:
     if cfg.schema is None or cfg.table is None:
         raise ConfigError("data.schema and data.table are required when data.source is 'table'")
-    schema = Schema.from_yaml(cfg.schema).select_tasks(cfg.tasks)
+    schema = drop_features(Schema.from_yaml(cfg.schema).select_tasks(cfg.tasks), cfg.drop_features)
     frames: dict[str, tuple[pd.DataFrame, str]] = {"train": (read_table(cfg.table), cfg.table)}
     for name, path in (("valid", cfg.valid_table), ("test", cfg.test_table)):
         if path is not None:
@@ -97,4 +126,4 @@ def from_tables(cfg: DataConfig) -> SplitData:
     return SplitData(schema=schema, splits=splits, info=info)
 
 
-__all__ = ["DataError", "SplitData", "from_movielens", "from_tables", "load_data"]
+__all__ = ["DataError", "SplitData", "drop_features", "from_movielens", "from_tables", "load_data"]

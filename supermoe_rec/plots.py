@@ -1,0 +1,195 @@
+"""PNG plots of a run: training curves, MoE expert load and per-token-kind routing. Arrays in, PNG out.
+
+Dimension letters: Λ MoE layers, E experts, T tasks (routing rows are ``[USER]``, the T task tokens, ``history``).
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects with the Agg canvas, never through ``pyplot``, so
+plotting touches no global state (no backend switch, no open-figure registry) and is safe in servers and tests.
+
+Example::
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "load.png"
+    >>> plot_expert_load([[10, 30], [20, 20]], out).read_bytes()[:8] == PNG_SIGNATURE
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_DPI = 110
+
+__all__ = [
+    "PNG_SIGNATURE",
+    "plot_expert_load",
+    "plot_routing_heatmap",
+    "plot_training_curves",
+    "primary_metric_name",
+    "row_normalise",
+]
+
+
+def _save(fig: Figure, out_png: str | Path) -> Path:
+    path = Path(out_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)  # attaches the Agg canvas, so savefig never consults pyplot's backend
+    fig.savefig(path, format="png", dpi=_DPI)
+    return path
+
+
+def row_normalise(counts: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Each row divided by its sum (the share of that row's assignments per column); all-zero rows stay zero.
+
+    Args:
+        counts: [R, E] non-negative counts.
+
+    Returns:
+        [R, E] float64 rows summing to 1 (or 0 for rows without any count).
+
+    Example::
+
+        >>> row_normalise([[1, 3], [0, 0]]).tolist()
+        [[0.25, 0.75], [0.0, 0.0]]
+    """
+    array = np.asarray(counts, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"counts must be [rows, experts], got shape {array.shape}")
+    if (array < 0).any():
+        raise ValueError("counts must be non-negative")
+    sums = array.sum(axis=1, keepdims=True)  # (R, 1)
+    # A token kind that never reached this layer has no distribution; show it as zeros rather than NaN.
+    share: npt.NDArray[np.float64] = np.divide(array, sums, out=np.zeros_like(array), where=sums > 0)
+    return share
+
+
+def primary_metric_name(task_metrics: Mapping[str, Any]) -> str:
+    """The metric a task is ranked by, read from its metric names: ``auc`` (binary), else ``rmse`` (regression).
+
+    Example::
+
+        >>> primary_metric_name({"auc": 0.7, "gauc": 0.6, "count": 10}), primary_metric_name({"rmse": 1.0})
+        ('auc', 'rmse')
+    """
+    for name in ("auc", "rmse"):
+        if name in task_metrics:
+            return name
+    others = [k for k in task_metrics if k != "count"]
+    if not others:
+        raise ValueError(f"no metric in {dict(task_metrics)}")
+    return others[0]
+
+
+def plot_training_curves(metrics: Mapping[str, Any], out_png: str | Path) -> Path:
+    """Valid loss and each task's valid primary metric per epoch, from a run's ``metrics.json``.
+
+    Args:
+        metrics: the parsed ``metrics.json``; reads ``valid_history`` (a list of ``{"epoch", "loss", "tasks"}``)
+            and marks ``best_epoch`` when present.
+        out_png: where to write the PNG.
+
+    Returns:
+        The PNG path. A run without validation epochs (stopped mid-epoch) gets a figure that says so.
+    """
+    history: Sequence[Mapping[str, Any]] = metrics.get("valid_history") or []
+    tasks = list(history[-1]["tasks"]) if history else []
+    fig = Figure(figsize=(3.6 * (1 + len(tasks)), 3.2), layout="constrained")
+    axes = fig.subplots(1, 1 + len(tasks), squeeze=False)[0]
+    if not history:
+        axes[0].text(0.5, 0.5, "no validation epochs yet", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+        return _save(fig, out_png)
+    epochs = [int(h["epoch"]) for h in history]
+    best = metrics.get("best_epoch")
+    panels: list[tuple[str, list[float]]] = [("valid loss", [float(h["loss"]) for h in history])]
+    for task in tasks:
+        name = primary_metric_name(history[-1]["tasks"][task])
+        panels.append((f"{task} {name}", [float(h["tasks"][task][name]) for h in history]))
+    for ax, (title, values) in zip(axes, panels, strict=True):
+        ax.plot(epochs, values, marker="o")
+        if isinstance(best, int) and best in epochs:
+            ax.axvline(best, color="grey", linestyle=":", label=f"best epoch {best}")
+            ax.legend(fontsize="small")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.grid(alpha=0.3)
+    return _save(fig, out_png)
+
+
+def plot_expert_load(tokens_per_expert: npt.ArrayLike, out_png: str | Path) -> Path:
+    """Share of routed assignments per expert, one group of bars per MoE layer.
+
+    A dashed line marks the uniform share 1/E: bars far from it mean a poorly balanced router.
+
+    Args:
+        tokens_per_expert: [Λ, E] assignment counts per layer and expert (``ModelOutput.tokens_per_expert``).
+        out_png: where to write the PNG.
+
+    Returns:
+        The PNG path.
+    """
+    share = row_normalise(tokens_per_expert)  # (Λ, E)
+    layers, experts = share.shape
+    fig = Figure(figsize=(max(4.0, 0.45 * experts * max(layers, 1) + 2.0), 3.2), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(layers, 1)
+    x = np.arange(experts)
+    for layer in range(layers):
+        ax.bar(x + (layer - (layers - 1) / 2) * width, share[layer], width, label=f"MoE layer {layer}")
+    if experts:
+        ax.axhline(1.0 / experts, color="black", linestyle="--", linewidth=1, label="uniform 1/E")
+    ax.set_xticks(x)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("share of assignments")
+    ax.set_title("expert load")
+    ax.legend(fontsize="small")
+    return _save(fig, out_png)
+
+
+def plot_routing_heatmap(
+    task_expert_counts: npt.ArrayLike,
+    row_labels: Sequence[str],
+    out_png: str | Path,
+    title: str = "routing share per token kind",
+) -> Path:
+    """Per token kind (row), the share of its assignments that each expert receives.
+
+    Rows are normalised separately (:func:`row_normalise`), so the few [USER]/task tokens are comparable with the
+    many history tokens: differing rows mean the tasks route to different experts.
+
+    Args:
+        task_expert_counts: [T+2, E] counts for one MoE layer, or summed over layers.
+        row_labels: T+2 names (:func:`~supermoe_rec.modules.transformer.token_kind_labels`).
+        out_png: where to write the PNG.
+        title: the figure title (say which layer, or that layers are summed).
+
+    Returns:
+        The PNG path.
+    """
+    share = row_normalise(task_expert_counts)  # (T+2, E)
+    rows, experts = share.shape
+    if len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+    fig = Figure(figsize=(max(4.0, 0.6 * experts + 2.5), 0.5 * rows + 1.6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="viridis", vmin=0.0, vmax=max(float(share.max()), 1e-9), aspect="auto")
+    for r in range(rows):
+        for e in range(experts):
+            # Dark text on the bright end of viridis, light text elsewhere.
+            color = "black" if share[r, e] > 0.6 * share.max() else "white"
+            ax.text(e, r, f"{share[r, e]:.2f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(np.arange(experts))
+    ax.set_yticks(np.arange(rows), labels=list(row_labels))
+    ax.set_xlabel("expert")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of the row's assignments")
+    return _save(fig, out_png)
