@@ -21,9 +21,11 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -355,7 +357,7 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
             state["batches_done"] += 1
             rows = int(out.labels.shape[0]) * ctx.world_size
             state["train_samples"] += rows
-            recent_loss.append(float(out.loss.total))
+            recent_loss.append(out.loss.total.item())
             now = time.monotonic()
             state["train_seconds"] += now - tick
             tick = now
@@ -432,10 +434,14 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
     return result
 
 
+def _metric_text(name: str, value: float) -> str:
+    return str(int(value)) if name.endswith("users") else _fmt(value)
+
+
 def _summary_line(result: dict[str, Any]) -> str:
     parts = [f"loss {_fmt(result['loss'])}"]
     for task, metrics in result["tasks"].items():
-        parts += [f"{task}.{k} {_fmt(v)}" for k, v in metrics.items() if k != "count"]
+        parts += [f"{task}.{k} {_metric_text(k, v)}" for k, v in metrics.items() if k != "count"]
     return ", ".join(parts)
 
 
@@ -445,12 +451,18 @@ def results_table(result: dict[str, Any], tasks: Sequence[Any]) -> str:
     for task in tasks:
         metrics = result["tasks"][task.name]
         main, _ = primary_metric(task)
-        others = ", ".join(
-            f"{k} {int(v) if k.endswith('users') else _fmt(v)}" for k, v in metrics.items() if k not in (main, "count")
-        )
+        others = ", ".join(f"{k} {_metric_text(k, v)}" for k, v in metrics.items() if k not in (main, "count"))
         rows.append([task.name, task.type.value, main, _fmt(metrics[main]), others, int(metrics["count"])])
     table: str = tabulate(rows, headers=["task", "type", "metric", "test", "also", "labelled"], tablefmt="github")
     return table
+
+
+# Deprecation notices from TorchRec/DCP internals that a user of this command cannot act on.
+_LIBRARY_NOISE = (
+    "Please use DTensor instead and we are deprecating ShardedTensor",
+    "HeuristicalStorageReservation is known to cause issues",
+    "`broadcast_buffers` is deprecated",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -458,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for message in _LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=FutureWarning)
     logging.getLogger("supermoe_rec").setLevel(
         logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     )
