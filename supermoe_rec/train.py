@@ -380,8 +380,7 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
                 checkpoints.save(trainer, state, tag=f"step{state['step']}")
         bar.close()
         if stop and state["batches_done"] < len(train_loader):
-            if not (cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0):
-                checkpoints.save(trainer, state, tag="last")  # unless this very step was just saved
+            checkpoints.save(trainer, state, tag="last")
             break  # max_steps reached mid-epoch: no epoch-end evaluation
         valid = evaluate(trainer, "valid", pipeline) if "valid" in trainer.loaders else None
         state["epoch"] += 1
