@@ -235,7 +235,8 @@ class EncoderBlock(nn.Module):
             y = moe_out.hidden  # (N, D)
         else:
             y = self.ffn(h)  # (N, D)
-        flat = flat.index_add(0, real_index, self._drop(y))  # (G*S, D) padding rows unchanged
+        # Under autocast the FFN may return bf16 while the residual stream stays fp32; index_add needs one dtype.
+        flat = flat.index_add(0, real_index, self._drop(y).to(flat.dtype))  # (G*S, D) padding rows unchanged
         return flat.view(G, S, D), moe_out  # (G, S, D)
 
 

@@ -315,3 +315,17 @@ def test_dropout_only_in_training() -> None:
     assert not torch.allclose(first, second)
     enc.eval()
     torch.testing.assert_close(_reps(enc(*batch)), _reps(enc(*batch)), atol=0, rtol=0)
+
+
+def test_runs_under_bf16_autocast() -> None:
+    # The FFN's output comes back in bf16 under autocast while the residual stream is fp32.
+    from supermoe_rec.config import ModelConfig, MoEConfig
+    from supermoe_rec.modules.transformer import MoETransformerEncoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, num_layers=2, num_heads=2, ffn_hidden=32, moe=MoEConfig(num_experts=2, moe_every=1))
+    encoder = MoETransformerEncoder(cfg, num_tasks=2, input_dim=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = encoder(torch.randn(3, 4, 16), torch.tensor([4, 0, 2]))
+    assert out.tasks.shape == (3, 2, 16)
+    assert torch.isfinite(out.user.float()).all()

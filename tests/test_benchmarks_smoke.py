@@ -1,0 +1,105 @@
+"""Smoke tests of the benchmark scripts: each runs in its tiny mode as a subprocess, exits 0 and writes JSON with the
+expected keys. No timing is asserted (the machines are shared; the figures live in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _run(script: str, args: list[str], out: Path, timeout_s: float = 240) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def test_train_throughput_quick(tmp_path: Path) -> None:
+    out = _run(
+        "train_throughput.py",
+        [
+            "--quick",
+            "--data",
+            "synthetic",
+            "--archs",
+            "supermoe",
+            "--worlds",
+            "1",
+            "2",
+            "--no-lookups",
+            "--threads",
+            "1",
+        ],
+        tmp_path / "train.json",
+    )
+    assert {"machine", "settings", "results", "ratios", "wall_s", "load_avg_start"} <= set(out)
+    labels = {r["label"] for r in out["results"]}
+    assert "synthetic/supermoe/torchrec/bags_of_one/groups/w1" in labels
+    assert "synthetic/supermoe/torchrec/bags_of_one/groups/w2" in labels
+    assert "synthetic/supermoe/plain/nn.Embedding/groups/w1/adagrad" in labels
+    for r in out["results"]:
+        assert "error" not in r, r
+        assert {"samples_per_s", "ms_per_step", "rows_per_step", "load_avg_1m", "build_s"} <= set(r)
+        assert r["samples_per_s"] > 0
+    assert {r["ratio"] for r in out["ratios"]} >= {"torchrec/plain", "2 procs/1 proc"}
+
+
+def test_embedding_memory_quick(tmp_path: Path) -> None:
+    out = _run("embedding_memory.py", ["--quick"], tmp_path / "mem.json")
+    assert {"machine", "settings", "tables", "does_not_fit", "wall_s"} <= set(out)
+    impls = {r["impl"] for r in out["tables"]}
+    assert impls == {"fused", "plain"}
+    for r in out["tables"]:
+        assert "error" not in r and "skipped" not in r, r
+        assert {"rows", "dim", "peak_bytes", "baseline_bytes", "step_ms", "lookups_per_s", "load_avg_1m"} <= set(r)
+        assert r["peak_bytes"] >= r["baseline_bytes"] > 0
+
+
+def test_gpu_check_dry_run(tmp_path: Path) -> None:
+    out = _run("gpu_check.py", ["--dry-run"], tmp_path / "gpu.json")
+    expected = {"dry_run", "device", "samples_per_s", "step_ms", "dense_flops_per_step", "mfu", "peak_tflops"}
+    assert expected <= set(out)
+    assert out["dry_run"] is True and out["bf16"] is True
+    assert out["sequence_lookup"] == "embedding_collection"
+    assert out["dense_flops_per_step"] > 0 and out["samples_per_s"] > 0
+
+
+def test_plain_twin_looks_up_what_sparse_arch_does() -> None:
+    """The plain-PyTorch twin the throughput benchmark compares against returns the same embeddings as SparseArch
+    (same weights), for both sequence lookups: the comparison is between implementations, not models."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from train_throughput import PlainSparseArch
+
+    from supermoe_rec.config import SequenceLookup
+    from supermoe_rec.models.factory import tiny_schema_and_batch
+    from supermoe_rec.modules.embeddings import SparseArch
+
+    schema, batch = tiny_schema_and_batch()
+    for lookup in (SequenceLookup.EMBEDDING_COLLECTION, SequenceLookup.BAGS_OF_ONE):
+        ref = SparseArch(schema, 8, lookup)
+        plain = PlainSparseArch(schema, 8)
+        assert ref.ebc is not None
+        seq = ref.sequence_ec.embeddings if ref.sequence_ec is not None else ref.sequence_ebc.embedding_bags  # type: ignore[union-attr]
+        with torch.no_grad():
+            plain.bags["user"].weight.copy_(ref.ebc.embedding_bags["user"].weight)
+            plain.embeddings["item"].weight.copy_(seq["item"].weight)
+        want, got = ref(batch.sparse_features, batch.sequence_features), plain(batch)
+        for name in want.pooled:
+            torch.testing.assert_close(got.pooled[name], want.pooled[name], rtol=0, atol=0)
+        for name in want.sequences:
+            torch.testing.assert_close(got.sequences[name], want.sequences[name], rtol=0, atol=0)
+            torch.testing.assert_close(got.lengths[name], want.lengths[name])
