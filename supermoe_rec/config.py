@@ -196,6 +196,9 @@ class TrainConfig:
     sharding: dict[str, str] = field(default_factory=dict)
     # "auto": CUDA when available, else CPU.
     device: str = "auto"
+    # Intra-op CPU threads per process (0: torch's default). With several processes per host, 1 avoids
+    # oversubscribing the cores (BENCHMARKS.md: 2 processes x 1 thread beat 1 x 2 on 2 cores).
+    num_threads: int = 0
     # "loss" (valid task-indicator loss, lower is better) or "<task>.<metric>", e.g. "watch.auc".
     early_stopping_metric: str = "loss"
     # Write a checkpoint every N steps (and at every epoch end); 0 = only at epoch ends.

@@ -306,6 +306,8 @@ def _early_stopping_value(cfg: ExperimentConfig, valid: dict[str, Any]) -> tuple
 
 def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any]:
     """Run the configured training and return what ``metrics.json`` holds."""
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
     ctx = init_distributed(cfg.train.device)
     start = time.monotonic()
     trainer = build_trainer(cfg, ctx, data)
