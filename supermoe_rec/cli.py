@@ -1,5 +1,6 @@
 """The ``supermoe-rec`` command line. It only parses arguments; the work lives in typed functions.
 
+    supermoe-rec train --config configs/ml100k.yaml [--train.epochs=3 --model.arch=mmoe ...]
     supermoe-rec data summary --config configs/ml100k.yaml [--data.seed=1 ...]
     supermoe-rec export --run runs/<name> [--out user_embeddings.parquet] [--model.moe.dropless=true ...]
     supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3]
