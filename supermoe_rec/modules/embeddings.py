@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -168,18 +169,22 @@ class SparseArch(nn.Module):
         self.grad_scale = 1.0
         init = functools.partial(nn.init.normal_, mean=0.0, std=EMBEDDING_INIT_STD)
 
-        def dim(table: str) -> int:
-            return schema.table(table).embedding_dim or embedding_dim
+        def table_args(table: str, feats: list[FeatureSpec]) -> dict[str, Any]:
+            """What every table config shares: name, width, rows, the features reading it, and the init."""
+            spec = schema.table(table)
+            return {
+                "name": table,
+                "embedding_dim": spec.embedding_dim or embedding_dim,
+                "num_embeddings": spec.num_embeddings,
+                "feature_names": [f.name for f in feats],
+                "init_fn": init,
+            }
 
         pooled_tables = [
+            # Multi-hot features average their ids, so a long list does not outweigh a single id.
             EmbeddingBagConfig(
-                name=table,
-                embedding_dim=dim(table),
-                num_embeddings=schema.table(table).num_embeddings,
-                feature_names=[f.name for f in feats],
-                # Multi-hot features average their ids, so a long list does not outweigh a single id.
+                **table_args(table, feats),
                 pooling=PoolingType.MEAN if any(f.multi_valued for f in feats) else PoolingType.SUM,
-                init_fn=init,
             )
             for table, feats in _tables_by_feature(schema.sparse_features).items()
         ]
@@ -191,29 +196,14 @@ class SparseArch(nn.Module):
         self.sequence_ebc: EmbeddingBagCollection | None = None
         if self.sequence_lookup is SequenceLookup.EMBEDDING_COLLECTION and sequence_groups:
             self.sequence_ec = EmbeddingCollection(
-                tables=[
-                    EmbeddingConfig(
-                        name=table,
-                        embedding_dim=dim(table),
-                        num_embeddings=schema.table(table).num_embeddings,
-                        feature_names=[f.name for f in feats],
-                        init_fn=init,
-                    )
-                    for table, feats in sequence_groups
-                ],
+                tables=[EmbeddingConfig(**table_args(table, feats)) for table, feats in sequence_groups],
                 device=device,
             )
         elif sequence_groups:
+            # Every bag holds one id (or none, at padding), so SUM pooling returns the id's row (or zeros).
             self.sequence_ebc = EmbeddingBagCollection(
                 tables=[
-                    EmbeddingBagConfig(
-                        name=table,
-                        embedding_dim=dim(table),
-                        num_embeddings=schema.table(table).num_embeddings,
-                        feature_names=[f.name for f in feats],
-                        pooling=PoolingType.SUM,  # every bag holds one id (or none, at padding)
-                        init_fn=init,
-                    )
+                    EmbeddingBagConfig(**table_args(table, feats), pooling=PoolingType.SUM)
                     for table, feats in sequence_groups
                 ],
                 device=device,
