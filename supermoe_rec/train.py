@@ -177,7 +177,6 @@ class Trainer:
     run_dir: Path
     params: dict[str, Any]
     loaders: dict[str, ShardedBatchLoader] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
 
 
 def build_trainer(cfg: ExperimentConfig, ctx: DistContext, data: SplitData | None = None) -> Trainer:
@@ -253,6 +252,7 @@ def build_trainer(cfg: ExperimentConfig, ctx: DistContext, data: SplitData | Non
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     example = next(iter(ShardedBatchLoader(data.splits["train"], cfg.train.batch_size, shuffle=False)))
+    # Counted on an unsharded twin built on meta (free): the DMP module holds only this rank's shards.
     params = parameter_report(build_model(cfg.model, data.schema, device=meta), cfg.model, example)
     trainer = Trainer(cfg, ctx, data, dmp, optimizer, plan, run_dir, params)
     for split, ds in data.splits.items():
