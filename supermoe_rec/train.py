@@ -271,7 +271,11 @@ def _fmt(value: float) -> str:
 
 
 def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) -> dict[str, Any]:
-    """Loss and per-task metrics on a split, exact over all ranks."""
+    """Per-task metrics on a split, exact over all ranks, and the loss as a row-weighted mean of batch losses.
+
+    The loss is what early stopping reads by default; it weights each batch by its rows, so it is close to, not
+    exactly, the task-indicator loss over the whole split (metrics are exact: predictions are gathered).
+    """
     loader = trainer.loaders[split]
     loader.set_epoch(0)
     evaluator = MultiTaskEvaluator(trainer.data.tasks)
