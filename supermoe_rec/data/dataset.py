@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from supermoe_rec.config import TaskType
 from supermoe_rec.data.batch import Batch
-from supermoe_rec.data.errors import DataError
+from supermoe_rec.data.errors import DataError, first_true
 from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths, row_of, take_rows
 from supermoe_rec.data.schema import FeatureSpec, Schema
 from supermoe_rec.tasks import TaskSpec
@@ -169,7 +169,7 @@ class TabularDataset:
             values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
             not_numeric = np.isnan(values) & raw.notna().to_numpy()
             if not_numeric.any():
-                row = int(np.flatnonzero(not_numeric)[0])
+                row = first_true(not_numeric)
                 raise DataError(self.source, f"label is not a number: {raw.iloc[row]!r}", row=row, column=task.label)
             if task.mask is None:
                 present = ~np.isnan(values)
@@ -177,13 +177,13 @@ class TabularDataset:
                 m = pd.to_numeric(frame[task.mask], errors="coerce").to_numpy(np.float64)
                 bad = ~np.isin(m, (0.0, 1.0))
                 if bad.any():
-                    row = int(np.flatnonzero(bad)[0])
+                    row = first_true(bad)
                     value = frame[task.mask].iloc[row]
                     raise DataError(self.source, f"task mask must be 0 or 1, got {value!r}", row=row, column=task.mask)
                 present = m == 1.0
                 nan_labelled = present & np.isnan(values)
                 if nan_labelled.any():
-                    row = int(np.flatnonzero(nan_labelled)[0])
+                    row = first_true(nan_labelled)
                     raise DataError(
                         self.source,
                         f"label is NaN but mask column {task.mask!r} says task {task.name!r} is labelled",
@@ -193,7 +193,7 @@ class TabularDataset:
             if task.type is TaskType.BINARY:
                 bad = present & ~np.isin(values, (0.0, 1.0))
                 if bad.any():
-                    row = int(np.flatnonzero(bad)[0])
+                    row = first_true(bad)
                     raise DataError(
                         self.source,
                         f"binary label must be 0 or 1, got {float(values[row])}",
@@ -201,7 +201,7 @@ class TabularDataset:
                         column=task.label,
                     )
             elif (present & ~np.isfinite(values)).any():
-                row = int(np.flatnonzero(present & ~np.isfinite(values))[0])
+                row = first_true(present & ~np.isfinite(values))
                 raise DataError(self.source, f"label is not finite: {float(values[row])}", row=row, column=task.label)
             labels[:, j] = np.where(present, values, 0.0)
             mask[:, j] = present
@@ -230,7 +230,7 @@ class TabularDataset:
                     )
             missing = pd.isna(values)
             if missing.any():
-                raise DataError(self.source, "missing id", row=int(np.flatnonzero(missing)[0]), column=spec.column)
+                raise DataError(self.source, "missing id", row=first_true(missing), column=spec.column)
             return values, np.ones(len(column), dtype=np.int64)
         cells: list[npt.NDArray[Any]] = []
         for row, cell in enumerate(column.to_numpy()):
@@ -261,7 +261,7 @@ class TabularDataset:
             numeric = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
             bad = np.isnan(numeric) | (numeric != np.floor(numeric))
             if bad.any():
-                j = int(np.flatnonzero(bad)[0])
+                j = first_true(bad)
                 raise DataError(
                     self.source,
                     f"id {values[j]!r} is not an integer (set hash: true on table {spec.table!r} to hash it)",
@@ -271,10 +271,10 @@ class TabularDataset:
             ids = numeric.astype(np.int64)
         if len(ids):
             if (ids < 0).any():
-                j = int(np.flatnonzero(ids < 0)[0])
+                j = first_true(ids < 0)
                 raise DataError(self.source, f"negative id {ids[j]}", row=row_of(offsets, j), column=spec.column)
             if (ids >= num_embeddings).any():
-                j = int(np.flatnonzero(ids >= num_embeddings)[0])
+                j = first_true(ids >= num_embeddings)
                 raise DataError(
                     self.source,
                     f"id {ids[j]} is outside table {spec.table!r} of {num_embeddings} rows "
@@ -314,7 +314,7 @@ class TabularDataset:
             values = pd.to_numeric(frame[spec.column], errors="coerce").to_numpy(np.float64)
             bad = ~np.isfinite(values)
             if bad.any():
-                row = int(np.flatnonzero(bad)[0])
+                row = first_true(bad)
                 raise DataError(
                     self.source,
                     f"dense value is not a finite number: {frame[spec.column].iloc[row]!r}",

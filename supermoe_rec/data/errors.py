@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 
 class DataError(ValueError):
     """Bad input data.
@@ -23,3 +26,14 @@ class DataError(ValueError):
         self.source = source
         self.row = row
         self.column = column
+
+
+def first_true(mask: npt.ArrayLike) -> int:
+    """Position of the first True in a boolean mask that has one: the row an error message names.
+
+    Example::
+
+        >>> first_true([False, True, True])
+        1
+    """
+    return int(np.flatnonzero(np.asarray(mask))[0])

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from supermoe_rec.data.errors import DataError
+from supermoe_rec.data.errors import DataError, first_true
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _check_ratings(ratings: pd.DataFrame, source: str) -> pd.DataFrame:
         values = pd.to_numeric(ratings[column], errors="coerce")
         bad = values.isna() | (values != np.floor(values))
         if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
+            row = first_true(bad.to_numpy())
             raise DataError(source, f"not an integer: {ratings[column].iloc[row]!r}", row=row, column=column)
         ratings[column] = values.astype(np.int64)
     return ratings.reset_index(drop=True)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from supermoe_rec.config import DataConfig
-from supermoe_rec.data.errors import DataError
+from supermoe_rec.data.errors import DataError, first_true
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.movielens import MovieLens
 from supermoe_rec.data.schema import Schema
@@ -63,11 +63,11 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
     ratings = ml.ratings.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
     unknown_items = ~ratings["item_id"].isin(ml.items["item_id"])
     if unknown_items.any():
-        row = int(np.flatnonzero(unknown_items.to_numpy())[0])
+        row = first_true(unknown_items.to_numpy())
         raise DataError(ml.source, "rated item is missing from the item table", row=row, column="item_id")
     unknown_users = ~ratings["user_id"].isin(ml.users["user_id"])
     if unknown_users.any():
-        row = int(np.flatnonzero(unknown_users.to_numpy())[0])
+        row = first_true(unknown_users.to_numpy())
         raise DataError(ml.source, "rating user is missing from the user table", row=row, column="user_id")
 
     # ---- encoders (over the full user/item tables, so codes do not depend on the split)
@@ -90,7 +90,7 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
     r_item = item_code[i_row]  # item code of every rating, in (user, time, item) order
     duplicated = ratings.duplicated(["user_id", "item_id"]).to_numpy()
     if duplicated.any():
-        row = int(np.flatnonzero(duplicated)[0])
+        row = first_true(duplicated)
         raise DataError(ml.source, "the user rated this item twice", row=row, column="item_id")
 
     # ---- per-user positions and split
