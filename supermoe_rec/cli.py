@@ -5,7 +5,7 @@
     supermoe-rec export --run runs/<name> [--out user_embeddings.parquet] [--model.moe.dropless=true ...]
     supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3]
     supermoe-rec plan --config configs/scale_1t.yaml --world-size 1024 --hbm-gb 80 [--local-world-size 8] [--json F]
-    supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe,ple --seeds 3 [--out DIR] [--force]
+    supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe --seeds 3 [--out DIR] [--force] [--jobs N]
 
 Arguments after the known flags are ``--section.key=value`` config overrides, checked strictly.
 """
@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--seeds", type=int, default=3, help="seeds per run: train.seed, train.seed+1, ... (default 3)")
     comp.add_argument("--out", default=None, help="report directory (default: reports/<config file stem>)")
     comp.add_argument("--force", action="store_true", help="retrain runs that already finished with the same config")
+    comp.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, sharing the CPU cores between them (default 1)"
+    )
     plan = sub.add_parser(
         "plan",
         help="plan the tables' sharding on a simulated GPU cluster (no GPU needed): parameters, memory per rank",
@@ -128,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             archs = [a for a in args.archs.split(",") if a.strip()]
-            compare(args.config, archs, args.seeds, args.out, args.force, overrides)
+            compare(args.config, archs, args.seeds, args.out, args.force, overrides, jobs=args.jobs)
             return 0
     except (ConfigError, DataError) as exc:
         print(f"supermoe-rec: error: {exc}", file=sys.stderr)

@@ -156,6 +156,9 @@ class ModelConfig:
     ffn_hidden: int = 128
     use_task_tokens: bool = True
     use_moe: bool = True
+    # Add (task representation) ⊙ (item projected to the model dim) to every tower input of the transformer archs,
+    # so the towers see an explicit user-item match instead of having to learn one from a concatenation.
+    item_interaction: bool = True
     dropout: float = 0.0
     tower_hidden: tuple[int, ...] = (64,)
     sequence_lookup: SequenceLookup = SequenceLookup.AUTO

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,8 @@ def test_compare_rejects_bad_seeds_and_archs_before_training(tmp_path: Path) -> 
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["compare", "--config", str(CONFIG), "--out", str(tmp_path)]
+    assert cli.main([*base, "--archs", "supermoe", "--jobs", "0"]) == 2
+    assert "--jobs: at least one, got 0" in capsys.readouterr().err
     assert cli.main([*base, "--archs", "supermoe,nope"]) == 2
     assert "'nope' is not a known architecture (known: supermoe, dense_transformer" in capsys.readouterr().err
     assert cli.main([*base, "--seeds", "0"]) == 2
@@ -201,7 +204,8 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.fixture(scope="module")
 def compared(ml100k: MovieLens, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Report]:
     out = tmp_path_factory.mktemp("compare")
-    return out, compare(CONFIG, ARCHS, seeds=1, out=out, overrides=TINY, progress=False)
+    # Two runs at a time, one thread each; test_reuse_then_force reuses them with jobs=1.
+    return out, compare(CONFIG, ARCHS, seeds=1, out=out, overrides=TINY, progress=False, jobs=2)
 
 
 def _check_keys(obj: dict[str, Any], required: dict[str, type | tuple[type, ...]], where: str) -> None:
@@ -297,6 +301,10 @@ def test_reuse_then_force(compared: tuple[Path, Report], tmp_path: Path) -> None
 
     before = mtimes()
     assert len(before) == len(ARCHS) * 3
+    # --jobs 2 gave each run one thread of this 2+ core machine, and the thread count is not part of the run's key.
+    stored = [json.loads(p.read_text())["config"]["train"] for p in (out / "runs").glob("*/metrics.json")]
+    threads = {train["num_threads"] for train in stored}
+    assert threads == {max(1, (os.cpu_count() or 1) // 2)}
     again = compare(CONFIG, ARCHS, seeds=1, out=out, overrides=TINY, progress=False)
     assert mtimes() == before
     assert all(r["reused"] for r in again["runs"])

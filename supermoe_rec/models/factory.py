@@ -87,12 +87,14 @@ def build_model(
         )
         towers = MultiTaskTowers(
             tasks,
-            SuperMoERec.tower_input_dim(cfg.d_model, item_dim, profile_dim, layout.num_dense),
+            SuperMoERec.tower_input_dim(cfg.d_model, item_dim, profile_dim, layout.num_dense, cfg.item_interaction),
             cfg.tower_hidden,
             output_bias=output_bias,
             device=device,
         )
-        return SuperMoERec(sparse_arch, encoder, towers, layout, profile_dim, device=device)
+        return SuperMoERec(
+            sparse_arch, encoder, towers, layout, profile_dim, item_dim, cfg.item_interaction, device=device
+        )
 
     in_features = cfg.embedding_dim + item_dim + profile_dim + layout.num_dense
     backbone: nn.Module

@@ -8,7 +8,8 @@ Data flow of :class:`SuperMoERec`::
     batch.sparse_features, batch.sequence_features --SparseArch--> pooled [B, D] / sequences [B, L, D]
     leader rows (one per group) --> history [G, L, D], profile [G, P] --Linear--> context [G, M]
     MoETransformerEncoder([USER] + task tokens + history, context) --> user [G, M], tasks [G, T, M]
-    tower_t([tasks[group_index, t], item [B, I], profile [B, P], dense [B, F]]) --> prediction_t [B]
+    match_t = tasks[group_index, t] * item_proj(item [B, I])  [B, M]       (only with item_interaction)
+    tower_t([tasks[group_index, t], match_t, item, profile [B, P], dense [B, F]]) --> prediction_t [B]
 
 Every candidate of a group (a positive and its negative) is scored from one encoder pass.
 """
@@ -59,10 +60,13 @@ class SuperMoEOverArch(nn.Module):
 
     Args:
         encoder: the MoE transformer over the history.
-        towers: one tower per task; tower input width = M + I + P + F (see :meth:`tower_input_dim`).
+        towers: one tower per task; tower input width from :meth:`tower_input_dim`.
         layout: which features are profile, item and history.
         profile_dim: P, the width of the concatenated profile features (0: no profile, no context).
         embedding_dim: D, the width of history embeddings.
+        item_dim: I, the width of the concatenated item features; needed with ``item_interaction``.
+        item_interaction: add the product of each task representation and the projected candidate item to its
+            tower's input. Without it the towers must learn the user-item match from a concatenation alone.
         device: where the parameters live.
     """
 
@@ -73,9 +77,13 @@ class SuperMoEOverArch(nn.Module):
         layout: FeatureLayout,
         profile_dim: int,
         embedding_dim: int,
+        item_dim: int = 0,
+        item_interaction: bool = False,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
+        if item_interaction and not item_dim:
+            raise ValueError("item_interaction needs item features (item_dim > 0)")
         self.encoder = encoder
         self.towers = towers
         self.layout = layout
@@ -83,10 +91,14 @@ class SuperMoEOverArch(nn.Module):
         self.task_names = [t.name for t in towers.tasks]
         # The profile conditions the [USER] and task tokens, so the encoder knows who it is encoding.
         self.context = nn.Linear(profile_dim, encoder.d_model, device=device) if profile_dim else None
+        self.item_proj = nn.Linear(item_dim, encoder.d_model, device=device) if item_interaction else None
 
     @staticmethod
-    def tower_input_dim(model_dim: int, item_dim: int, profile_dim: int, num_dense: int) -> int:
-        return model_dim + item_dim + profile_dim + num_dense
+    def tower_input_dim(
+        model_dim: int, item_dim: int, profile_dim: int, num_dense: int, item_interaction: bool = False
+    ) -> int:
+        """M (task representation) [+ M (match)] + I + P + F."""
+        return model_dim * (2 if item_interaction else 1) + item_dim + profile_dim + num_dense
 
     def forward(self, emb: SparseOutput, batch: Batch) -> ModelOutput:
         """Returns: :class:`ModelOutput` with predictions [B] per task, user [G, M], task reps [G, T, M]."""
@@ -99,6 +111,9 @@ class SuperMoEOverArch(nn.Module):
         enc = self.encoder(history, lengths, context)
         task_reps = enc.tasks[batch.group_index]  # (B, T, M): every candidate reads its group's pass
         shared = torch.cat([item, profile, batch.dense_features], dim=1)  # (B, I + P + F)
+        if self.item_proj is not None:
+            candidate = self.item_proj(item).unsqueeze(1)  # (B, 1, M)
+            task_reps = torch.cat([task_reps, task_reps * candidate], dim=2)  # (B, T, 2M): rep, rep ⊙ item
         inputs = {name: torch.cat([task_reps[:, t], shared], dim=1) for t, name in enumerate(self.task_names)}
         return ModelOutput(
             predictions=self.towers(inputs),
@@ -119,9 +134,11 @@ class SuperMoERec(nn.Module):
     Args:
         sparse_arch: the TorchRec embedding tables (:class:`SparseArch`).
         encoder: the MoE transformer over the history.
-        towers: one tower per task; tower input width = M + I + P + F (see :meth:`tower_input_dim`).
+        towers: one tower per task; tower input width from :meth:`tower_input_dim`.
         layout: which features are profile, item and history.
         profile_dim: P, the width of the concatenated profile features.
+        item_dim: I, the width of the concatenated item features.
+        item_interaction: see :class:`SuperMoEOverArch`.
         device: where the dense parameters live.
 
     Example::
@@ -144,11 +161,15 @@ class SuperMoERec(nn.Module):
         towers: MultiTaskTowers,
         layout: FeatureLayout,
         profile_dim: int,
+        item_dim: int = 0,
+        item_interaction: bool = False,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
-        self.over_arch = SuperMoEOverArch(encoder, towers, layout, profile_dim, sparse_arch.embedding_dim, device)
+        self.over_arch = SuperMoEOverArch(
+            encoder, towers, layout, profile_dim, sparse_arch.embedding_dim, item_dim, item_interaction, device
+        )
 
     @property
     def encoder(self) -> MoETransformerEncoder:

@@ -13,6 +13,7 @@ from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData
 from supermoe_rec.loss import TaskIndicatorLoss
 from supermoe_rec.models.factory import build_model, parameter_report
+from supermoe_rec.models.layout import concat_pooled
 from supermoe_rec.models.train_module import TrainModule, train_step
 
 SMALL = ModelConfig(embedding_dim=16, d_model=32, ffn_hidden=64, moe=MoEConfig(num_experts=4, expert_hidden=32))
@@ -102,3 +103,35 @@ def test_parameter_report(ml100k_data: SplitData) -> None:
     router, extra_bias = 32 * 4, (2 - 1) * 32
     assert r_moe["params_dense_active_per_sample"] - r_dense["params_dense_active_per_sample"] == router + extra_bias
     assert r_moe["params_active_per_sample"] > r_moe["params_dense_active_per_sample"]
+
+
+@pytest.mark.parametrize("interaction", [True, False])
+def test_item_interaction_feeds_the_towers_task_rep_times_projected_item(
+    ml100k_data: SplitData, interaction: bool
+) -> None:
+    cfg = dataclasses.replace(SMALL, item_interaction=interaction)
+    model = make(ml100k_data, cfg).model.eval()
+    batch = first_batches(ml100k_data, 1, batch_size=32)[0]
+    over = model.over_arch
+    seen: dict[str, torch.Tensor] = {}
+    emb = model.sparse_arch(batch.sparse_features, batch.sequence_features)
+    hooks = [
+        tower.register_forward_hook(lambda _m, args, _out, name=name: seen.__setitem__(name, args[0]))
+        for name, tower in model.towers.towers.items()
+    ]
+    with torch.no_grad():
+        out = over(emb, batch)
+    for h in hooks:
+        h.remove()
+    M = cfg.d_model
+    items = concat_pooled(emb, over.layout.item, batch.batch_size, batch.labels)
+    for t, name in enumerate(over.task_names):
+        rep = out.task_representations[batch.group_index, t]
+        torch.testing.assert_close(seen[name][:, :M], rep)
+        if interaction:
+            assert over.item_proj is not None
+            torch.testing.assert_close(seen[name][:, M : 2 * M], rep * over.item_proj(items))
+            torch.testing.assert_close(seen[name][:, 2 * M : 2 * M + items.shape[1]], items)
+        else:
+            assert over.item_proj is None
+            torch.testing.assert_close(seen[name][:, M : M + items.shape[1]], items)
