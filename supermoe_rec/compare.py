@@ -459,16 +459,22 @@ def execute(
         bar.update(len(results))
         # Threads only wait here; every run trains in its own spawned process.
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {}
-            for spec in pending:
-                log.info("training %s", spec.name)
-                futures[pool.submit(run_isolated, spec, threads)] = spec
-            for future in as_completed(futures):
-                spec = futures[future]
-                results[spec.key] = (future.result(), False)
-                bar.set_postfix_str(spec.name, refresh=False)
-                bar.update(1)
+            futures = {pool.submit(_train_logged, spec, threads): spec for spec in pending}
+            try:
+                for future in as_completed(futures):
+                    spec = futures[future]
+                    results[spec.key] = (future.result(), False)
+                    bar.set_postfix_str(spec.name, refresh=False)
+                    bar.update(1)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # started runs finish, queued ones never start
+                raise
     return results
+
+
+def _train_logged(spec: RunSpec, num_threads: int) -> dict[str, Any]:
+    log.info("training %s", spec.name)
+    return run_isolated(spec, num_threads)
 
 
 # ------------------------------------------------------------------------------------------------------ report

@@ -159,6 +159,7 @@ class ModelConfig:
     # Add (task representation) ⊙ (item projected to the model dim) to every tower input of the transformer archs,
     # so the towers see an explicit user-item match instead of having to learn one from a concatenation.
     item_interaction: bool = True
+    # Residual and attention dropout of the transformer encoder (supermoe, dense_transformer); MLP archs ignore it.
     dropout: float = 0.0
     tower_hidden: tuple[int, ...] = (64,)
     sequence_lookup: SequenceLookup = SequenceLookup.AUTO
