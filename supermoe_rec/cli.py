@@ -6,6 +6,7 @@
     supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3]
     supermoe-rec plan --config configs/scale_1t.yaml --world-size 1024 --hbm-gb 80 [--local-world-size 8] [--json F]
     supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe --seeds 3 [--out DIR] [--force] [--jobs N]
+    supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--out DIR] [--force] [--jobs N]
 
 Arguments after the known flags are ``--section.key=value`` config overrides, checked strictly.
 """
@@ -64,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--jobs", type=int, default=1, help="runs trained at once, sharing the CPU cores between them (default 1)"
     )
+    abl = sub.add_parser(
+        "ablate",
+        help="supermoe with one switch changed at a time (task tokens, top-k, experts, ...); writes ablations.md/json",
+    )
+    abl.add_argument("--config", required=True, help="YAML config file, e.g. configs/ml100k.yaml")
+    abl.add_argument("--seeds", type=int, default=1, help="seeds per variant (default 1)")
+    abl.add_argument("--out", default=None, help="report directory (default: reports/<config file stem>)")
+    abl.add_argument("--force", action="store_true", help="retrain runs that already finished with the same config")
+    abl.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
     plan = sub.add_parser(
         "plan",
         help="plan the tables' sharding on a simulated GPU cluster (no GPU needed): parameters, memory per rank",
@@ -132,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             archs = [a for a in args.archs.split(",") if a.strip()]
             compare(args.config, archs, args.seeds, args.out, args.force, overrides, jobs=args.jobs)
+            return 0
+        if args.command == "ablate":
+            from supermoe_rec.ablate import ablate
+
+            ablate(args.config, args.seeds, args.out, args.force, overrides, jobs=args.jobs)
             return 0
     except (ConfigError, DataError) as exc:
         print(f"supermoe-rec: error: {exc}", file=sys.stderr)

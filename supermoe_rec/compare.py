@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 STD_DDOF = 0
 GAIN_PLOT = "mtl_gain.png"
+ABLATIONS_MD = "ablations.md"  # written by supermoe_rec.ablate, appended to report.md
 # single_task is the baseline every arch is measured against, not an arch to compare.
 COMPARABLE_ARCHS = tuple(a for a in Arch if a is not Arch.SINGLE_TASK)
 # Fields that only say where a run is written; they do not change what it computes, so a moved report keeps its cache.
@@ -714,6 +715,27 @@ def render_markdown(report: Report, plot_name: str = GAIN_PLOT) -> str:
 # -------------------------------------------------------------------------------------------------- entry point
 
 
+def check_counts(seeds: int, jobs: int) -> None:
+    """``--seeds`` and ``--jobs`` are at least 1, or a :class:`ConfigError` naming the flag."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds: at least one seed is needed, got {seeds}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs: at least one, got {jobs}")
+
+
+def write_report_markdown(out_dir: Path) -> None:
+    """(Re)write ``<out_dir>/report.md`` from ``report.json``, followed by ``ablations.md`` when it exists.
+
+    ``supermoe-rec compare`` and ``supermoe-rec ablate`` both call this, so the report stays whole whichever ran last.
+    """
+    report: Report = json.loads((out_dir / "report.json").read_text())
+    text = render_markdown(report)
+    ablations = out_dir / ABLATIONS_MD
+    if ablations.exists():
+        text += "\n" + ablations.read_text()
+    (out_dir / "report.md").write_text(text)
+
+
 def compare_command(
     config: str | Path,
     archs: Sequence[Arch],
@@ -763,10 +785,7 @@ def compare(
     from supermoe_rec.data.splits import load_data
 
     arch_list = parse_archs(archs)
-    if seeds < 1:
-        raise ConfigError(f"--seeds: at least one seed is needed, got {seeds}")
-    if jobs < 1:
-        raise ConfigError(f"--jobs: at least one, got {jobs}")
+    check_counts(seeds, jobs)
     base = load_config(config, overrides)
     out_dir = Path(out) if out is not None else Path("reports") / Path(config).stem
     command = compare_command(config, arch_list, seeds, out_dir, force, overrides, jobs)
@@ -790,7 +809,7 @@ def compare(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_gains(report, out_dir / GAIN_PLOT)
-    (out_dir / "report.md").write_text(render_markdown(report))
+    write_report_markdown(out_dir)
     log.info("wrote %s", out_dir / "report.md")
     return report
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from supermoe_rec import cli
+from supermoe_rec.ablate import ablate, best_valid, render_ablations
 from supermoe_rec.compare import (
     GAIN_PLOT,
     ArchPlan,
@@ -326,3 +327,60 @@ def test_plan_covers_every_arch_seed_and_task(tmp_path: Path) -> None:
     plan: ArchPlan = plans[1]
     assert plan.multi[2].cfg.data.tasks == () and plan.multi[2].cfg.train.seed == 2
     assert plan.single[1]["like"].cfg.data.tasks == ("like",) and plan.single[1]["like"].cfg.model.arch is Arch.PLE
+
+
+# --------------------------------------------------------------------------------------------------- ablations
+
+
+def test_render_ablations_signs_the_change_so_that_positive_is_better() -> None:
+    def entry(auc: float, rmse: float) -> dict[str, Any]:
+        return {
+            "overrides": [],
+            "best_epoch": [2],
+            "params_total": 10,
+            "params_active": 5,
+            "tasks": {
+                "watch": {"metric": "auc", "higher_is_better": True, "valid": auc, "test": auc - 0.01},
+                "rating": {"metric": "rmse", "higher_is_better": False, "valid": rmse, "test": rmse + 0.1},
+            },
+        }
+
+    text = render_ablations({"default": entry(0.80, 1.00), "k=1": entry(0.79, 0.90)}, seeds=1, command="cmd")
+    row = next(line for line in text.splitlines() if line.startswith("| k=1 |"))
+    # watch AUC fell by 0.01 (worse: negative); rating RMSE fell by 0.1 (better: positive).
+    assert "0.7900 (-0.0100)" in row and "0.9000 (+0.1000)" in row
+    assert "| default | (config as is) | 0.8000 | 1.0000 | 0.7900 | 1.1000 |" in text
+
+
+def test_best_valid_is_the_valid_result_of_the_tested_epoch() -> None:
+    history = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}, {"epoch": 3, "loss": 1.7}]
+    assert best_valid({"best_epoch": 2, "valid_history": history}) == {"epoch": 2, "loss": 1.5}
+    assert best_valid({"best_epoch": -1, "valid_history": []}) is None
+
+
+def test_ablate_reuses_the_comparisons_default_run_and_extends_report_md(
+    compared: tuple[Path, Report], tmp_path: Path
+) -> None:
+    out = tmp_path / "ablate"
+    shutil.copytree(compared[0], out)
+    default_metrics = next((out / "runs").glob("supermoe-watch+rating-seed0-*/metrics.json"))
+    mtime = default_metrics.stat().st_mtime_ns
+    variants = {"default": (), "no task tokens": ("--model.use_task_tokens=false",)}
+
+    summary = ablate(CONFIG, seeds=1, out=out, overrides=TINY, progress=False, variants=variants)
+
+    assert default_metrics.stat().st_mtime_ns == mtime, "the comparison's supermoe run was trained again"
+    assert summary["default"]["runs"] == [default_metrics.parent.name]
+    stored = json.loads(default_metrics.read_text())
+    # TINY stops after 3 steps, before any epoch ends: no valid result (test_best_valid covers the lookup).
+    assert stored["valid_history"] == [] and summary["default"]["tasks"]["watch"]["valid"] is None
+    assert summary["default"]["tasks"]["watch"]["test"] == stored["test"]["tasks"]["watch"]["auc"]
+    assert summary["default"]["tasks"]["rating"]["test"] == stored["test"]["tasks"]["rating"]["rmse"]
+    ablated = summary["no task tokens"]
+    assert ablated["overrides"] == ["--model.use_task_tokens=false"]
+    ablated_config = json.loads((out / "runs" / ablated["runs"][0] / "metrics.json").read_text())["config"]
+    assert ablated_config["model"]["use_task_tokens"] is False
+    assert json.loads((out / "ablations.json").read_text()) == summary
+    report_md = (out / "report.md").read_text()
+    assert report_md.startswith("# Multi-task comparison")
+    assert "## Ablations (supermoe, multi-task)" in report_md and "| no task tokens |" in report_md
