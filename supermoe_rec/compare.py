@@ -47,6 +47,21 @@ COMPARABLE_ARCHS = tuple(a for a in Arch if a is not Arch.SINGLE_TASK)
 # Fields that only say where a run is written; they do not change what it computes, so a moved report keeps its cache.
 # train.* fields that say where a run goes or how fast it goes, not what it trains: excluded from the run's key.
 _LOCATION_FIELDS = ("name", "out_dir", "num_threads")
+# model.* fields that only the transformer archs read (the encoder and its MoE; the MLP archs return zero MoE losses,
+# so the loss weights under model.moe change nothing for them either). The run key of an MLP arch leaves them out, so
+# tuning the encoder does not retrain the MLP baselines of a comparison.
+_ENCODER_FIELDS = (
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "ffn_hidden",
+    "use_task_tokens",
+    "use_moe",
+    "item_interaction",
+    "dropout",
+    "moe",
+)
+_MLP_ARCHS = (Arch.SHARED_BOTTOM, Arch.MMOE, Arch.PLE, Arch.SINGLE_TASK)
 # Environment of a launcher (torchrun, torchx); a compare run is always a world of one.
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -222,7 +237,8 @@ class RunSpec:
 
 
 def config_key(cfg: ExperimentConfig) -> str:
-    """SHA-256 of the resolved config without ``train.name``, ``train.out_dir`` and ``train.num_threads``.
+    """SHA-256 of the resolved config without ``train.name``, ``train.out_dir`` and ``train.num_threads``, and for
+    the MLP archs (shared_bottom, mmoe, ple, single_task) without the encoder's ``model.*`` fields.
 
     Args:
         cfg: a resolved config.
@@ -233,6 +249,9 @@ def config_key(cfg: ExperimentConfig) -> str:
     values = to_dict(cfg)
     for name in _LOCATION_FIELDS:
         values["train"].pop(name)
+    if cfg.model.arch in _MLP_ARCHS:
+        for name in _ENCODER_FIELDS:
+            values["model"].pop(name)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 

@@ -143,11 +143,27 @@ def test_build_report_on_hand_numbers(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------- plan and cache
 
 
-def test_config_key_ignores_location_only() -> None:
+def test_config_key_ignores_location_and_threads_only() -> None:
     cfg = ExperimentConfig()
-    moved = apply_overrides(cfg, ["--train.name=x", "--train.out_dir=/elsewhere"])
+    moved = apply_overrides(cfg, ["--train.name=x", "--train.out_dir=/elsewhere", "--train.num_threads=1"])
     assert config_key(moved) == config_key(cfg)
     assert config_key(apply_overrides(cfg, ["--train.lr=0.01"])) != config_key(cfg)
+
+
+@pytest.mark.parametrize("arch", ["shared_bottom", "mmoe", "ple", "single_task"])
+def test_mlp_arch_keys_ignore_encoder_settings(arch: str) -> None:
+    cfg = apply_overrides(ExperimentConfig(), [f"--model.arch={arch}"])
+    encoder_tuned = apply_overrides(cfg, ["--model.moe.num_experts=16", "--model.dropout=0.3", "--model.d_model=128"])
+    assert config_key(encoder_tuned) == config_key(cfg)
+    assert config_key(apply_overrides(cfg, ["--model.bottom_hidden=[64]"])) != config_key(cfg)
+    assert config_key(apply_overrides(cfg, ["--model.embedding_dim=8"])) != config_key(cfg)
+
+
+@pytest.mark.parametrize("arch", ["supermoe", "dense_transformer"])
+def test_transformer_arch_keys_follow_encoder_settings(arch: str) -> None:
+    cfg = apply_overrides(ExperimentConfig(), [f"--model.arch={arch}"])
+    for override in ["--model.moe.num_experts=16", "--model.dropout=0.3", "--model.item_interaction=false"]:
+        assert config_key(apply_overrides(cfg, [override])) != config_key(cfg), override
 
 
 def test_finished_metrics_needs_same_config(tmp_path: Path) -> None:
