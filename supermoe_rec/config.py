@@ -141,6 +141,9 @@ class MoEConfig:
     # Every moe_every-th encoder block uses the MoE FFN (1: all blocks).
     moe_every: int = 2
     expert_parallel: bool = False
+    # One router per token kind ([USER], each task token, history) on top of the shared one, so the task tokens can
+    # choose their own experts; the extra routers start at zero, i.e. at shared routing.
+    task_routers: bool = False
 
 
 @dataclass(frozen=True)

@@ -160,12 +160,17 @@ class TopKRouter(nn.Module):
       only top-1, balances second-choice load too, which consumes capacity just like first-choice load. It is 1.0
       under perfectly uniform routing and grows up to E under collapse.
     - Router z-loss ``mean_n logsumexp(logits_n)^2`` keeps the logits small (ST-MoE).
+    - With ``num_kinds > 0`` (``config.task_routers``) every token also has a kind (for SUPERMOE: ``[USER]``, each
+      task token, history) and its logits are ``x @ (W + W_kind)^T``: a per-kind router on top of the shared one.
+      ``W_kind`` starts at zero, so training starts from shared routing and learns where kinds should part.
 
     Args:
         d_model: D, input width.
         config: :class:`~supermoe_rec.config.MoEConfig` (``num_experts``, ``top_k``, capacity factors,
             ``dropless``, ``router_jitter``, ``router_noise`` are read here).
         device: where to allocate the gate weight (``meta`` for deferred init).
+        num_kinds: R, token kinds with their own router residual ``kind_weight`` ``[R, E, D]`` (0: one shared
+            router for every token).
 
     Example::
 
@@ -177,7 +182,7 @@ class TopKRouter(nn.Module):
         (torch.Size([10, 2]), 7, 20)
     """
 
-    def __init__(self, d_model: int, config: MoEConfig, device: torch.device | None = None) -> None:
+    def __init__(self, d_model: int, config: MoEConfig, device: torch.device | None = None, num_kinds: int = 0) -> None:
         super().__init__()
         if config.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {config.num_experts}")
@@ -194,12 +199,18 @@ class TopKRouter(nn.Module):
         self.router_jitter = config.router_jitter
         self.router_noise = config.router_noise
         self.weight = nn.Parameter(torch.empty(config.num_experts, d_model, device=device))  # (E, D)
+        self.num_kinds = num_kinds
+        self.kind_weight = (
+            nn.Parameter(torch.empty(num_kinds, config.num_experts, d_model, device=device)) if num_kinds else None
+        )  # (R, E, D)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Small init, normal with std sqrt(0.1 / D): near-uniform routing at the start, so experts begin
         balanced and the balance loss starts near 1."""
         nn.init.normal_(self.weight, std=math.sqrt(0.1 / self.d_model))
+        if self.kind_weight is not None:
+            nn.init.zeros_(self.kind_weight)
 
     def capacity(self, num_tokens: int) -> int | None:
         """C for ``num_tokens`` tokens in the current mode; ``None`` in dropless mode."""
@@ -208,11 +219,13 @@ class TopKRouter(nn.Module):
         cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
         return compute_capacity(num_tokens, self.num_experts, self.top_k, cf)
 
-    def forward(self, x: Tensor) -> RouterOutput:
+    def forward(self, x: Tensor, kinds: Tensor | None = None) -> RouterOutput:
         """Route tokens.
 
         Args:
             x: ``[N, D]`` tokens.
+            kinds: ``[N]`` int64 kind per token in ``[0, R)``; required when the router has ``num_kinds > 0``,
+                ignored otherwise.
 
         Returns:
             :class:`RouterOutput`: ``plan`` (``[N, K]`` fields, capacity C), ``probs`` ``[N, E]``, scalar
@@ -224,6 +237,12 @@ class TopKRouter(nn.Module):
         if self.training and self.router_jitter > 0:
             h = h * torch.empty_like(h).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
         logits = F.linear(h, self.weight.float())  # (N, E)
+        if self.kind_weight is not None:
+            if kinds is None or kinds.shape != (N,):
+                raise ValueError(f"a router with {self.num_kinds} token kinds needs kinds of shape [N]={[N]}")
+            R = self.num_kinds
+            per_kind = F.linear(h, self.kind_weight.float().reshape(R * E, -1)).view(N, R, E)  # (N, R, E)
+            logits = logits + per_kind.gather(1, kinds.long().view(N, 1, 1).expand(N, 1, E)).squeeze(1)  # (N, E)
         if self.training and self.router_noise > 0:
             logits = logits + torch.randn_like(logits) * self.router_noise
         probs = torch.softmax(logits, dim=-1)  # (N, E)

@@ -58,7 +58,8 @@ class MoELayer(nn.Module):
     Args:
         d_model: D.
         config: :class:`~supermoe_rec.config.MoEConfig` (E, K, H, capacity factors, dropless, router noise).
-        num_tasks: T, for the ``task_expert_counts`` routing statistic (0: not tracked).
+        num_tasks: T, for the ``task_expert_counts`` routing statistic (0: not tracked) and, with
+            ``config.task_routers``, the number of per-task router residuals.
         device: where to allocate parameters (``meta`` for deferred init; then ``to_empty`` +
             ``reset_parameters``).
         impl: :class:`~supermoe_rec.modules.experts.ExpertImpl`, fast batched path or the reference loop.
@@ -96,7 +97,9 @@ class MoELayer(nn.Module):
         self.d_model = d_model
         self.config = config
         self.num_tasks = num_tasks
-        self.router = TopKRouter(d_model, config, device=device)
+        if config.task_routers and num_tasks == 0:
+            raise ValueError("moe.task_routers needs the token kinds: num_tasks > 0")
+        self.router = TopKRouter(d_model, config, device=device, num_kinds=num_tasks if config.task_routers else 0)
         self.experts: BatchedExperts
         if config.expert_parallel and (expert_group is not None or (dist.is_available() and dist.is_initialized())):
             self.experts = ExpertParallelExperts(
@@ -126,7 +129,8 @@ class MoELayer(nn.Module):
 
         Args:
             x: ``[N, D]`` real tokens (N may be 0).
-            task_ids: optional ``[N]`` int64 task id in ``[0, T)`` per token, for ``task_expert_counts``.
+            task_ids: optional ``[N]`` int64 task id in ``[0, T)`` per token, for ``task_expert_counts`` and, with
+                ``config.task_routers``, for routing (then required).
 
         Returns:
             :class:`MoEOutput` with ``hidden`` ``[N, D]``, scalar ``balance_loss``, ``z_loss`` and
@@ -134,7 +138,7 @@ class MoELayer(nn.Module):
         """
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"x must be [N, D={self.d_model}], got {list(x.shape)}")
-        route = self.router(x)
+        route = self.router(x, task_ids)
         experts = self.experts
         if isinstance(experts, ExpertParallelExperts):
             # Global losses/statistics and one agreed capacity; see supermoe_rec.distributed.expert_parallel.

@@ -204,3 +204,34 @@ def test_builds_on_meta_and_materialises() -> None:
     torch.manual_seed(3)
     router.reset_parameters()
     assert torch.equal(meta.weight, router.weight)
+
+
+def test_kind_routers_start_at_shared_routing_and_add_a_per_kind_residual() -> None:
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=4, top_k=2, task_routers=True)
+    shared = TopKRouter(8, config).eval()
+    kinded = TopKRouter(8, config, num_kinds=3).eval()
+    assert kinded.kind_weight is not None and kinded.kind_weight.shape == (3, 4, 8)
+    with torch.no_grad():
+        kinded.weight.copy_(shared.weight)
+    x, kinds = torch.randn(12, 8), torch.tensor([0, 1, 2] * 4)
+    # Zero-initialised residuals: exactly the shared router.
+    torch.testing.assert_close(kinded(x, kinds).probs, shared(x).probs, rtol=0, atol=0)
+    with torch.no_grad():
+        kinded.kind_weight.normal_()
+    probs = kinded(x, kinds).probs
+    for n in range(12):
+        logits = x[n] @ (kinded.weight[0:4] + kinded.kind_weight[kinds[n]]).T  # hand-computed, token by token
+        torch.testing.assert_close(probs[n], torch.softmax(logits, dim=-1))
+    with pytest.raises(ValueError, match="needs kinds of shape"):
+        kinded(x)
+
+
+def test_task_routers_need_token_kinds() -> None:
+    from supermoe_rec.modules.moe import MoELayer
+
+    with pytest.raises(ValueError, match="task_routers needs the token kinds"):
+        MoELayer(8, MoEConfig(num_experts=4, task_routers=True), num_tasks=0)
+    layer = MoELayer(8, MoEConfig(num_experts=4, task_routers=True), num_tasks=3)
+    with pytest.raises(ValueError, match="needs kinds"):
+        layer(torch.randn(5, 8))
