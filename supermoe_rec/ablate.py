@@ -3,10 +3,10 @@
     supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--jobs 2] [--out reports/ml100k]
 
 Each variant is the multi-task ``supermoe`` run of ``--config`` with a few overrides (:data:`VARIANTS`): task
-tokens off, top-1 routing, 4 or 16 experts, uncertainty weighting, and the two choices made on valid for
-ml100k (candidate interaction, encoder dropout). Runs share ``<out>/runs/`` and the run keys of
-:mod:`supermoe_rec.compare`, so the ``default`` variant is the multi-task ``supermoe`` run of a comparison in the
-same directory and is reused, not trained again.
+tokens off, one router shared by all token kinds, top-1 routing, 4 or 16 experts, uncertainty weighting, and the
+two other choices made on valid for ml100k (candidate interaction, encoder dropout). Runs share ``<out>/runs/``
+and the run keys of :mod:`supermoe_rec.compare`, so the ``default`` variant is the multi-task ``supermoe`` run of
+a comparison in the same directory and is reused, not trained again.
 
 Outputs: ``ablations.json`` and ``ablations.md`` in ``<out>``. When ``<out>/report.json`` exists (a comparison was
 run there), its ``report.md`` is rewritten to include the ablation table.
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 VARIANTS: dict[str, tuple[str, ...]] = {
     "default": (),
     "no task tokens": ("--model.use_task_tokens=false",),
+    "shared router": ("--model.moe.task_routers=false",),
     "top-1 routing": ("--model.moe.top_k=1",),
     "4 experts": ("--model.moe.num_experts=4",),
     "16 experts": ("--model.moe.num_experts=16",),

@@ -45,8 +45,9 @@ ABLATIONS_MD = "ablations.md"  # written by supermoe_rec.ablate, appended to rep
 # single_task is the baseline every arch is measured against, not an arch to compare.
 COMPARABLE_ARCHS = tuple(a for a in Arch if a is not Arch.SINGLE_TASK)
 # Fields that only say where a run is written; they do not change what it computes, so a moved report keeps its cache.
-# train.* fields that say where a run goes or how fast it goes, not what it trains: excluded from the run's key.
-_LOCATION_FIELDS = ("name", "out_dir", "num_threads")
+# train.* fields that say where a run's output goes, how it is logged or how fast it goes, not what it trains:
+# excluded from the run's key.
+_LOCATION_FIELDS = ("name", "out_dir", "num_threads", "tensorboard", "log_every")
 # model.* fields that only the transformer archs read (the encoder and its MoE; the MLP archs return zero MoE losses,
 # so the loss weights under model.moe change nothing for them either). The run key of an MLP arch leaves them out, so
 # tuning the encoder does not retrain the MLP baselines of a comparison.
@@ -237,8 +238,14 @@ class RunSpec:
 
 
 def config_key(cfg: ExperimentConfig) -> str:
-    """SHA-256 of the resolved config without ``train.name``, ``train.out_dir`` and ``train.num_threads``, and for
-    the MLP archs (shared_bottom, mmoe, ple, single_task) without the encoder's ``model.*`` fields.
+    """SHA-256 of the config's values that differ from the defaults, without the output-only ``train.*`` fields
+    (name, out_dir, num_threads, tensorboard, log_every) and, for the MLP archs (shared_bottom, mmoe, ple,
+    single_task), without the encoder's ``model.*`` fields.
+
+    Hashing only what differs from :class:`ExperimentConfig`'s defaults keeps keys, and so finished runs, valid when
+    a new option is added with a default that keeps the old behaviour. A finished run is matched by re-keying its
+    stored, complete config with today's defaults (:func:`finished_metrics`), so a changed default can never make
+    an old run pass for a new one.
 
     Args:
         cfg: a resolved config.
@@ -246,13 +253,27 @@ def config_key(cfg: ExperimentConfig) -> str:
     Returns:
         64 hex digits; equal for two configs that train the same model on the same data.
     """
-    values = to_dict(cfg)
-    for name in _LOCATION_FIELDS:
-        values["train"].pop(name)
-    if cfg.model.arch in _MLP_ARCHS:
-        for name in _ENCODER_FIELDS:
-            values["model"].pop(name)
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+    values, defaults = to_dict(cfg), to_dict(ExperimentConfig())
+    for tree in (values, defaults):
+        for name in _LOCATION_FIELDS:
+            tree["train"].pop(name)
+        if cfg.model.arch in _MLP_ARCHS:
+            for name in _ENCODER_FIELDS:
+                tree["model"].pop(name)
+    return hashlib.sha256(json.dumps(_non_default(values, defaults), sort_keys=True).encode()).hexdigest()
+
+
+def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of nested ``values`` that differ from ``defaults`` (a nested dict keeps only its differences)."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        default = defaults.get(name)
+        if isinstance(value, dict) and isinstance(default, dict):
+            if nested := _non_default(value, default):
+                out[name] = nested
+        elif value != default:
+            out[name] = value
+    return out
 
 
 def make_run(base: ExperimentConfig, arch: Arch, seed: int, tasks: tuple[str, ...], runs_dir: Path) -> RunSpec:

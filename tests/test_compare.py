@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -145,9 +146,34 @@ def test_build_report_on_hand_numbers(tmp_path: Path) -> None:
 
 def test_config_key_ignores_location_and_threads_only() -> None:
     cfg = ExperimentConfig()
-    moved = apply_overrides(cfg, ["--train.name=x", "--train.out_dir=/elsewhere", "--train.num_threads=1"])
+    moved = apply_overrides(
+        cfg, ["--train.name=x", "--train.out_dir=/elsewhere", "--train.num_threads=1", "--train.tensorboard=false"]
+    )
     assert config_key(moved) == config_key(cfg)
     assert config_key(apply_overrides(cfg, ["--train.lr=0.01"])) != config_key(cfg)
+
+
+def test_config_key_hashes_only_what_differs_from_the_defaults() -> None:
+    # So adding an option (at a default that keeps the old behaviour) leaves every existing run's key unchanged.
+    def sha(values: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+    assert config_key(ExperimentConfig()) == sha({})
+    tuned = apply_overrides(ExperimentConfig(), ["--train.lr=0.01", "--model.moe.top_k=1", "--train.name=x"])
+    assert config_key(tuned) == sha({"model": {"moe": {"top_k": 1}}, "train": {"lr": 0.01}})
+
+
+def test_a_run_stored_before_an_option_existed_is_still_reused(tmp_path: Path) -> None:
+    spec = make_run(ExperimentConfig(), Arch.SUPERMOE, 0, (), tmp_path)
+    stored = to_dict(spec.cfg)
+    del stored["model"]["moe"]["task_routers"]  # an option added later, at a default that keeps the old behaviour
+    (tmp_path / spec.name).mkdir()
+    (tmp_path / spec.name / "metrics.json").write_text(json.dumps({"config": stored, "test": {"tasks": {}}}))
+    assert finished_metrics(spec) is not None
+    tuned = make_run(
+        apply_overrides(ExperimentConfig(), ["--model.moe.task_routers=true"]), Arch.SUPERMOE, 0, (), tmp_path
+    )
+    assert tuned.key != spec.key
 
 
 @pytest.mark.parametrize("arch", ["shared_bottom", "mmoe", "ple", "single_task"])
