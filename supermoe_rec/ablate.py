@@ -1,6 +1,6 @@
 """Ablations of the SUPERMOE model: one switch changed at a time, valid and test metrics side by side.
 
-    supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--jobs 2] [--out reports/ml100k]
+    supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--jobs 2] [--out reports/ml100k] [--variants A,B]
 
 Each variant is the multi-task ``supermoe`` run of ``--config`` with a few overrides (:data:`VARIANTS`): task
 tokens off, one router shared by all token kinds, top-1 routing, 4 or 16 experts, uncertainty weighting, and the
@@ -34,16 +34,29 @@ log = logging.getLogger(__name__)
 # name -> overrides on top of the base config. "default" must stay first and empty: the others are read against it.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "default": (),
-    "no task tokens": ("--model.use_task_tokens=false",),
-    "shared router": ("--model.moe.task_routers=false",),
-    "top-1 routing": ("--model.moe.top_k=1",),
-    "4 experts": ("--model.moe.num_experts=4",),
-    "16 experts": ("--model.moe.num_experts=16",),
-    "uncertainty weighting": ("--train.uncertainty_weighting=true",),
-    "no candidate interaction": ("--model.item_interaction=false",),
-    "no dropout": ("--model.dropout=0",),
+    "no_task_tokens": ("--model.use_task_tokens=false",),
+    "shared_router": ("--model.moe.task_routers=false",),
+    "top1_routing": ("--model.moe.top_k=1",),
+    "experts_4": ("--model.moe.num_experts=4",),
+    "experts_16": ("--model.moe.num_experts=16",),
+    "uncertainty_weighting": ("--train.uncertainty_weighting=true",),
+    "no_item_interaction": ("--model.item_interaction=false",),
+    "no_dropout": ("--model.dropout=0",),
 }
 ABLATIONS_JSON = "ablations.json"
+
+
+def select_variants(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``default`` plus the named :data:`VARIANTS`, in the table's order.
+
+    Raises:
+        ConfigError: a name that is not a variant (the message lists them).
+    """
+    wanted = {n.strip() for n in names if n.strip()}
+    unknown = sorted(wanted - set(VARIANTS))
+    if unknown:
+        raise ConfigError(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)})")
+    return {name: extra for name, extra in VARIANTS.items() if name == "default" or name in wanted}
 
 
 def best_valid(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -200,4 +213,4 @@ def ablate(
     return summary
 
 
-__all__ = ["VARIANTS", "ablate", "best_valid", "render_ablations", "summarize"]
+__all__ = ["VARIANTS", "ablate", "best_valid", "render_ablations", "select_variants", "summarize"]

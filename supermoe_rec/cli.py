@@ -6,7 +6,7 @@
     supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3]
     supermoe-rec plan --config configs/scale_1t.yaml --world-size 1024 --hbm-gb 80 [--local-world-size 8] [--json F]
     supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe --seeds 3 [--out DIR] [--force] [--jobs N]
-    supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--out DIR] [--force] [--jobs N]
+    supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--out DIR] [--force] [--jobs N] [--variants A,B]
 
 Arguments after the known flags are ``--section.key=value`` config overrides, checked strictly.
 """
@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument("--out", default=None, help="report directory (default: reports/<config file stem>)")
     abl.add_argument("--force", action="store_true", help="retrain runs that already finished with the same config")
     abl.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
+    abl.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated variant names to run besides 'default' (default: all; see supermoe_rec/ablate.py)",
+    )
     plan = sub.add_parser(
         "plan",
         help="plan the tables' sharding on a simulated GPU cluster (no GPU needed): parameters, memory per rank",
@@ -144,9 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             compare(args.config, archs, args.seeds, args.out, args.force, overrides, jobs=args.jobs)
             return 0
         if args.command == "ablate":
-            from supermoe_rec.ablate import ablate
+            from supermoe_rec.ablate import VARIANTS, ablate, select_variants
 
-            ablate(args.config, args.seeds, args.out, args.force, overrides, jobs=args.jobs)
+            variants = select_variants(args.variants.split(",")) if args.variants else VARIANTS
+            ablate(args.config, args.seeds, args.out, args.force, overrides, jobs=args.jobs, variants=variants)
             return 0
     except (ConfigError, DataError) as exc:
         print(f"supermoe-rec: error: {exc}", file=sys.stderr)

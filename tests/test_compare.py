@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from supermoe_rec import cli
-from supermoe_rec.ablate import ablate, best_valid, render_ablations
+from supermoe_rec.ablate import ablate, best_valid, render_ablations, select_variants
 from supermoe_rec.compare import (
     GAIN_PLOT,
     ArchPlan,
@@ -407,7 +407,7 @@ def test_ablate_reuses_the_comparisons_default_run_and_extends_report_md(
     shutil.copytree(compared[0], out)
     default_metrics = next((out / "runs").glob("supermoe-watch+rating-seed0-*/metrics.json"))
     mtime = default_metrics.stat().st_mtime_ns
-    variants = {"default": (), "no task tokens": ("--model.use_task_tokens=false",)}
+    variants = {"default": (), "no_task_tokens": ("--model.use_task_tokens=false",)}
 
     summary = ablate(CONFIG, seeds=1, out=out, overrides=TINY, progress=False, variants=variants)
 
@@ -418,11 +418,17 @@ def test_ablate_reuses_the_comparisons_default_run_and_extends_report_md(
     assert stored["valid_history"] == [] and summary["default"]["tasks"]["watch"]["valid"] is None
     assert summary["default"]["tasks"]["watch"]["test"] == stored["test"]["tasks"]["watch"]["auc"]
     assert summary["default"]["tasks"]["rating"]["test"] == stored["test"]["tasks"]["rating"]["rmse"]
-    ablated = summary["no task tokens"]
+    ablated = summary["no_task_tokens"]
     assert ablated["overrides"] == ["--model.use_task_tokens=false"]
     ablated_config = json.loads((out / "runs" / ablated["runs"][0] / "metrics.json").read_text())["config"]
     assert ablated_config["model"]["use_task_tokens"] is False
     assert json.loads((out / "ablations.json").read_text()) == summary
     report_md = (out / "report.md").read_text()
     assert report_md.startswith("# Multi-task comparison")
-    assert "## Ablations (supermoe, multi-task)" in report_md and "| no task tokens |" in report_md
+    assert "## Ablations (supermoe, multi-task)" in report_md and "| no_task_tokens |" in report_md
+
+
+def test_select_variants_keeps_default_and_names_unknown_ones() -> None:
+    assert list(select_variants(["experts_16", "top1_routing"])) == ["default", "top1_routing", "experts_16"]
+    with pytest.raises(ConfigError, match=r"--variants: unknown \['top3'\] \(known: default, no_task_tokens"):
+        select_variants(["top3"])
