@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 STD_DDOF = 0
 GAIN_PLOT = "mtl_gain.png"
 ABLATIONS_MD = "ablations.md"  # written by supermoe_rec.ablate, appended to report.md
+FINDINGS_MD = "findings.md"  # written by hand next to a report, appended to report.md
 # single_task is the baseline every arch is measured against, not an arch to compare.
 COMPARABLE_ARCHS = tuple(a for a in Arch if a is not Arch.SINGLE_TASK)
 # Fields that only say where a run is written; they do not change what it computes, so a moved report keeps its cache.
@@ -764,15 +765,16 @@ def check_counts(seeds: int, jobs: int) -> None:
 
 
 def write_report_markdown(out_dir: Path) -> None:
-    """(Re)write ``<out_dir>/report.md`` from ``report.json``, followed by ``ablations.md`` when it exists.
+    """(Re)write ``<out_dir>/report.md`` from ``report.json``, followed by ``ablations.md`` and ``findings.md`` where
+    they exist (the second is written by hand: what the numbers mean and what was checked).
 
     ``supermoe-rec compare`` and ``supermoe-rec ablate`` both call this, so the report stays whole whichever ran last.
     """
     report: Report = json.loads((out_dir / "report.json").read_text())
     text = render_markdown(report)
-    ablations = out_dir / ABLATIONS_MD
-    if ablations.exists():
-        text += "\n" + ablations.read_text()
+    for appendix in (ABLATIONS_MD, FINDINGS_MD):
+        if (out_dir / appendix).exists():
+            text += "\n" + (out_dir / appendix).read_text()
     (out_dir / "report.md").write_text(text)
 
 

@@ -405,6 +405,7 @@ def test_ablate_reuses_the_comparisons_default_run_and_extends_report_md(
 ) -> None:
     out = tmp_path / "ablate"
     shutil.copytree(compared[0], out)
+    (out / "findings.md").write_text("## Findings\n\nwritten by hand\n")
     default_metrics = next((out / "runs").glob("supermoe-watch+rating-seed0-*/metrics.json"))
     mtime = default_metrics.stat().st_mtime_ns
     variants = {"default": (), "no_task_tokens": ("--model.use_task_tokens=false",)}
@@ -426,6 +427,7 @@ def test_ablate_reuses_the_comparisons_default_run_and_extends_report_md(
     report_md = (out / "report.md").read_text()
     assert report_md.startswith("# Multi-task comparison")
     assert "## Ablations (supermoe, multi-task)" in report_md and "| no_task_tokens |" in report_md
+    assert report_md.index("## Ablations") < report_md.index("## Findings\n\nwritten by hand")
 
 
 def test_select_variants_keeps_default_and_names_unknown_ones() -> None:
