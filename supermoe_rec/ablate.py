@@ -42,6 +42,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "uncertainty_weighting": ("--train.uncertainty_weighting=true",),
     "no_item_interaction": ("--model.item_interaction=false",),
     "no_dropout": ("--model.dropout=0",),
+    # Not a switch of the model: is the epoch budget what binds (valid still improving at the last epoch)?
+    "epochs_10": ("--train.epochs=10",),
 }
 ABLATIONS_JSON = "ablations.json"
 
