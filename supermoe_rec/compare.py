@@ -45,7 +45,6 @@ ABLATIONS_MD = "ablations.md"  # written by supermoe_rec.ablate, appended to rep
 FINDINGS_MD = "findings.md"  # written by hand next to a report, appended to report.md
 # single_task is the baseline every arch is measured against, not an arch to compare.
 COMPARABLE_ARCHS = tuple(a for a in Arch if a is not Arch.SINGLE_TASK)
-# Fields that only say where a run is written; they do not change what it computes, so a moved report keeps its cache.
 # train.* fields that say where a run's output goes, how it is logged or how fast it goes, not what it trains:
 # excluded from the run's key.
 _LOCATION_FIELDS = ("name", "out_dir", "num_threads", "tensorboard", "log_every")
