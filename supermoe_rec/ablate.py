@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "experts_4": ("--model.moe.num_experts=4",),
     "experts_16": ("--model.moe.num_experts=16",),
     "uncertainty_weighting": ("--train.uncertainty_weighting=true",),
+    "watch_weight_2": ("--train.task_weights={watch: 2}",),  # loss-weight balance, by hand
     "no_item_interaction": ("--model.item_interaction=false",),
     "no_dropout": ("--model.dropout=0",),
     # Not a switch of the model: is the epoch budget what binds (valid still improving at the last epoch)?
