@@ -206,7 +206,10 @@ def ablate(
     results = execute(unique, force=force, progress=progress, jobs=jobs)
     summary = summarize(plan, results, tasks, variants)
     argv = ["supermoe-rec", "ablate", "--config", str(config), "--seeds", str(seeds), "--out", str(out_dir)]
-    argv += [*(["--jobs", str(jobs)] if jobs > 1 else []), *overrides]
+    argv += ["--jobs", str(jobs)] if jobs > 1 else []
+    if dict(variants) != VARIANTS:
+        argv += ["--variants", ",".join(name for name in variants if name != "default")]
+    argv += overrides
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ABLATIONS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / ABLATIONS_MD).write_text(render_ablations(summary, seeds, shlex.join(argv)))

@@ -424,6 +424,7 @@ def test_ablate_reuses_the_comparisons_default_run_and_extends_report_md(
     ablated_config = json.loads((out / "runs" / ablated["runs"][0] / "metrics.json").read_text())["config"]
     assert ablated_config["model"]["use_task_tokens"] is False
     assert json.loads((out / "ablations.json").read_text()) == summary
+    assert "--variants no_task_tokens --train.max_steps=3" in (out / "ablations.md").read_text()
     report_md = (out / "report.md").read_text()
     assert report_md.startswith("# Multi-task comparison")
     assert "## Ablations (supermoe, multi-task)" in report_md and "| no_task_tokens |" in report_md
