@@ -24,7 +24,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from supermoe_rec.compare import ABLATIONS_MD, RunSpec, check_counts, execute, make_run, write_report_markdown
+from supermoe_rec.compare import (
+    ABLATIONS_MD,
+    RunSpec,
+    check_counts,
+    execute,
+    make_run,
+    mean_std,
+    read_test_metric,
+    write_report_markdown,
+)
 from supermoe_rec.config import Arch, ConfigError, load_config
 from supermoe_rec.metrics import primary_metric
 from supermoe_rec.tasks import TaskSpec
@@ -79,8 +88,9 @@ def best_valid(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean over seeds, or None when any seed has no value."""
     present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present and len(present) == len(values) else None
+    return mean_std(present)[0] if present and len(present) == len(values) else None
 
 
 def plan_variants(
@@ -110,7 +120,7 @@ def summarize(
         for task in tasks:
             metric, higher = primary_metric(task)
             valid = [None if (v := best_valid(r)) is None else v["tasks"][task.name][metric] for r in runs]
-            test = [r["test"]["tasks"][task.name][metric] for r in runs]
+            test = [read_test_metric(r, task.name, metric, s.name) for r, s in zip(runs, specs, strict=True)]
             entry["tasks"][task.name] = {
                 "metric": metric,
                 "higher_is_better": higher,

@@ -521,7 +521,8 @@ def _train_logged(spec: RunSpec, num_threads: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ report
 
 
-def _test_value(metrics: Mapping[str, Any], task: str, metric: str, run: str) -> float:
+def read_test_metric(metrics: Mapping[str, Any], task: str, metric: str, run: str) -> float:
+    """``metrics.json``'s test ``task.metric`` of ``run``, or a :class:`CompareError` naming what is missing."""
     try:
         return float(metrics["test"]["tasks"][task][metric])
     except KeyError as exc:
@@ -563,8 +564,8 @@ def build_report(
             for name in names:
                 multi_runs = [plan.multi[s] for s in seeds]
                 single_runs = [plan.single[s][task.name] for s in seeds]
-                multi = [_test_value(results[r.key][0], task.name, name, r.name) for r in multi_runs]
-                single = [_test_value(results[r.key][0], task.name, name, r.name) for r in single_runs]
+                multi = [read_test_metric(results[r.key][0], task.name, name, r.name) for r in multi_runs]
+                single = [read_test_metric(results[r.key][0], task.name, name, r.name) for r in single_runs]
                 values[name] = (multi, single)
             multi, single = values[metric]
             mean, std, gain, gain_std, single_mean, single_std = summarize_task(metric, higher, multi, single)
@@ -869,6 +870,7 @@ __all__ = [
     "mtl_gains",
     "parse_archs",
     "plan_runs",
+    "read_test_metric",
     "render_markdown",
     "seesaw_free",
     "summarize_task",
