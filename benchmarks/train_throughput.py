@@ -37,6 +37,7 @@ variants (self CPU time per op, inclusive time per pipeline stage) and the ops w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -402,6 +403,8 @@ class Prepared:
     result: dict[str, Any]
     profile_steps: int
     windows: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+    # Runs the batches a pipeline has read ahead, so that no collective is still in flight at teardown.
+    drain: Callable[[], None] = lambda: None
 
 
 def prepare_case(case: Case, opts: Options, rank: int, world: int, cache: dict[str, Any]) -> Prepared:
@@ -435,6 +438,13 @@ def prepare_case(case: Case, opts: Options, rank: int, world: int, cache: dict[s
         def step() -> int:
             return int(pipeline.progress(it).labels.shape[0])
 
+        def drain() -> None:
+            # The pipeline has started the input dist of the batches it read ahead (gloo async work). Destroying
+            # the process group under that in-flight work can abort the process at exit, so finish those batches.
+            with contextlib.suppress(StopIteration):
+                while True:
+                    pipeline.progress(it)
+
         sharding = {
             f"{path.rsplit('.', 1)[-1]}.{table}": ps.sharding_type
             for path, module_plan in trainer.plan.plan.items()
@@ -448,7 +458,10 @@ def prepare_case(case: Case, opts: Options, rank: int, world: int, cache: dict[s
     result["groups_per_step"] = float(np.mean([b.num_groups for b in batches]))
     for _ in range(opts.warmup):
         step()
-    return Prepared(case, step, result, profile_steps)
+    prepared = Prepared(case, step, result, profile_steps)
+    if case.impl == "torchrec":
+        prepared.drain = drain
+    return prepared
 
 
 def measure(prepared: list[Prepared], opts: Options, world: int) -> None:
@@ -495,6 +508,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[Case], o
                 error = f"{type(exc).__name__}: {exc}"
                 results.append({**dataclasses.asdict(case), "label": case.label, "error": error})
         measure(prepared, opts, world)
+        for p in prepared:
+            p.drain()
+        if world > 1:
+            dist.barrier()  # every rank is done with every collective before the group goes
         results = [p.result for p in prepared] + results
         if rank == 0:
             for r in results:

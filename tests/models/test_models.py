@@ -79,13 +79,24 @@ def test_group_candidates_share_one_encoder_pass(ml100k_data: SplitData) -> None
 def test_seeded_determinism(ml100k_data: SplitData) -> None:
     batches = first_batches(ml100k_data, 3)
 
-    def run() -> list[float]:
-        module = make(ml100k_data, SMALL, seed=7)
+    def init(seed: int) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in make(ml100k_data, SMALL, seed=seed).state_dict().items()}
+
+    def run(seed: int) -> list[float]:
+        module = make(ml100k_data, SMALL, seed=seed)
         optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
         return [train_step(module, optimizer, b).loss.total.item() for b in batches]
 
-    assert run() == run()
-    assert make(ml100k_data, SMALL, seed=8)(batches[0])[0].item() != run()[0]
+    # The seed fixes the initial weights bit for bit...
+    a, b = init(7), init(7)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # ...and so the training trajectory, up to float reassociation: CPU BLAS kernels may take a different path
+    # for a differently aligned buffer, so two builds in one process can differ in the last bits (seen: 4e-7
+    # relative at step 3). A different seed moves the losses by orders of magnitude more than that tolerance.
+    first, again, other = run(7), run(7), run(8)
+    np.testing.assert_allclose(first, again, rtol=1e-5, atol=0)
+    assert not np.allclose(first, other, rtol=1e-3, atol=0), (first, other)
 
 
 def test_parameter_report(ml100k_data: SplitData) -> None:
