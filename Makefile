@@ -15,8 +15,8 @@ summary: bootstrap
 test: bootstrap lint typecheck unit
 
 lint:
-	.venv/bin/ruff check supermoe_rec tests examples benchmarks
-	.venv/bin/ruff format --check supermoe_rec tests examples benchmarks
+	.venv/bin/ruff check supermoe_rec tests examples benchmarks scripts
+	.venv/bin/ruff format --check supermoe_rec tests examples benchmarks scripts
 
 typecheck:
 	.venv/bin/mypy supermoe_rec

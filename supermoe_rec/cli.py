@@ -3,7 +3,7 @@
     supermoe-rec train --config configs/ml100k.yaml [--train.epochs=3 --model.arch=mmoe ...]
     supermoe-rec data summary --config configs/ml100k.yaml [--data.seed=1 ...]
     supermoe-rec export --run runs/<name> [--out user_embeddings.parquet] [--model.moe.dropless=true ...]
-    supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3]
+    supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3] [--balanced]
     supermoe-rec plan --config configs/scale_1t.yaml --world-size 1024 --hbm-gb 80 [--local-world-size 8] [--json F]
     supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe --seeds 3 [--out DIR] [--force] [--jobs N]
     supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--out DIR] [--force] [--jobs N] [--variants A,B]
@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--run", required=True, help="run directory trained with configs/ml100k_behaviour.yaml")
     probe.add_argument("--seed", type=int, default=0, help="seed of the user split and CV folds (default 0)")
     probe.add_argument("--test-fraction", type=float, default=0.3, help="held-out share of users (default 0.3)")
+    probe.add_argument(
+        "--balanced",
+        action="store_true",
+        help="balanced class weights and C chosen by balanced accuracy, so a weak signal is not hidden behind the "
+        "majority class",
+    )
     comp = sub.add_parser(
         "compare",
         help="multi-task vs single-task runs of several archs over seeds; writes report.json/.md and plots",
@@ -117,7 +123,7 @@ def _representation_command(args: argparse.Namespace, overrides: Sequence[str]) 
             return export_main(args.run, args.out, overrides)
         from supermoe_rec.probe import main as probe_main
 
-        return probe_main(args.run, overrides, args.test_fraction, args.seed)
+        return probe_main(args.run, overrides, args.test_fraction, args.seed, args.balanced)
     except CheckpointError as exc:
         print(f"supermoe-rec: error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Linear probes: how much of a user's profile does the behaviour-only representation recover?
 
-    supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3]
+    supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3] [--balanced]
 
 The run must be trained without user profile features (``configs/ml100k_behaviour.yaml`` drops them with
 ``data.drop_features``); otherwise the probe would read the labels back from the inputs, and it refuses.
@@ -16,7 +16,10 @@ held-out users:
   the last ``max_history``), the bag-of-items baseline a representation should beat.
 
 The inverse regularisation strength C of every logistic regression is chosen by 3-fold cross-validation on the
-train users, so no probe is favoured by a hand-picked C. Writes ``<run>/probe.json`` and ``<run>/probe.md``.
+train users, so no probe is favoured by a hand-picked C. C is chosen by accuracy; with ``--balanced`` every probe
+instead weights the classes equally and C is chosen by balanced accuracy, so that a weak signal is not hidden behind
+the majority class (with accuracy as the criterion, predicting the majority class is often the best a weak signal
+can do). Writes ``<run>/probe.json`` and ``<run>/probe.md``.
 Dimension letters: U users, M model dim, V item vocabulary.
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +189,7 @@ def _score(truth: npt.NDArray[Any], pred: npt.NDArray[Any]) -> ProbeScore:
     )
 
 
-def _logistic(y_train: npt.NDArray[Any], seed: int) -> LogisticRegressionCV:
+def _logistic(y_train: npt.NDArray[Any], seed: int, balanced: bool = False) -> LogisticRegressionCV:
     # Stratified folds need every class in each fold; tiny classes fall back to plain shuffled folds.
     stratify = int(pd.Series(y_train).value_counts().min()) >= CV_FOLDS
     folds = (StratifiedKFold if stratify else KFold)(n_splits=CV_FOLDS, shuffle=True, random_state=seed)
@@ -196,23 +199,28 @@ def _logistic(y_train: npt.NDArray[Any], seed: int) -> LogisticRegressionCV:
         Cs=list(PROBE_CS),
         l1_ratios=(0.0,),
         cv=folds,
-        scoring="accuracy",
+        scoring="balanced_accuracy" if balanced else "accuracy",
+        class_weight="balanced" if balanced else None,
         solver="newton-cg",
         max_iter=1000,
         use_legacy_attributes=False,
     )
 
 
-def _fit_dense(x: npt.NDArray[Any], y: npt.NDArray[Any], train: IntArray, test: IntArray, seed: int) -> ProbeScore:
-    model = make_pipeline(StandardScaler(), _logistic(y[train], seed))
+def _fit_dense(
+    x: npt.NDArray[Any], y: npt.NDArray[Any], train: IntArray, test: IntArray, seed: int, balanced: bool = False
+) -> ProbeScore:
+    model = make_pipeline(StandardScaler(), _logistic(y[train], seed, balanced))
     model.fit(x[train], y[train])
     return _score(y[test], model.predict(x[test]))
 
 
-def _fit_tfidf(bag: sp.csr_matrix, y: npt.NDArray[Any], train: IntArray, test: IntArray, seed: int) -> ProbeScore:
+def _fit_tfidf(
+    bag: sp.csr_matrix, y: npt.NDArray[Any], train: IntArray, test: IntArray, seed: int, balanced: bool = False
+) -> ProbeScore:
     # IDF from the train users only, so held-out users leak nothing into the features.
     tfidf = TfidfTransformer().fit(bag[train])
-    model = _logistic(y[train], seed).fit(tfidf.transform(bag[train]), y[train])
+    model = _logistic(y[train], seed, balanced).fit(tfidf.transform(bag[train]), y[train])
     return _score(y[test], model.predict(tfidf.transform(bag[test])))
 
 
@@ -228,6 +236,8 @@ def probe_representations(
     bag: sp.csr_matrix | None,
     test_fraction: float = 0.3,
     seed: int = 0,
+    balanced: bool = False,
+    extra: Mapping[str, npt.NDArray[Any]] | None = None,
 ) -> dict[str, Any]:
     """Fit and score every probe for every attribute.
 
@@ -237,27 +247,39 @@ def probe_representations(
         bag: [U, V] item bags in ``reps`` order for the TF-IDF baseline, or None to skip it.
         test_fraction: share of users held out.
         seed: seeds the user split and the cross-validation folds.
+        balanced: weight the classes equally and choose C by balanced accuracy (the module docstring).
+        extra: more probes, name -> [U, F] features in ``reps`` order (e.g. the encoder's input), fitted like
+            ``model``.
 
     Returns:
         ``{attribute: {"classes", "train_users", "test_users", "stratified", "majority_class", "test_user_ids",
         "probes": {probe: {"accuracy", "macro_f1"}}}}``.
+
+    Raises:
+        ValueError: an ``extra`` entry does not have one row per exported user, or reuses a probe name.
     """
     known = np.isin(reps.user_keys, attributes.index.to_numpy())
     if not known.all():
         log.warning("%d exported user(s) have no profile row and are not probed", int((~known).sum()))
     keys = reps.user_keys[known]
     features = {"model": reps.user[known], **{f"task_{n}": m[known] for n, m in reps.tasks.items()}}
+    for name, x in (extra or {}).items():
+        if name in features or name in ("majority", "tfidf"):
+            raise ValueError(f"extra probe {name!r} reuses a probe name")
+        if len(x) != len(reps.user_keys):
+            raise ValueError(f"extra probe {name!r} has {len(x)} rows for {len(reps.user_keys)} exported users")
+        features[name] = x[known]
     out: dict[str, Any] = {}
     for attribute in ATTRIBUTES:
         y = attributes.loc[keys, attribute].to_numpy().astype(str)
         train, test, stratified = split_users(y, test_fraction, seed)
         majority, majority_class = _fit_majority(y, train, test)
-        probes = {"model": _fit_dense(features["model"], y, train, test, seed), "majority": majority}
+        probes = {"model": _fit_dense(features["model"], y, train, test, seed, balanced), "majority": majority}
         if bag is not None:
-            probes["tfidf"] = _fit_tfidf(bag[np.flatnonzero(known)], y, train, test, seed)
+            probes["tfidf"] = _fit_tfidf(bag[np.flatnonzero(known)], y, train, test, seed, balanced)
         for name, x in features.items():
             if name != "model":
-                probes[name] = _fit_dense(x, y, train, test, seed)
+                probes[name] = _fit_dense(x, y, train, test, seed, balanced)
         out[attribute] = {
             "classes": sorted(set(y.tolist())),
             "train_users": len(train),
@@ -294,7 +316,8 @@ def _markdown(result: dict[str, Any]) -> str:
         f"{result['users']} users, {int(100 * result['test_fraction'])}% held out (seed {result['seed']}), "
         "stratified by the attribute. `model` probes the [USER] representation, `task_*` the task tokens; "
         "`tfidf` is logistic regression on TF-IDF over every train item of the user; `majority` predicts the "
-        "train users' most frequent class. C chosen by 3-fold CV on train users.",
+        "train users' most frequent class. C chosen by 3-fold CV on train users"
+        + (", by balanced accuracy, with balanced class weights." if result.get("balanced") else ", by accuracy."),
         "",
         probe_table(result),
         "",
@@ -310,6 +333,7 @@ def probe_run(
     overrides: Sequence[str] = (),
     test_fraction: float = 0.3,
     seed: int = 0,
+    balanced: bool = False,
 ) -> dict[str, Any]:
     """Export a behaviour-only run's representations, probe them, and write ``probe.json`` / ``probe.md``.
 
@@ -320,6 +344,7 @@ def probe_run(
         overrides: ``--section.key=value`` overrides of the run's config.
         test_fraction: share of users held out from probe fitting.
         seed: seeds the user split and cross-validation folds.
+        balanced: balanced class weights, C chosen by balanced accuracy (the module docstring).
 
     Returns:
         What ``probe.json`` holds.
@@ -343,18 +368,19 @@ def probe_run(
         "users": len(reps.user_keys),
         "test_fraction": test_fraction,
         "seed": seed,
-        "attributes": probe_representations(reps, attributes, bag, test_fraction, seed),
+        "balanced": balanced,
+        "attributes": probe_representations(reps, attributes, bag, test_fraction, seed, balanced),
     }
     (run_dir / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     (run_dir / "probe.md").write_text(_markdown(result))
     return result
 
 
-def main(run: str, overrides: Sequence[str], test_fraction: float = 0.3, seed: int = 0) -> int:
+def main(run: str, overrides: Sequence[str], test_fraction: float = 0.3, seed: int = 0, balanced: bool = False) -> int:
     """CLI body of ``supermoe-rec probe``: probe in a world of one, print the table; tear down a group it created."""
     owns_group = not dist.is_initialized()  # an embedding caller's group is left alone
     try:
-        result = probe_run(run, overrides, test_fraction, seed)
+        result = probe_run(run, overrides, test_fraction, seed, balanced)
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,16 +18,17 @@ import torch.distributed as dist
 import yaml
 
 from supermoe_rec import cli
-from supermoe_rec.config import ConfigError, load_config, save_config
+from supermoe_rec.config import ConfigError, DataConfig, load_config, save_config
 from supermoe_rec.data.movielens import MovieLens
 from supermoe_rec.data.protocol import ProtocolOutput
 from supermoe_rec.data.schema import FeatureSide
 from supermoe_rec.data.splits import SplitData, drop_features
-from supermoe_rec.export import ExportResult, export_run, latest_rows
+from supermoe_rec.export import ExportResult, UserRepresentations, export_run, latest_rows
 from supermoe_rec.plots import PNG_SIGNATURE
-from supermoe_rec.probe import item_bags, probe_run
+from supermoe_rec.probe import item_bags, probe_representations, probe_run, user_attributes
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 PROFILE = ["user", "age", "gender", "occupation", "zip3"]
 TASKS = ("watch", "like", "rating")
 D_MODEL = 32
@@ -256,3 +259,54 @@ def test_probe_refuses_a_run_with_profile_features(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert "would leak the labels" in err and "['user', 'age', 'gender', 'occupation', 'zip3']" in err
     assert not (tmp_path / "probe.json").exists()
+
+
+def _weak_gender_signal(seed: int = 0, strength: float = 0.5) -> tuple[UserRepresentations, pd.DataFrame]:
+    """Every MovieLens user with a 2-wide vector: ``strength`` * is-female plus unit noise, and a pure-noise column."""
+    attributes = user_attributes(DataConfig())
+    keys = attributes.index.to_numpy()
+    rng = np.random.default_rng(seed)
+    female = (attributes["gender"] == "F").to_numpy(dtype=np.float64)
+    x = np.stack([strength * female + rng.normal(size=len(keys)), rng.normal(size=len(keys))], axis=1)
+    return UserRepresentations(keys, x.astype(np.float32), {}, np.full(len(keys), "train")), attributes
+
+
+def test_balanced_probe_finds_a_weak_signal_that_accuracy_hides() -> None:
+    reps, attributes = _weak_gender_signal(seed=2)  # a draw where accuracy-chosen C collapses to the majority
+    plain = probe_representations(reps, attributes, None)["gender"]["probes"]
+    balanced = probe_representations(reps, attributes, None, balanced=True)["gender"]["probes"]
+    # Choosing C by accuracy, 71% men: the best the weak signal can do is the majority class.
+    assert plain["model"] == plain["majority"]
+    # Balanced weights and C by balanced accuracy: the minority class is predicted, and macro-F1 rises above it.
+    assert balanced["model"]["macro_f1"] > plain["majority"]["macro_f1"] + 0.1
+    assert balanced["majority"] == plain["majority"]  # the baseline itself does not change
+
+
+def test_extra_probes_are_fitted_like_the_model_and_checked() -> None:
+    reps, attributes = _weak_gender_signal()
+    female = (attributes.loc[reps.user_keys, "gender"] == "F").to_numpy(dtype=np.float32)[:, None]
+    result = probe_representations(reps, attributes, None, extra={"is_female": female})
+    assert result["gender"]["probes"]["is_female"] == {"accuracy": 1.0, "macro_f1": 1.0}
+    assert result["age"]["probes"]["is_female"]["accuracy"] < 0.5  # a gender bit says little about the age bucket
+    with pytest.raises(ValueError, match="'short' has 10 rows for 943 exported users"):
+        probe_representations(reps, attributes, None, extra={"short": female[:10]})
+    with pytest.raises(ValueError, match="'tfidf' reuses a probe name"):
+        probe_representations(reps, attributes, None, extra={"tfidf": female})
+
+
+def test_probe_inputs_script_adds_the_encoder_input_probe(run_dir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "scripts/probe_inputs.py", "--run", str(run_dir), "--balanced"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k not in DIST_ENV},  # this process's group is not the script's
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if "history_mean" in line]
+    assert sorted(r[1].strip() for r in rows) == ["age", "gender", "occupation"]
+    for row in rows:
+        accuracy, macro_f1 = float(row[4]), float(row[5])
+        assert 0.0 <= accuracy <= 1.0 and 0.0 <= macro_f1 <= 1.0
+    assert proc.stdout.startswith("balanced class weights")
