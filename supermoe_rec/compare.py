@@ -279,6 +279,9 @@ def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
 def make_run(base: ExperimentConfig, arch: Arch, seed: int, tasks: tuple[str, ...], runs_dir: Path) -> RunSpec:
     """The run of ``arch`` on ``tasks`` with ``seed``, everything else as in ``base``.
 
+    ``train.task_weights`` keeps only the weights of the run's tasks: a single-task twin of a run that weighs
+    ``watch`` 2 trains ``like`` exactly as a twin of an unweighted run does, and shares its key (and finished run).
+
     Args:
         base: the resolved base config (file + overrides).
         arch: the architecture.
@@ -289,11 +292,12 @@ def make_run(base: ExperimentConfig, arch: Arch, seed: int, tasks: tuple[str, ..
     Returns:
         the run, named ``<arch>-<tasks>-seed<seed>-<key[:8]>``.
     """
+    weights = {name: w for name, w in base.train.task_weights.items() if not tasks or name in tasks}
     cfg = replace(
         base,
         model=replace(base.model, arch=arch),
         data=replace(base.data, tasks=tasks),
-        train=replace(base.train, seed=seed, out_dir=str(runs_dir)),
+        train=replace(base.train, seed=seed, out_dir=str(runs_dir), task_weights=weights),
     )
     key = config_key(cfg)
     label = "+".join(tasks) if tasks else "all"

@@ -61,12 +61,15 @@ from supermoe_rec.config import (
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData, load_data
 from supermoe_rec.loss import TaskIndicatorLoss
+from supermoe_rec.memory import release_freed_memory
 from supermoe_rec.metrics import MultiTaskEvaluator, primary_metric
 from supermoe_rec.models.factory import build_model, parameter_report
 from supermoe_rec.models.train_module import StepOutput, TrainModule
 from supermoe_rec.modules.embeddings import SparseArch
 
 log = logging.getLogger("supermoe_rec.train")  # not __name__: that is "__main__" under python -m
+# Steps (and eval batches) between returns of freed heap memory to the OS: see supermoe_rec.memory.
+RELEASE_MEMORY_EVERY = 10
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 ALL_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")
@@ -282,6 +285,7 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
     loss_sum = torch.zeros(2, dtype=torch.float64)
     trainer.dmp.eval()
     iterator = iter(loader)
+    batches = 0
     with torch.no_grad():
         while True:
             try:
@@ -290,6 +294,10 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
                 break
             evaluator.update(out.model.predictions, out.labels, out.task_mask, out.user_index)
             loss_sum += torch.tensor([float(out.loss.total) * out.labels.shape[0], out.labels.shape[0]])
+            batches += 1
+            if batches % RELEASE_MEMORY_EVERY == 0:
+                release_freed_memory()
+    release_freed_memory()
     trainer.dmp.train()
     dist.all_reduce(loss_sum)
     result: dict[str, Any] = {"loss": float(loss_sum[0] / max(1.0, float(loss_sum[1])))}
@@ -361,6 +369,8 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
                 break
             state["step"] += 1
             state["batches_done"] += 1
+            if state["step"] % RELEASE_MEMORY_EVERY == 0:
+                release_freed_memory()  # batch sizes vary: freed heap blocks would otherwise stay resident
             rows = int(out.labels.shape[0]) * ctx.world_size
             state["train_samples"] += rows
             recent_loss.append(out.loss.total.item())

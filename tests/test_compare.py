@@ -176,6 +176,20 @@ def test_a_run_stored_before_an_option_existed_is_still_reused(tmp_path: Path) -
     assert tuned.key != spec.key
 
 
+def test_single_task_runs_keep_only_their_tasks_weights(tmp_path: Path) -> None:
+    weighted = apply_overrides(ExperimentConfig(), ["--train.task_weights={watch: 2, rating: 0.5}"])
+    plain = ExperimentConfig()
+    like_w = make_run(weighted, Arch.SUPERMOE, 0, ("like",), tmp_path)
+    like = make_run(plain, Arch.SUPERMOE, 0, ("like",), tmp_path)
+    # like trains the same either way: no weight of another task (its loss would refuse it), same key and run.
+    assert like_w.cfg.train.task_weights == {} and like_w.key == like.key and like_w.name == like.name
+    watch_w = make_run(weighted, Arch.SUPERMOE, 0, ("watch",), tmp_path)
+    assert watch_w.cfg.train.task_weights == {"watch": 2.0}
+    assert watch_w.key != make_run(plain, Arch.SUPERMOE, 0, ("watch",), tmp_path).key
+    multi = make_run(weighted, Arch.SUPERMOE, 0, (), tmp_path)  # every task: every weight
+    assert multi.cfg.train.task_weights == {"watch": 2.0, "rating": 0.5}
+
+
 @pytest.mark.parametrize("arch", ["shared_bottom", "mmoe", "ple", "single_task"])
 def test_mlp_arch_keys_ignore_encoder_settings(arch: str) -> None:
     cfg = apply_overrides(ExperimentConfig(), [f"--model.arch={arch}"])
