@@ -292,12 +292,9 @@ def make_run(base: ExperimentConfig, arch: Arch, seed: int, tasks: tuple[str, ..
     Returns:
         the run, named ``<arch>-<tasks>-seed<seed>-<key[:8]>``.
     """
-    weights = {name: w for name, w in base.train.task_weights.items() if not tasks or name in tasks}
+    cfg = replace(base, model=replace(base.model, arch=arch), data=replace(base.data, tasks=tasks))
     cfg = replace(
-        base,
-        model=replace(base.model, arch=arch),
-        data=replace(base.data, tasks=tasks),
-        train=replace(base.train, seed=seed, out_dir=str(runs_dir), task_weights=weights),
+        cfg, train=replace(base.train, seed=seed, out_dir=str(runs_dir), task_weights=cfg.trained_task_weights())
     )
     key = config_key(cfg)
     label = "+".join(tasks) if tasks else "all"

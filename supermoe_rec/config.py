@@ -222,6 +222,13 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def trained_task_weights(self) -> dict[str, float]:
+        """``train.task_weights`` of the tasks this run trains: a config that weighs ``watch`` still trains
+        ``--data.tasks=[like]``. With every task selected (``data.tasks: []``) all weights are kept, and the loss
+        rejects a name that is not a task."""
+        tasks = self.data.tasks
+        return {name: w for name, w in self.train.task_weights.items() if not tasks or name in tasks}
+
 
 C = TypeVar("C")
 

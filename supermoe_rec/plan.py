@@ -208,7 +208,7 @@ def build_meta_module(cfg: ExperimentConfig, schema: Schema) -> TrainModule:
     model = build_model(cfg.model, schema, device=meta, sparse_device=meta, max_history=cfg.data.max_history)
     loss_fn = TaskIndicatorLoss(
         schema.task_specs(),
-        task_weights=cfg.train.task_weights,
+        task_weights=cfg.trained_task_weights(),
         uncertainty_weighting=cfg.train.uncertainty_weighting,
         regression_loss=cfg.train.regression_loss,
         huber_delta=cfg.train.huber_delta,

@@ -202,7 +202,7 @@ def build_trainer(cfg: ExperimentConfig, ctx: DistContext, data: SplitData | Non
     )
     loss_fn = TaskIndicatorLoss(
         data.tasks,
-        task_weights=cfg.train.task_weights,
+        task_weights=cfg.trained_task_weights(),
         uncertainty_weighting=cfg.train.uncertainty_weighting,
         regression_loss=cfg.train.regression_loss,
         huber_delta=cfg.train.huber_delta,

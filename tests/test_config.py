@@ -73,3 +73,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     save_config(cfg, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == to_dict(cfg)
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_trained_task_weights_keep_the_selected_tasks_only() -> None:
+    cfg = apply_overrides(ExperimentConfig(), ["--train.task_weights={watch: 2, rating: 0.5}"])
+    assert cfg.trained_task_weights() == {"watch": 2.0, "rating": 0.5}  # every task trained: every weight
+    like = apply_overrides(cfg, ["--data.tasks=[like]"])
+    assert like.trained_task_weights() == {}
+    assert apply_overrides(cfg, ["--data.tasks=[rating, like]"]).trained_task_weights() == {"rating": 0.5}
+    assert like.train.task_weights == {"watch": 2.0, "rating": 0.5}  # the config itself is left as written
