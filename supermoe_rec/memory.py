@@ -3,9 +3,10 @@
 Training batches vary in size (a group holds one user's candidates), so every step allocates and frees tensors of
 new sizes, many between 128 KiB and 32 MiB. glibc's malloc raises its mmap threshold as large blocks are freed, so
 after the first steps those tensors live on the heap; freed blocks in the middle of the heap stay resident. On
-ml100k a training process grew by about 12 MB per step this way (0.97 GB at step 4, 2.2 GB at step 60, 4-9 GB over
-a full run) while its live memory stayed under 1 GB: with ``MALLOC_MMAP_THRESHOLD_=131072`` the same run stayed at
-0.6-0.8 GB, but ran 2x slower. ``malloc_trim(0)`` every few steps returns the freed pages and keeps the fast heap.
+ml100k a training process grew by about 12 MB per step this way (3.3 GiB peak after one epoch, 4-9 GB over a full
+run) while its live memory stayed under 1 GB: with ``MALLOC_MMAP_THRESHOLD_=131072`` the same run stayed at
+0.6-0.8 GB, but ran 2x slower. ``malloc_trim(0)`` every 50 steps returns the freed pages: 1.75 GiB peak after one
+epoch at 1% lower speed (``benchmarks/train_memory.py``; every 10 steps: 1.46 GiB, 10% slower).
 """
 
 from __future__ import annotations

@@ -68,8 +68,9 @@ from supermoe_rec.models.train_module import StepOutput, TrainModule
 from supermoe_rec.modules.embeddings import SparseArch
 
 log = logging.getLogger("supermoe_rec.train")  # not __name__: that is "__main__" under python -m
-# Steps (and eval batches) between returns of freed heap memory to the OS: see supermoe_rec.memory.
-RELEASE_MEMORY_EVERY = 10
+# Steps (and eval batches) between returns of freed heap memory to the OS (supermoe_rec.memory); the interval
+# trades peak RSS against speed, measured by benchmarks/train_memory.py.
+RELEASE_MEMORY_EVERY = 50
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 ALL_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")

@@ -103,3 +103,10 @@ def test_plain_twin_looks_up_what_sparse_arch_does() -> None:
         for name in want.sequences:
             torch.testing.assert_close(got.sequences[name], want.sequences[name], rtol=0, atol=0)
             torch.testing.assert_close(got.lengths[name], want.lengths[name])
+
+
+def test_train_memory_quick(tmp_path: Path) -> None:
+    out = _run("train_memory.py", ["--steps", "3", "--every", "0", "2", "--threads", "1"], tmp_path / "mem.json")
+    assert [r["every"] for r in out["results"]] == [0, 2]
+    for r in out["results"]:
+        assert r["steps"] == 3 and r["peak_rss_bytes"] > 100 * 2**20 and r["train_samples_per_s"] > 0, r
