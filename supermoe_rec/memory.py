@@ -34,7 +34,9 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def release_freed_memory() -> bool:
     """Return the heap pages that malloc holds free to the OS (glibc's ``malloc_trim(0)``).
 
-    Costs about a millisecond; live memory is untouched, so results do not change.
+    The call itself takes microseconds to milliseconds; the real cost is the page faults when the returned pages
+    are used again, hence an interval (``RELEASE_MEMORY_EVERY`` in the trainer). Live memory is untouched, so
+    results do not change.
 
     Returns:
         True when glibc's ``malloc_trim`` ran, False where the C library has none.
