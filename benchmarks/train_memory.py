@@ -26,7 +26,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs in the child: set the interval, train, print VmHWM. Arguments: every, steps, threads, out_dir.
+# Runs in the child: set the interval, train, print VmHWM. Arguments: every, steps, threads, out_dir, the
+# benchmarks folder (for embedding_memory's /proc reader).
 CHILD = """
 import json, sys
 import supermoe_rec.train as train
@@ -36,8 +37,9 @@ from supermoe_rec.config import load_config
 overrides = [f"--train.max_steps={steps}", f"--train.num_threads={threads}", f"--train.out_dir={out_dir}"]
 cfg = load_config("configs/ml100k.yaml", [*overrides, "--train.name=bench", "--train.tensorboard=false"])
 train.train(cfg)
-status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print("RESULT " + json.dumps({"peak_rss_bytes": int(status["VmHWM"].split()[0]) * 1024}))
+sys.path.insert(0, sys.argv[5])
+from embedding_memory import status_bytes
+print("RESULT " + json.dumps({"peak_rss_bytes": status_bytes("VmHWM")}))
 """
 
 
@@ -46,7 +48,7 @@ def run_one(every: int, steps: int, threads: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-c", CHILD, str(every), str(steps), str(threads), out_dir],
+            [sys.executable, "-c", CHILD, str(every), str(steps), str(threads), out_dir, str(ROOT / "benchmarks")],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -294,7 +294,7 @@ def make_run(base: ExperimentConfig, arch: Arch, seed: int, tasks: tuple[str, ..
     """
     cfg = replace(base, model=replace(base.model, arch=arch), data=replace(base.data, tasks=tasks))
     cfg = replace(
-        cfg, train=replace(base.train, seed=seed, out_dir=str(runs_dir), task_weights=cfg.trained_task_weights())
+        cfg, train=replace(cfg.train, seed=seed, out_dir=str(runs_dir), task_weights=cfg.trained_task_weights())
     )
     key = config_key(cfg)
     label = "+".join(tasks) if tasks else "all"
