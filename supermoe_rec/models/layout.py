@@ -7,11 +7,14 @@ P profile features, I item-side features.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from supermoe_rec.data.schema import FeatureSide, Schema
-from supermoe_rec.modules.embeddings import SparseOutput
+
+if TYPE_CHECKING:  # annotations only: the over-arch imports without TorchRec (supermoe_rec.serving relies on it)
+    from supermoe_rec.modules.embeddings import SparseOutput
 
 
 @dataclass(frozen=True)

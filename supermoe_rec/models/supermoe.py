@@ -17,15 +17,18 @@ Every candidate of a group (a positive and its negative) is scored from one enco
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from supermoe_rec.data.batch import Batch
 from supermoe_rec.models.layout import FeatureLayout, concat_pooled, history_of, leader_rows
-from supermoe_rec.modules.embeddings import SparseArch, SparseOutput
 from supermoe_rec.modules.towers import MultiTaskTowers
 from supermoe_rec.modules.transformer import MoETransformerEncoder
+
+if TYPE_CHECKING:  # annotations only: the over-arch imports without TorchRec (supermoe_rec.serving relies on it)
+    from supermoe_rec.data.batch import Batch
+    from supermoe_rec.modules.embeddings import SparseArch, SparseOutput
 
 
 @dataclass
