@@ -100,6 +100,12 @@ class NextItemsLoss(nn.Module):
             raise ValueError(f"item_frequency must be [{num_items}], got {list(item_frequency.shape)}")
         self.register_buffer("item_frequency", item_frequency.float(), persistent=False)
 
+    def frequency(self) -> torch.Tensor:
+        """[N_items] share of each item among the training positives."""
+        freq = self.item_frequency
+        assert isinstance(freq, torch.Tensor)
+        return freq
+
     def _group(self) -> dist.ProcessGroup | None:
         if self.global_normalization and dist.is_available() and dist.is_initialized():
             return dist.group.WORLD
@@ -148,7 +154,7 @@ class NextItemsLoss(nn.Module):
             cand_emb = torch.cat([cand_emb.to(dtype), batch_emb])  # (N + P, D)
             cand_ids = torch.cat([cand_ids, batch_ids])  # (N + P,)
         if self.logq_correction:
-            expected = self.num_sampled / (self.num_items - 1) + float(global_count) * self.item_frequency[cand_ids]
+            expected = self.num_sampled / (self.num_items - 1) + float(global_count) * self.frequency()[cand_ids]
             correction = torch.log(expected.to(dtype).clamp(min=1e-12))  # (N',)
         else:
             correction = torch.zeros(len(cand_ids), dtype=dtype, device=query.device)  # (N',)
@@ -178,7 +184,7 @@ class NextItemsLoss(nn.Module):
         # all_gather needs equal shapes: pad to the largest rank's count, then cut each part back.
         padded_emb = torch.cat([emb, emb.new_zeros(width - len(ids), emb.shape[1])])
         padded_ids = torch.cat([ids, ids.new_zeros(width - len(ids))])
-        emb_parts = all_gather(padded_emb, group=group)  # autograd: gradients return to their rank
+        emb_parts = all_gather(padded_emb, group=group)  # type: ignore[no-untyped-call]  # autograd: gradients return to their rank
         id_parts = [torch.zeros_like(padded_ids) for _ in range(world)]
         dist.all_gather(id_parts, padded_ids, group=group)
         n = [int(c) for c in all_counts]
