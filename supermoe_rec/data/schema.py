@@ -8,6 +8,7 @@ MovieLens protocol builds one in code, users write one in YAML (see ``configs/sc
     tables:
       - {name: user, num_embeddings: 100000}
       - {name: item, num_embeddings: 1000000, hash: true}   # ids hashed into range instead of rejected
+      - {name: country, vocab: true}              # strings: ids from the train file's values, row 0 = unknown
     sparse_features:              # pooled by an EmbeddingBagCollection
       - {name: user_id, column: user_id, table: user, side: user}
       - {name: tags, column: tags, table: tag, multi_valued: true}   # a list, or a "a b c" string
@@ -47,15 +48,53 @@ from supermoe_rec.config import ConfigError, TaskType, from_dict
 from supermoe_rec.tasks import TaskSpec
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parser error as one line: the problem and where (1-based line and column).
+
+    Example::
+
+        >>> try:
+        ...     yaml.safe_load("a: [1, 2")
+        ... except yaml.YAMLError as exc:
+        ...     print(yaml_problem(exc))
+        expected ',' or ']', but got '<stream end>' (line 1, column 9)
+    """
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
+@dataclass(frozen=True)
+class VocabSpec:
+    """A vocabulary's options: values seen fewer than ``min_count`` times in the train file map to row 0 (OOV)."""
+
+    min_count: int = 1
+
+
 @dataclass(frozen=True)
 class TableSpec:
-    """An embedding table: its row count, and whether out-of-range ids are hashed into range (else an error)."""
+    """An embedding table: its row count, and whether out-of-range ids are hashed into range (else an error).
+
+    ``vocab: true`` (or ``vocab: {min_count: N}``): the column's values (strings, years, sparse ids) are mapped
+    through a vocabulary built from the train file (:mod:`supermoe_rec.data.vocab`); row 0 is the out-of-vocabulary
+    and padding row, and ``num_embeddings`` is derived (do not write it).
+    """
 
     name: str
-    num_embeddings: int
+    # 0 only for a vocab table before its vocabulary is built; every other table needs its row count.
+    num_embeddings: int = 0
     hash: bool = False
     # Optional per-table width; the model's embedding_dim applies when unset.
     embedding_dim: int | None = None
+    vocab: bool | VocabSpec = False
+
+    @property
+    def vocab_spec(self) -> VocabSpec | None:
+        """The vocabulary options, or None for a table that reads integer ids."""
+        if isinstance(self.vocab, VocabSpec):
+            return self.vocab
+        return VocabSpec() if self.vocab else None
 
 
 class FeatureSide(str, enum.Enum):
@@ -101,6 +140,11 @@ class TaskColumns:
     mask: str | None = None
 
 
+# The key under which a batch carries the next-items candidates (the catalogue, or sampled ids), spread over its
+# rows; it reads the table of the schema's ``next_items`` feature.
+ITEM_CANDIDATES = "item_candidates"
+
+
 @dataclass(frozen=True)
 class Schema:
     user_column: str
@@ -113,6 +157,9 @@ class Schema:
     timestamp_column: str | None = None
     # Drop rows where no task is labelled (they carry no loss). They are counted and reported, never silent.
     drop_unlabelled: bool = True
+    # The per-group sequence feature that holds each sample's *future* items (the positives of the next-items
+    # objective, supermoe_rec/next_items.py). It is a label, not an input: the encoder never reads it.
+    next_items: str | None = None
     name: str = "table"
     _source: str = field(default="schema", compare=False, repr=False)
 
@@ -122,6 +169,11 @@ class Schema:
             schema = from_dict({**values, "_source": source}, Schema)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
+        for t in schema.tables:
+            if t.vocab_spec is not None and t.num_embeddings:
+                raise ConfigError(
+                    f"{source}: tables.{t.name}.num_embeddings: derived from the vocabulary (vocab is set); remove it"
+                )
         schema.validate()
         return schema
 
@@ -131,7 +183,10 @@ class Schema:
         if not path.is_file():
             raise ConfigError(f"{path}: schema file not found")
         with path.open() as f:
-            values = yaml.safe_load(f)
+            try:
+                values = yaml.safe_load(f)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
         if not isinstance(values, Mapping):
             raise ConfigError(f"{path}: a schema is a mapping (user_column, tables, features, tasks)")
         return Schema.from_dict(values, source=str(path))
@@ -143,8 +198,16 @@ class Schema:
         if len(tables) != len(self.tables):
             raise ConfigError(f"{src}: tables: duplicate table names")
         for t in self.tables:
-            if t.num_embeddings <= 0:
-                raise ConfigError(f"{src}: tables.{t.name}.num_embeddings must be positive")
+            vocab = t.vocab_spec
+            if vocab is None and t.num_embeddings <= 0:
+                raise ConfigError(
+                    f"{src}: tables.{t.name}.num_embeddings must be positive (or set vocab: true to derive it from "
+                    "the train file's values)"
+                )
+            if vocab is not None and t.hash:
+                raise ConfigError(f"{src}: tables.{t.name}.hash: a vocab table maps unknown values to row 0; drop hash")
+            if vocab is not None and vocab.min_count < 1:
+                raise ConfigError(f"{src}: tables.{t.name}.vocab.min_count must be at least 1")
         features = [*self.sparse_features, *self.sequence_features]
         if not features:
             raise ConfigError(f"{src}: sparse_features/sequence_features: at least one categorical feature is needed")
@@ -169,11 +232,53 @@ class Schema:
         for f in self.sparse_features:
             if f.per_group:
                 raise ConfigError(f"{src}: sparse_features.{f.name}.per_group applies to sequence features only")
+        for f in self.sequence_features:
+            if f.per_group and self.group_column is None:
+                raise ConfigError(
+                    f"{src}: sequence_features.{f.name}.per_group needs group_column: without it every row is its "
+                    "own group and the encoder runs once per row (name the column of rows that share this value, "
+                    "e.g. a request id)"
+                )
+            others = [g.name for g in self.sequence_features if g.table == f.table and g.name != f.name]
+            if f.multi_valued and not f.per_group and others:
+                raise ConfigError(
+                    f"{src}: sequence_features.{f.name}.per_group: a list of ids that shares table {f.table!r} with "
+                    f"{others} is a history; without per_group: true it is pooled into the candidate and the "
+                    "encoder sees no history. Set per_group: true (and group_column), or give a per-row list its "
+                    "own table in sparse_features"
+                )
+        if self.next_items is not None:
+            spec = next((f for f in self.sequence_features if f.name == self.next_items), None)
+            if spec is None or not spec.per_group:
+                raise ConfigError(f"{src}: next_items: {self.next_items!r} must name a per_group sequence feature")
         if not self.tasks:
             raise ConfigError(f"{src}: tasks: at least one task is needed")
         task_names = [t.name for t in self.tasks]
         if len(set(task_names)) != len(task_names):
             raise ConfigError(f"{src}: tasks: duplicate task names")
+
+    def next_items_table(self) -> TableSpec | None:
+        """The item table that the next-items objective scores against (that of ``next_items``), if any."""
+        if self.next_items is None:
+            return None
+        spec = next(f for f in self.sequence_features if f.name == self.next_items)
+        return self.table(spec.table)
+
+    def vocab_tables(self) -> list[TableSpec]:
+        """The tables whose ids come from a vocabulary."""
+        return [t for t in self.tables if t.vocab_spec is not None]
+
+    def features_of_table(self, table: str) -> list[FeatureSpec]:
+        return [f for f in (*self.sparse_features, *self.sequence_features) if f.table == table]
+
+    def with_table_sizes(self, sizes: Mapping[str, int]) -> Schema:
+        """The same schema with ``num_embeddings`` set for the named tables (vocabulary sizes, row 0 included)."""
+        tables = tuple(
+            dataclasses.replace(t, num_embeddings=int(sizes[t.name])) if t.name in sizes else t for t in self.tables
+        )
+        out = dataclasses.replace(self, tables=tables)
+        out.validate()
+        return out
 
     def task_specs(self) -> list[TaskSpec]:
         return [TaskSpec(t.name, t.type) for t in self.tasks]
@@ -183,6 +288,14 @@ class Schema:
             if t.name == name:
                 return t
         raise KeyError(name)
+
+    def check_task_names(self, tasks: Sequence[str], task_weights: Mapping[str, float]) -> None:
+        """``data.tasks`` and ``train.task_weights`` may name only this schema's tasks (checked before any data)."""
+        known = [t.name for t in self.tasks]
+        for key, names in (("data.tasks", list(tasks)), ("train.task_weights", list(task_weights))):
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ConfigError(f"{key}: unknown task(s) {unknown} (the schema {self._source} has {known})")
 
     def select_tasks(self, names: Sequence[str]) -> Schema:
         """The same schema restricted to ``names`` (in that order); an unknown task name is an error naming it."""

@@ -131,7 +131,7 @@ class SparseArch(nn.Module):
 
     Example::
 
-        >>> schema = Schema.from_dict({"user_column": "u",
+        >>> schema = Schema.from_dict({"user_column": "u", "group_column": "g",
         ...     "tables": [{"name": "user", "num_embeddings": 10}, {"name": "item", "num_embeddings": 20}],
         ...     "sparse_features": [{"name": "user", "column": "u", "table": "user", "side": "user"}],
         ...     "sequence_features": [
