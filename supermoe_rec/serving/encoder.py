@@ -1,0 +1,643 @@
+"""``UserEncoder``: the exported model at inference, with torch, numpy and pandas only (no TorchRec, no fbgemm,
+no process group).
+
+Dimension letters: U users, G users of one forward pass, K candidates per user, B = G * K rows, L history length,
+D embedding dim, M model dim, T tasks, N items (rows of the candidate item table).
+
+What runs: the embedding tables of the artifact are plain tensors, looked up with ``torch.nn.functional``
+(``embedding_bag`` with the pooling TorchRec used: mean for tables read by a multi-valued feature, sum otherwise);
+the table-free part is the run's own :class:`~supermoe_rec.models.supermoe.SuperMoEOverArch`, rebuilt from the
+manifest's config and loaded from its state_dict, so its forward is exactly the training forward (see
+``docs/serving.md`` for why this is the fallback rather than a ``torch.export`` program).
+
+Input (``events``, a DataFrame in the schema's columns), in either of two shapes:
+
+- **one row per user**, with the history column(s) holding lists of ids (the training table's layout); a user
+  with several rows is represented by the last one (by the schema's timestamp column when present);
+- **one row per event** (the history column is absent): each row is an interaction, its item read from the
+  candidate item column (the per-row sequence feature sharing the history's table, ``item`` on ml100k-mt); a
+  user's history is their items ordered by timestamp (stable), the last ``max_history`` kept; the profile comes
+  from their last event.
+
+Ids are mapped as in training: ``vocab`` tables through the run's vocabulary (unknown values to row 0, counted),
+``hash`` tables hashed into range (counted), other tables must hold integer ids inside the table (else the same
+:class:`~supermoe_rec.data.errors.DataError` as training, naming the row and column).
+
+Routing: every MoE router runs dropless, so a user's vector never depends on the users sharing its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from supermoe_rec.config import Arch, ModelConfig, from_dict
+from supermoe_rec.data.errors import DataError, first_true
+from supermoe_rec.data.schema import FeatureSide, FeatureSpec, Schema
+from supermoe_rec.models.layout import FeatureLayout
+from supermoe_rec.models.supermoe import SuperMoEOverArch
+from supermoe_rec.modules.gating import TopKRouter
+from supermoe_rec.modules.towers import MultiTaskTowers
+from supermoe_rec.modules.transformer import MoETransformerEncoder
+from supermoe_rec.serving import artifact as art
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
+
+# Rows of one forward pass are capped so that the [B, L, D] history tensor of a candidate batch stays small.
+MAX_ROW_POSITIONS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+def build_over_arch(model: ModelConfig, schema: Schema, max_history: int) -> SuperMoEOverArch:
+    """The table-free part of a transformer-arch model for ``schema``, as ``models.factory.build_model`` builds it.
+
+    Only shapes matter: the weights come from the artifact's state_dict (loaded strictly, so a shape drift between
+    this and the factory is an error at export, where :func:`supermoe_rec.serving.export_artifact.export_artifact`
+    also checks the outputs against the training model).
+    """
+    if model.arch not in (Arch.SUPERMOE, Arch.DENSE_TRANSFORMER):
+        raise ValueError(f"model.arch {model.arch.value!r} has no [USER] representation to serve")
+    layout = FeatureLayout.from_schema(schema)
+    dims = {
+        f.name: schema.table(f.table).embedding_dim or model.embedding_dim
+        for f in (*schema.sparse_features, *schema.sequence_features)
+    }
+    history_dims = {dims[n] for n in layout.history}
+    profile_dim = sum(dims[n] for n in layout.profile)
+    item_dim = sum(dims[n] for n in layout.item)
+    tasks = schema.task_specs()
+    dense = model.arch is Arch.DENSE_TRANSFORMER
+    enc = model.encoder
+    encoder = MoETransformerEncoder(
+        model,
+        num_tasks=len(tasks),
+        input_dim=history_dims.pop() if history_dims else model.embedding_dim,
+        dense_hidden_for_moe_blocks=model.moe.top_k * model.moe.expert_hidden if dense else None,
+        max_history=max_history,
+    )
+    towers = MultiTaskTowers(
+        tasks,
+        SuperMoEOverArch.tower_input_dim(enc.d_model, item_dim, profile_dim, layout.num_dense, enc.item_interaction),
+        model.towers.hidden,
+    )
+    # SuperMoERec passes SparseArch.embedding_dim, the model's default width.
+    return SuperMoEOverArch(encoder, towers, layout, profile_dim, model.embedding_dim, item_dim, enc.item_interaction)
+
+
+def make_dropless(module: torch.nn.Module) -> int:
+    """Switch every MoE router under ``module`` to dropless routing; returns how many routers there are."""
+    routers = [m for m in module.modules() if isinstance(m, TopKRouter)]
+    for router in routers:
+        router.dropless = True
+    return len(routers)
+
+
+@dataclass
+class _Embeddings:
+    """Duck type of :class:`supermoe_rec.modules.embeddings.SparseOutput` (that module imports TorchRec)."""
+
+    pooled: dict[str, torch.Tensor]
+    sequences: dict[str, torch.Tensor]
+    lengths: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Rows:
+    """The fields of :class:`supermoe_rec.data.batch.Batch` the over-arch reads (no labels at inference)."""
+
+    group_index: torch.Tensor
+    dense_features: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.group_index.shape[0])
+
+
+@dataclass
+class Jagged:
+    """Ids of one feature for B rows: ``values`` [Σ lengths] int64, ``lengths`` [B] int64."""
+
+    values: torch.Tensor
+    lengths: torch.Tensor
+
+    @staticmethod
+    def empty(rows: int) -> Jagged:
+        return Jagged(torch.zeros(0, dtype=torch.long), torch.zeros(rows, dtype=torch.long))
+
+
+@dataclass
+class MappedUsers:
+    """G users as table rows: profile and history ids per feature (``Jagged`` over G rows), dense [G, F]."""
+
+    num_users: int
+    profile: dict[str, Jagged]
+    history: dict[str, Jagged]
+    dense: torch.Tensor
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+
+def _padded(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[Σ lengths, D] rows -> [B, max length, D], left-aligned, zeros at padding."""
+    B = int(lengths.shape[0])
+    width = int(lengths.max()) if B else 0
+    out = rows.new_zeros(B, width, rows.shape[1])
+    if rows.shape[0]:
+        row = torch.repeat_interleave(torch.arange(B), lengths)
+        pos = torch.arange(rows.shape[0]) - _offsets(lengths)[:-1][row]
+        out[row, pos] = rows
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Encoded:
+    """What :meth:`UserEncoder.encode` returns, users in the order they first appear in the input.
+
+    Attributes:
+        user_keys: [U] the schema's user column values.
+        user: [U, M] float32 universal [USER] vectors.
+        tasks: task name -> [U, M] float32 task representations.
+        scores: task name -> [U, K] per-candidate predictions as the model returns them (a logit for binary
+            tasks, a value for regression tasks); empty without candidates.
+        history_lengths: [U] history items each user was encoded with (after truncation to ``max_history``).
+        unknown_ids: feature -> ids mapped to the out-of-vocabulary row 0 (vocab tables).
+        hashed_ids: feature -> ids hashed into range (hash tables).
+    """
+
+    user_keys: npt.NDArray[Any]
+    user: FloatArray
+    tasks: dict[str, FloatArray]
+    scores: dict[str, FloatArray] = field(default_factory=dict)
+    history_lengths: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    unknown_ids: dict[str, int] = field(default_factory=dict)
+    hashed_ids: dict[str, int] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+
+class UserEncoder:
+    """An exported run at inference: ``UserEncoder.load(DIR).encode(events)``.
+
+    Example (``artifact`` written by ``supermoe-rec export --run R --artifact DIR``)::
+
+        enc = UserEncoder.load("artifacts/ml100k")
+        out = enc.encode(events, candidates=[[50, 181, 100]] * n_users)
+        out.user           # [U, M] [USER] vectors
+        out.scores["like"]  # [U, 3] logits of "like" for each user's three candidates
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        schema: Schema,
+        over_arch: SuperMoEOverArch,
+        tables: dict[str, torch.Tensor],
+        catalog: dict[str, torch.Tensor],
+        vocabularies: dict[str, Any],
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.schema = schema
+        self.over_arch = over_arch.eval()
+        self.tables = tables
+        self.catalog = catalog
+        self.vocabularies = vocabularies
+        self.max_history = int(manifest["schema"]["max_history"])
+        self.task_names = [t.name for t in schema.tasks]
+        self.layout = FeatureLayout.from_schema(schema)
+        history = [f for f in schema.sequence_features if f.per_group]
+        self.history_features = history
+        candidate = [f for f in schema.sequence_features if not f.per_group and history and f.table == history[0].table]
+        # The per-row feature that names the candidate item (the target item); absent in history-only schemas.
+        self.candidate_feature: FeatureSpec | None = candidate[0] if candidate else None
+        self._mean_tables = {f.table for f in schema.sparse_features if f.multi_valued}
+
+    # -------------------------------------------------------------------------------------------- loading
+
+    @staticmethod
+    def load(directory: str | Path, verify: bool = True) -> UserEncoder:
+        """Load an artifact directory; checks every file's SHA-256 first (``verify=False`` skips that)."""
+        directory = Path(directory)
+        manifest = art.read_manifest(directory)
+        if verify:
+            art.verify(directory, manifest)
+        try:
+            schema = schema_from_manifest(manifest)
+            model_cfg = from_dict(manifest["config"]["model"], ModelConfig)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise art.ArtifactError(f"{directory / art.MANIFEST}: cannot read the schema or config ({exc})") from exc
+        over_arch = build_over_arch(model_cfg, schema, int(manifest["schema"]["max_history"]))
+        state = art.load_tensors(directory / art.OVER_ARCH)
+        try:
+            over_arch.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise art.ArtifactError(f"{directory / art.OVER_ARCH}: does not fit the manifest's model ({exc})") from exc
+        make_dropless(over_arch)
+        tables = art.load_tensors(directory / art.TABLES)
+        for t in schema.tables:
+            if t.name not in tables:
+                raise art.ArtifactError(f"{directory / art.TABLES}: table {t.name!r} is missing")
+            if tables[t.name].shape[0] != t.num_embeddings:
+                raise art.ArtifactError(
+                    f"{directory / art.TABLES}: table {t.name!r} has {tables[t.name].shape[0]} rows, "
+                    f"the schema says {t.num_embeddings}"
+                )
+        catalog = art.load_tensors(directory / art.ITEM_CATALOG)
+        vocabularies: dict[str, Any] = {}
+        if art.VOCAB in manifest["files"]:
+            from supermoe_rec.data.vocab import load_vocabularies
+
+            vocabularies = dict(load_vocabularies(directory / art.VOCAB))
+        return UserEncoder(directory, manifest, schema, over_arch, tables, catalog, vocabularies)
+
+    @property
+    def dim(self) -> int:
+        """M, the width of the [USER] vector."""
+        return int(self.over_arch.encoder.d_model)
+
+    # ------------------------------------------------------------------------------------------ id mapping
+
+    def map_ids(
+        self, values: npt.NDArray[Any], spec: FeatureSpec, source: str, counts: Encoded | None = None
+    ) -> IntArray:
+        """Table rows of raw ``values`` of feature ``spec``, as training maps them (see the module docstring)."""
+        table = self.schema.table(spec.table)
+        if table.name in self.vocabularies:
+            rows = np.asarray(self.vocabularies[table.name].lookup(values), dtype=np.int64)
+            if counts is not None:
+                counts.unknown_ids[spec.name] = counts.unknown_ids.get(spec.name, 0) + int((rows == 0).sum())
+            return rows
+        if table.hash:
+            hashed = pd.util.hash_array(values.astype(object) if values.dtype == object else values)
+            if counts is not None:
+                counts.hashed_ids[spec.name] = counts.hashed_ids.get(spec.name, 0) + len(values)
+            return (hashed % np.uint64(table.num_embeddings)).astype(np.int64)
+        if values.dtype.kind in "iu":
+            ids = values.astype(np.int64)
+        else:
+            numeric = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
+            bad = np.isnan(numeric) | (numeric != np.floor(numeric))
+            if bad.any():
+                j = first_true(bad)
+                raise DataError(
+                    source,
+                    f"id {values[j]!r} is not an integer (set hash: true on table {spec.table!r} to hash it)",
+                    column=spec.column,
+                )
+            ids = numeric.astype(np.int64)
+        outside = (ids < 0) | (ids >= table.num_embeddings)
+        if outside.any():
+            j = first_true(outside)
+            raise DataError(
+                source,
+                f"id {ids[j]} is outside table {spec.table!r} of {table.num_embeddings} rows "
+                "(grow num_embeddings, or set hash: true on the table)",
+                column=spec.column,
+            )
+        return ids
+
+    # ------------------------------------------------------------------------------------------ user rows
+
+    def user_rows(self, events: pd.DataFrame, source: str = "events") -> pd.DataFrame:
+        """One row per user (first-appearance order) with the profile, dense and history columns (histories as
+        lists of raw ids, oldest first, at most ``max_history``); see the module docstring for the two shapes."""
+        s = self.schema
+        if events.empty:
+            raise DataError(source, "no rows (empty table)")
+        user_col = s.user_column
+        profile = [f for f in s.sparse_features if f.side is FeatureSide.USER]
+        needed = [user_col, *(f.column for f in profile), *(d.column for d in s.dense_features)]
+        history_cols = [f.column for f in self.history_features]
+        per_user = all(c in events.columns for c in history_cols) and bool(history_cols)
+        if not per_user:
+            if self.candidate_feature is None:
+                raise DataError(source, f"missing history column(s) {history_cols}", column=history_cols[0])
+            needed.append(self.candidate_feature.column)
+        for column in dict.fromkeys(needed):
+            if column not in events.columns:
+                raise DataError(source, f"missing column (columns are {list(events.columns)})", column=column)
+        missing = events[user_col].isna().to_numpy()
+        if missing.any():
+            raise DataError(source, "missing user id", row=first_true(missing), column=user_col)
+        frame = events.reset_index(drop=True)
+        order = np.arange(len(frame))
+        ts = s.timestamp_column
+        if ts is not None and ts in frame.columns:
+            order = np.lexsort((order, frame[ts].to_numpy()))
+        frame = frame.iloc[order]
+        first_seen = pd.unique(events[user_col].to_numpy())
+        last = frame.groupby(user_col, sort=False, dropna=False).tail(1).set_index(user_col)
+        out = pd.DataFrame({user_col: first_seen})
+        for column in dict.fromkeys([*(f.column for f in profile), *(d.column for d in s.dense_features)]):
+            out[column] = last.loc[first_seen, column].to_numpy()
+        if per_user:
+            for column in dict.fromkeys(history_cols):
+                out[column] = [self._as_list(v, column, source) for v in last.loc[first_seen, column].to_numpy()]
+        else:
+            assert self.candidate_feature is not None
+            items = frame.groupby(user_col, sort=False)[self.candidate_feature.column].agg(list)
+            lists = [items.loc[u][-self.max_history :] for u in first_seen]
+            for column in dict.fromkeys(history_cols):
+                out[column] = lists
+        return out
+
+    def _as_list(self, cell: Any, column: str, source: str) -> list[Any]:
+        if isinstance(cell, str):
+            spec = next(f for f in self.history_features if f.column == column)
+            items: list[Any] = cell.split(spec.separator) if cell.strip() else []
+        elif cell is None or (pd.api.types.is_scalar(cell) and pd.isna(cell)):
+            items = []
+        elif pd.api.types.is_scalar(cell):
+            raise DataError(source, f"expected a list of ids, got {cell!r}", column=column)
+        else:
+            items = list(cell)
+        return items[-self.max_history :]
+
+    # ------------------------------------------------------------------------------------------- lookups
+
+    def _pool(self, spec: FeatureSpec, ids: Jagged) -> torch.Tensor:
+        """[B, D] pooled rows of a pooled feature: mean over a multi-valued table, sum otherwise (as TorchRec)."""
+        mode = "mean" if spec.table in self._mean_tables else "sum"
+        weight = self.tables[spec.table]
+        return F.embedding_bag(ids.values, weight, _offsets(ids.lengths)[:-1], mode=mode)
+
+    def _jagged(
+        self, lists: Sequence[Sequence[Any]] | npt.NDArray[Any], spec: FeatureSpec, source: str, counts: Encoded
+    ) -> Jagged:
+        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+        flat = [v for x in lists for v in x]
+        values = np.asarray(flat) if flat else np.zeros(0, dtype=np.int64)
+        if values.dtype == object:
+            inferred = pd.Series(flat).infer_objects().to_numpy()
+            values = inferred if inferred.dtype != object else values
+        ids = self.map_ids(values, spec, source, counts) if len(values) else np.zeros(0, dtype=np.int64)
+        return Jagged(torch.from_numpy(ids), torch.from_numpy(lengths))
+
+    def _catalog(self, name: str, rows: torch.Tensor) -> Jagged:
+        """Ids of item-side feature ``name`` for candidate item rows ``rows`` [B] (from the export's catalog)."""
+        values, offsets = self.catalog[f"{name}.values"], self.catalog[f"{name}.offsets"]
+        rows = rows.clamp(max=offsets.shape[0] - 2)
+        starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+        if int(lengths.sum()) == 0:
+            return Jagged(torch.zeros(0, dtype=torch.long), lengths)
+        index = torch.repeat_interleave(starts, lengths) + (
+            torch.arange(int(lengths.sum())) - torch.repeat_interleave(_offsets(lengths)[:-1], lengths)
+        )
+        return Jagged(values[index], lengths)
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def map_users(self, users: pd.DataFrame, counts: Encoded, source: str = "events") -> MappedUsers:
+        """Map the raw ids of G user rows (from :meth:`user_rows`) to table rows."""
+        s = self.schema
+        profile = {}
+        for spec in s.sparse_features:
+            if spec.side is FeatureSide.USER:
+                column = users[spec.column].to_numpy()
+                profile[spec.name] = self._jagged(
+                    list(column) if spec.multi_valued else [[v] for v in column], spec, source, counts
+                )
+        history = {
+            spec.name: self._jagged(list(users[spec.column]), spec, source, counts) for spec in self.history_features
+        }
+        dense = torch.zeros(len(users), len(s.dense_features))
+        for j, d in enumerate(s.dense_features):
+            values = pd.to_numeric(users[d.column], errors="coerce").to_numpy(np.float64)
+            if not np.isfinite(values).all():
+                row = first_true(~np.isfinite(values))
+                raise DataError(
+                    source, f"dense value is not a finite number: {users[d.column].iloc[row]!r}", column=d.column
+                )
+            dense[:, j] = torch.from_numpy(values.astype(np.float32))
+        return MappedUsers(len(users), profile, history, dense)
+
+    @torch.no_grad()
+    def forward_mapped(
+        self, users: MappedUsers, candidate_rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward pass over G mapped users, each scored on K candidate item rows.
+
+        Args:
+            users: G users' table rows (:meth:`map_users`).
+            candidate_rows: [G, K] item-table rows, or None (then K = 1 and the predictions mean nothing).
+
+        Returns:
+            user [G, M], tasks [G, T, M], predictions {task: [G, K]}.
+        """
+        s = self.schema
+        G = users.num_users
+        K = 1 if candidate_rows is None else int(candidate_rows.shape[1])
+        B = G * K
+        group_index = torch.arange(G).repeat_interleave(K)  # (B,)
+        leader = torch.arange(G) * K  # (G,) first row of each user
+        pooled: dict[str, torch.Tensor] = {}
+        sequences: dict[str, torch.Tensor] = {}
+        lengths: dict[str, torch.Tensor] = {}
+        flat = None if candidate_rows is None else candidate_rows.reshape(-1)  # (B,)
+        for spec in s.sparse_features:
+            if spec.side is FeatureSide.USER:
+                pooled[spec.name] = self._pool(spec, users.profile[spec.name])[group_index]  # (B, D)
+            elif flat is None:
+                pooled[spec.name] = self._pool(spec, Jagged.empty(B))
+            else:
+                pooled[spec.name] = self._pool(spec, self._catalog(spec.name, flat))
+        for spec in s.sequence_features:
+            table = self.tables[spec.table]
+            if spec.per_group:
+                ids = users.history[spec.name]
+                rows = _padded(F.embedding(ids.values, table), ids.lengths)  # (G, L, D)
+                full = rows.new_zeros(B, rows.shape[1], rows.shape[2])  # history on each user's first row only
+                full[leader] = rows
+                length = torch.zeros(B, dtype=torch.long)
+                length[leader] = ids.lengths
+                sequences[spec.name], lengths[spec.name] = full, length
+            elif flat is not None and spec is self.candidate_feature:
+                sequences[spec.name] = F.embedding(flat, table).unsqueeze(1)  # (B, 1, D)
+                lengths[spec.name] = torch.ones(B, dtype=torch.long)
+            elif flat is not None and f"{spec.name}.values" in self.catalog:
+                ids = self._catalog(spec.name, flat)
+                sequences[spec.name] = _padded(F.embedding(ids.values, table), ids.lengths)
+                lengths[spec.name] = ids.lengths
+            else:
+                sequences[spec.name] = table.new_zeros(B, 0, table.shape[1])
+                lengths[spec.name] = torch.zeros(B, dtype=torch.long)
+        rows_ = _Rows(
+            group_index=group_index, dense_features=users.dense[group_index], labels=torch.zeros(B, len(s.tasks))
+        )
+        out = self.over_arch(cast(Any, _Embeddings(pooled, sequences, lengths)), cast(Any, rows_))
+        assert out.user is not None and out.task_representations is not None
+        predictions = {name: out.predictions[name].reshape(G, K) for name in self.task_names}
+        return out.user, out.task_representations, predictions
+
+    def _chunks(self, users: pd.DataFrame, K: int, batch_size: int) -> Iterator[tuple[int, int]]:
+        longest = max((max((len(x) for x in users[f.column]), default=0) for f in self.history_features), default=0)
+        per_user = K * max(1, longest) * max(t.shape[1] for t in self.tables.values())
+        step = max(1, min(batch_size, MAX_ROW_POSITIONS // max(per_user, 1)))
+        for start in range(0, len(users), step):
+            yield start, min(start + step, len(users))
+
+    def encode(
+        self,
+        events: pd.DataFrame,
+        candidates: Sequence[Sequence[Any]] | npt.NDArray[Any] | None = None,
+        batch_size: int = 1024,
+        source: str = "events",
+        progress: bool = False,
+    ) -> Encoded:
+        """[USER] vectors, task representations and (with ``candidates``) per-task scores of every user in ``events``.
+
+        Args:
+            events: per-user rows or per-event rows in the schema's columns (see the module docstring).
+            candidates: [U, K] raw candidate item ids per user (in the order users first appear in ``events``), in
+                the candidate item column's id space (mapped like that column in training).
+            batch_size: users per forward pass (fewer when candidates make a pass large).
+            source: the input's name in error messages.
+            progress: show a tqdm progress bar.
+        """
+        users = self.user_rows(events, source)
+        U = len(users)
+        result = Encoded(
+            user_keys=users[self.schema.user_column].to_numpy(), user=np.zeros((0, self.dim), np.float32), tasks={}
+        )
+        rows: torch.Tensor | None = None
+        if candidates is not None:
+            if self.candidate_feature is None:
+                raise DataError(source, "this model has no candidate item feature to score candidates with")
+            raw = np.asarray(candidates)
+            if raw.ndim != 2 or raw.shape[0] != U:
+                raise DataError(source, f"candidates must be [users={U}, K], got shape {list(raw.shape)}")
+            mapped = self.map_ids(raw.reshape(-1), self.candidate_feature, f"{source} (candidates)", result)
+            rows = torch.from_numpy(mapped).view(U, -1)
+        K = 1 if rows is None else int(rows.shape[1])
+        user_parts, task_parts, length_parts = [], [], []
+        score_parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.task_names}
+        chunks = list(self._chunks(users, K, batch_size))
+        bar: Any = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=U, desc="encode users", unit="user", dynamic_ncols=True)
+        for start, end in chunks:
+            part = users.iloc[start:end]
+            mapped = self.map_users(part, result, source)
+            user, tasks, preds = self.forward_mapped(mapped, None if rows is None else rows[start:end])
+            user_parts.append(user)
+            task_parts.append(tasks)
+            length_parts.append(
+                next(iter(mapped.history.values())).lengths if mapped.history else torch.zeros(len(part))
+            )
+            for name in self.task_names:
+                score_parts[name].append(preds[name])
+            if bar is not None:
+                bar.update(end - start)
+        if bar is not None:
+            bar.close()
+        result.user = torch.cat(user_parts).float().numpy()
+        reps = torch.cat(task_parts).float().numpy()
+        result.tasks = {name: reps[:, t] for t, name in enumerate(self.task_names)}
+        result.history_lengths = torch.cat(length_parts).numpy().astype(np.int64)
+        if rows is not None:
+            result.scores = {n: torch.cat(p).float().numpy() for n, p in score_parts.items()}
+        return result
+
+    # -------------------------------------------------------------------------------------------- items
+
+    @torch.no_grad()
+    def item_vectors(self) -> torch.Tensor:
+        """[N, M] a vector per candidate item row, in the space of the [USER] vector, for retrieval.
+
+        With ``item_interaction`` the model has a projection of the candidate's item features into the model space
+        (the towers' match term); it is applied to every catalog item. Otherwise the candidate table's rows are
+        used, when their width equals M.
+        """
+        spec = self.candidate_feature
+        if spec is None:
+            raise ValueError("this model has no candidate item feature: nothing to retrieve")
+        n = self.schema.table(spec.table).num_embeddings
+        proj = self.over_arch.item_proj
+        if proj is None:
+            table = self.tables[spec.table]
+            if table.shape[1] != self.dim:
+                raise ValueError(
+                    f"no item projection (model.encoder.item_interaction is off) and table {spec.table!r} is "
+                    f"{table.shape[1]} wide, not M={self.dim}: items and [USER] vectors live in different spaces"
+                )
+            return table
+        parts = []
+        for start in range(0, n, 65536):
+            rows = torch.arange(start, min(start + 65536, n))
+            item = []
+            for name in self.layout.item:
+                f = next(x for x in (*self.schema.sparse_features, *self.schema.sequence_features) if x.name == name)
+                if f is spec:
+                    item.append(F.embedding(rows, self.tables[f.table]))
+                elif f in self.schema.sparse_features:
+                    item.append(self._pool(f, self._catalog(name, rows)))
+                else:
+                    ids = self._catalog(name, rows)
+                    item.append(
+                        F.embedding_bag(ids.values, self.tables[f.table], _offsets(ids.lengths)[:-1], mode="sum")
+                    )
+            parts.append(proj(torch.cat(item, dim=1)))
+        return torch.cat(parts)
+
+    def item_ids(self) -> npt.NDArray[Any]:
+        """[N] the raw id of every candidate item row (vocabulary tokens for a vocab table, else the row itself)."""
+        spec = self.candidate_feature
+        assert spec is not None
+        vocab = self.vocabularies.get(spec.table)
+        n = self.schema.table(spec.table).num_embeddings
+        if vocab is not None:
+            return np.array([None, *vocab.tokens], dtype=object)
+        return np.arange(n, dtype=np.int64)
+
+
+def _json_ready(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _json_ready(getattr(value, f.name)) for f in dataclasses.fields(value) if not f.name.startswith("_")
+        }
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def schema_as_dict(schema: Schema) -> dict[str, Any]:
+    """The schema as JSON-ready values (enums by value, private fields dropped)."""
+    out: dict[str, Any] = _json_ready(schema)
+    return out
+
+
+def schema_from_manifest(manifest: dict[str, Any]) -> Schema:
+    """The :class:`Schema` stored in a manifest (tables carry their final row counts, vocab tables included)."""
+    schema = from_dict({**manifest["schema"]["schema"], "_source": "artifact manifest"}, Schema)
+    schema.validate()
+    return schema
+
+
+__all__ = ["Encoded", "UserEncoder", "build_over_arch", "make_dropless", "schema_as_dict", "schema_from_manifest"]
