@@ -9,6 +9,11 @@
     supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--out DIR] [--force] [--jobs N] [--variants A,B]
 
 Arguments after the known flags are ``--section.key=value`` config overrides, checked strictly.
+
+Exit codes (every command): 0 success; 1 a compare/ablate run failed; 2 bad config or data, or a refused request
+(changed-shape resume, a locked run dir, an unsafe ``train.name``); 3 an unusable checkpoint. The project's errors
+print one line, ``supermoe-rec: error: ...``; ``--debug`` (anywhere on the line) or ``SUPERMOE_REC_DEBUG=1`` also
+prints their traceback. See :mod:`supermoe_rec.errors`.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from supermoe_rec.compare import COMPARABLE_ARCHS, CompareError, compare
-from supermoe_rec.config import ConfigError, load_config, save_config
-from supermoe_rec.data.errors import DataError
+from supermoe_rec.compare import COMPARABLE_ARCHS, compare
+from supermoe_rec.config import load_config, save_config
+from supermoe_rec.errors import run_reporting
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supermoe-rec",
         description="SUPERMOE on TorchRec. Config overrides follow the flags as --section.key=value.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="print tracebacks of config, data and checkpoint errors (any position)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="dataset commands")
@@ -113,59 +121,53 @@ def data_summary(config: str, overrides: Sequence[str], out: str | None = None) 
 
 
 def _representation_command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    """``export`` / ``probe``: overrides apply to the run's saved config; checkpoint problems are user errors."""
-    from supermoe_rec.checkpoint import CheckpointError
+    """``export`` / ``probe``: overrides apply to the run's saved config; an unusable checkpoint exits 3."""
+    if args.command == "export":
+        from supermoe_rec.export import main as export_main
 
-    try:
-        if args.command == "export":
-            from supermoe_rec.export import main as export_main
+        return export_main(args.run, args.out, overrides)
+    from supermoe_rec.probe import main as probe_main
 
-            return export_main(args.run, args.out, overrides)
-        from supermoe_rec.probe import main as probe_main
-
-        return probe_main(args.run, overrides, args.test_fraction, args.seed, args.balanced)
-    except CheckpointError as exc:
-        print(f"supermoe-rec: error: {exc}", file=sys.stderr)
-        return 2
+    return probe_main(args.run, overrides, args.test_fraction, args.seed, args.balanced)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Our progress at INFO; third-party libraries (fbgemm logs every .so it loads) only from WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("supermoe_rec").setLevel(logging.INFO)
-    args, overrides = _parser().parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line: overrides always have a dot and a value
+    args, overrides = _parser().parse_known_args([a for a in argv if a != "--debug"])
+    return run_reporting(lambda: _dispatch(args, overrides), debug)
+
+
+def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """Run one command; the project's errors propagate to :func:`run_reporting` (one line, exit code)."""
     if args.command == "train":
         from supermoe_rec import train
 
         return train.main(["--config", args.config, *overrides])
-    try:
-        if args.command == "data" and args.data_command == "summary":
-            print(json.dumps(data_summary(args.config, overrides, args.out), indent=2))
-            return 0
-        if args.command in ("export", "probe"):
-            return _representation_command(args, overrides)
-        if args.command == "plan":
-            from supermoe_rec.plan import ClusterSpec, format_report, plan_command
+    if args.command == "data" and args.data_command == "summary":
+        print(json.dumps(data_summary(args.config, overrides, args.out), indent=2))
+        return 0
+    if args.command in ("export", "probe"):
+        return _representation_command(args, overrides)
+    if args.command == "plan":
+        from supermoe_rec.plan import ClusterSpec, format_report, plan_command
 
-            cluster = ClusterSpec(args.world_size, args.hbm_gb, args.local_world_size, args.ddr_gb)
-            print(format_report(plan_command(args.config, overrides, cluster, args.json)))
-            return 0
-        if args.command == "compare":
-            archs = [a for a in args.archs.split(",") if a.strip()]
-            compare(args.config, archs, args.seeds, args.out, args.force, overrides, jobs=args.jobs)
-            return 0
-        if args.command == "ablate":
-            from supermoe_rec.ablate import VARIANTS, ablate, select_variants
+        cluster = ClusterSpec(args.world_size, args.hbm_gb, args.local_world_size, args.ddr_gb)
+        print(format_report(plan_command(args.config, overrides, cluster, args.json)))
+        return 0
+    if args.command == "compare":
+        archs = [a for a in args.archs.split(",") if a.strip()]
+        compare(args.config, archs, args.seeds, args.out, args.force, overrides, jobs=args.jobs)
+        return 0
+    if args.command == "ablate":
+        from supermoe_rec.ablate import VARIANTS, ablate, select_variants
 
-            variants = select_variants(args.variants.split(",")) if args.variants else VARIANTS
-            ablate(args.config, args.seeds, args.out, args.force, overrides, jobs=args.jobs, variants=variants)
-            return 0
-    except (ConfigError, DataError) as exc:
-        print(f"supermoe-rec: error: {exc}", file=sys.stderr)
-        return 2
-    except CompareError as exc:
-        print(f"supermoe-rec: error: {exc}", file=sys.stderr)
-        return 1
+        variants = select_variants(args.variants.split(",")) if args.variants else VARIANTS
+        ablate(args.config, args.seeds, args.out, args.force, overrides, jobs=args.jobs, variants=variants)
+        return 0
     raise AssertionError(f"unhandled command {args}")  # argparse only admits the commands above
 
 

@@ -45,6 +45,10 @@ class DatasetReport:
     rows_read: int
     rows_dropped_unlabelled: int = 0
     hashed_ids: dict[str, int] = field(default_factory=dict)
+    # Rows whose per-group history is longer than data.max_history: the encoder keeps its most recent items.
+    histories_truncated: int = 0
+    # Rows equal to an earlier row in every column the schema reads; counted, kept (the schema does not drop them).
+    duplicate_rows: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,12 +56,16 @@ class DatasetReport:
             "rows_read": self.rows_read,
             "rows_dropped_unlabelled": self.rows_dropped_unlabelled,
             "hashed_ids": dict(self.hashed_ids),
+            "histories_truncated": self.histories_truncated,
+            "duplicate_rows": self.duplicate_rows,
         }
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a CSV or parquet interaction table; an empty or missing file is a :class:`DataError`."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(str(path), "is a directory, not a table file (name a .csv, .tsv or .parquet file)")
     if not path.is_file():
         raise DataError(str(path), "file not found")
     if path.stat().st_size == 0:
@@ -76,6 +84,22 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds, so messages read ``2555.0``, not ``np.float64(2555.0)``."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _jagged_row_hash(jag: Jagged) -> npt.NDArray[np.uint64]:
+    """A 64-bit hash per row of a jagged feature, from its ids, their positions and the row's length."""
+    lengths = np.diff(jag.offsets)
+    position = np.arange(len(jag.values), dtype=np.int64) - np.repeat(jag.offsets[:-1], lengths)
+    value_hash = pd.util.hash_array(jag.values.astype(np.int64) * 1_000_003 + position)
+    cumulative = np.zeros(len(value_hash) + 1, dtype=np.uint64)
+    np.cumsum(value_hash, dtype=np.uint64, out=cumulative[1:])  # wraps modulo 2^64, as the differences do
+    sums = cumulative[jag.offsets[1:]] - cumulative[jag.offsets[:-1]]
+    return pd.util.hash_array(sums ^ lengths.astype(np.uint64))
+
+
 class TabularDataset:
     """Samples of one split: validated jagged features, dense features, labels [N, T] and task masks [N, T].
 
@@ -83,6 +107,8 @@ class TabularDataset:
         frame: the interaction table, one row per sample (candidate).
         schema: which columns are what.
         source: the file or table name used in error messages.
+        max_history: the encoder's history length (``data.max_history``); longer per-group histories are counted
+            in the report as truncated (the model keeps their most recent items).
 
     Example::
 
@@ -97,7 +123,7 @@ class TabularDataset:
         [[1.0], [1.0]]
     """
 
-    def __init__(self, frame: pd.DataFrame, schema: Schema, source: str) -> None:
+    def __init__(self, frame: pd.DataFrame, schema: Schema, source: str, max_history: int | None = None) -> None:
         self.schema = schema
         self.source = source
         self.tasks: list[TaskSpec] = schema.task_specs()
@@ -113,6 +139,11 @@ class TabularDataset:
             spec.name: self._categorical(frame, spec) for spec in (*schema.sparse_features, *schema.sequence_features)
         }
         dense = self._dense(frame)
+        timestamps = self._timestamps(frame)
+        group_keys = self._group_keys(frame)
+        self.report.duplicate_rows = self._count_duplicates(frame, features)
+        if self.report.duplicate_rows:
+            log.warning("%s: %d row(s) duplicate an earlier row (kept)", source, self.report.duplicate_rows)
 
         keep = mask.any(axis=1) if schema.drop_unlabelled else np.ones(len(frame), dtype=bool)
         if not keep.all():
@@ -123,7 +154,7 @@ class TabularDataset:
         # Rows of a group become contiguous (stable: input order is kept within and across groups).
         order = np.flatnonzero(keep)
         if schema.group_column is not None:
-            group_codes = pd.factorize(frame[schema.group_column].to_numpy()[order], sort=False)[0]
+            group_codes = pd.factorize(group_keys[order], sort=False)[0]
             by_group = np.argsort(group_codes, kind="stable")
             order, sizes = order[by_group], np.bincount(group_codes)
         else:
@@ -137,9 +168,7 @@ class TabularDataset:
         users = frame[schema.user_column].to_numpy()[order]
         self.user_keys = users
         self.user_index: IntArray = pd.factorize(users, sort=True)[0].astype(np.int64)
-        self.timestamps: IntArray | None = (
-            frame[schema.timestamp_column].to_numpy(np.int64)[order] if schema.timestamp_column else None
-        )
+        self.timestamps: IntArray | None = timestamps[order] if timestamps is not None else None
         self.features: dict[str, Jagged] = {}
         for name, jag in features.items():
             values, lengths = take_rows(jag.values, jag.offsets, order)
@@ -147,6 +176,15 @@ class TabularDataset:
         for spec in schema.sequence_features:
             if spec.per_group:
                 self._check_per_group(spec)
+        if max_history is not None:
+            self.report.histories_truncated = self._count_truncated(max_history)
+            if self.report.histories_truncated:
+                log.info(
+                    "%s: %d row(s) have a history longer than data.max_history=%d (the most recent items are kept)",
+                    source,
+                    self.report.histories_truncated,
+                    max_history,
+                )
 
     # ------------------------------------------------------------------------------------------- validation
 
@@ -307,6 +345,64 @@ class TabularDataset:
                 row=row,
                 column=spec.column,
             )
+
+    def _timestamps(self, frame: pd.DataFrame) -> IntArray | None:
+        """The timestamp column as integers; a value that is not a whole number is an error naming its row."""
+        column = self.schema.timestamp_column
+        if column is None:
+            return None
+        raw = frame[column]
+        if raw.dtype.kind in "iu":
+            return raw.to_numpy(np.int64)
+        values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(values) | (values != np.floor(values))
+        if bad.any():
+            row = first_true(bad)
+            raise DataError(
+                self.source, f"timestamp is not an integer: {plain(raw.iloc[row])!r}", row=row, column=column
+            )
+        return values.astype(np.int64)
+
+    def _group_keys(self, frame: pd.DataFrame) -> npt.NDArray[Any]:
+        """The group column; a missing group id is an error naming its row (NaN would form no group)."""
+        column = self.schema.group_column
+        if column is None:
+            return np.zeros(0, dtype=np.int64)
+        keys = frame[column].to_numpy()
+        missing = pd.isna(keys)
+        if missing.any():
+            raise DataError(self.source, "missing group id", row=first_true(missing), column=column)
+        return keys
+
+    def _count_duplicates(self, frame: pd.DataFrame, features: dict[str, Jagged]) -> int:
+        """Rows equal to an earlier row in every column the schema reads (lists compared as their validated ids).
+
+        Rows are compared by a 64-bit hash of each column (lists: of their ids and positions), so two different rows
+        count as one only on a hash collision (about n^2 / 2^64).
+        """
+        s = self.schema
+        list_columns = {f.column: f.name for f in (*s.sparse_features, *s.sequence_features) if f.multi_valued}
+        columns = [s.user_column, *(f.column for f in (*s.sparse_features, *s.sequence_features))]
+        columns += [d.column for d in s.dense_features] + [t.label for t in s.tasks]
+        columns += [t.mask for t in s.tasks if t.mask] + [c for c in (s.group_column, s.timestamp_column) if c]
+        row_hash = np.zeros(len(frame), dtype=np.uint64)
+        for k, column in enumerate(dict.fromkeys(columns)):
+            if column in list_columns:
+                col_hash = _jagged_row_hash(features[list_columns[column]])
+            else:
+                values = frame[column].to_numpy()
+                col_hash = pd.util.hash_array(values.astype(object) if values.dtype == object else values)
+            salt = np.uint64((k + 1) * 0x9E3779B97F4A7C15 % 2**64)  # each column mixes in differently
+            row_hash = pd.util.hash_array(row_hash ^ (col_hash + salt))
+        return int(pd.Series(row_hash).duplicated().sum())
+
+    def _count_truncated(self, max_history: int) -> int:
+        """Rows whose per-group history is longer than ``max_history`` (lengths counted on the group's rows)."""
+        truncated = np.zeros(len(self), dtype=bool)
+        for spec in self.schema.sequence_features:
+            if spec.per_group:
+                truncated |= np.diff(self.features[spec.name].offsets) > max_history
+        return int(truncated.sum())
 
     def _dense(self, frame: pd.DataFrame) -> FloatArray:
         out = np.zeros((len(frame), len(self.schema.dense_features)), dtype=np.float32)

@@ -40,7 +40,7 @@ class ProtocolOutput:
 
     frames: dict[str, pd.DataFrame]
     schema: Schema
-    # Per split: ratings, positives, negatives, positives_without_negative.
+    # Per split: ratings, positives, negatives, positives_without_negative, histories_truncated.
     split_counts: dict[str, dict[str, int]]
 
 
@@ -183,6 +183,8 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
             "positives": len(sel),
             "negatives": int(sel_neg.sum()),
             "positives_without_negative": int((~sel_neg).sum()),
+            # rows whose user had more than max_history earlier ratings: the window keeps the most recent ones
+            "histories_truncated": int((position[src] > cfg.max_history).sum()),
         }
 
     tables = [

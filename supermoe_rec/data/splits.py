@@ -101,9 +101,11 @@ def from_movielens(ml: MovieLens, cfg: DataConfig) -> SplitData:
     out = build_ml_mt(ml, cfg)
     schema = drop_features(out.schema.select_tasks(cfg.tasks), cfg.drop_features)
     splits = {
-        name: TabularDataset(frame, schema, f"{ml.name}-mt/{name}")
+        name: TabularDataset(frame, schema, f"{ml.name}-mt/{name}", cfg.max_history)
         for name, frame in tqdm(out.frames.items(), desc="validating splits", leave=False, disable=None)
     }
+    for name, ds in splits.items():  # the protocol's windows did the truncating: the report counts them
+        ds.report.histories_truncated = out.split_counts[name]["histories_truncated"]
     info: dict[str, Any] = {"dataset": f"{ml.name}-mt", "source": ml.source, **ml.summary()}
     info["negatives_seed"] = cfg.seed
     info["max_history"] = cfg.max_history
@@ -118,7 +120,9 @@ def from_tables(cfg: DataConfig) -> SplitData:
     for name, path in (("valid", cfg.valid_table), ("test", cfg.test_table)):
         if path is not None:
             frames[name] = (read_table(path), path)
-    splits = {name: TabularDataset(frame, schema, source) for name, (frame, source) in frames.items()}
+    splits = {
+        name: TabularDataset(frame, schema, source, cfg.max_history) for name, (frame, source) in frames.items()
+    }
     missing = [s for s in SPLITS if s not in splits]
     if missing:
         log.warning("no %s table given: those splits are skipped", " / ".join(missing))

@@ -1,0 +1,85 @@
+"""The project's own errors as one line on stderr and a documented exit code; tracebacks only when asked for.
+
+=========  =====================================================================================================
+exit code  meaning
+=========  =====================================================================================================
+0          success
+1          a run of ``compare`` / ``ablate`` failed (:class:`~supermoe_rec.compare.CompareError`)
+2          bad config, bad input data, or a refused request (:class:`~supermoe_rec.config.ConfigError`,
+           :class:`~supermoe_rec.data.errors.DataError`): changed-shape resume, a locked run dir, an unsafe name
+3          an unusable checkpoint (:class:`~supermoe_rec.checkpoint.CheckpointError`): missing, incomplete, corrupt
+=========  =====================================================================================================
+
+Anything else is a bug and keeps its traceback. ``--debug`` (any command) or ``SUPERMOE_REC_DEBUG=1`` prints the
+traceback of the project's errors too, before the one-line message.
+
+Example::
+
+    >>> from supermoe_rec.config import ConfigError
+    >>> exit_code(ConfigError("model.d_model: must be positive"))
+    2
+    >>> exit_code(KeyError("a bug")) is None
+    True
+    >>> one_line(ValueError("not valid YAML:\\n  in line 3\\n    here"))
+    'not valid YAML: in line 3 here'
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+from supermoe_rec.config import ConfigError
+from supermoe_rec.data.errors import DataError
+
+DEBUG_ENV = "SUPERMOE_REC_DEBUG"
+EXIT_FAILED_RUN = 1
+EXIT_BAD_INPUT = 2
+EXIT_CHECKPOINT = 3
+
+
+def debug_enabled(flag: bool = False) -> bool:
+    """``--debug`` was given, or the environment variable ``SUPERMOE_REC_DEBUG`` is set to a true value."""
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The documented exit code of one of the project's errors; ``None`` for anything else (a bug: re-raise it)."""
+    if isinstance(exc, (ConfigError, DataError)):
+        return EXIT_BAD_INPUT
+    # Only modules already imported can have raised their errors; importing them here would load torch for nothing.
+    checkpoint = sys.modules.get("supermoe_rec.checkpoint")
+    if checkpoint is not None and isinstance(exc, checkpoint.CheckpointError):
+        return EXIT_CHECKPOINT
+    compare = sys.modules.get("supermoe_rec.compare")
+    if compare is not None and isinstance(exc, compare.CompareError):
+        return EXIT_FAILED_RUN
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The message on one line (YAML parser errors, for one, span several)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
+def _label(code: int) -> str:
+    return "checkpoint error" if code == EXIT_CHECKPOINT else "error"
+
+
+def run_reporting(fn: Callable[[], int], debug: bool = False) -> int:
+    """``fn()``, with the project's errors printed as ``supermoe-rec: error: <one line>`` and mapped to exit codes."""
+    try:
+        return fn()
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        if debug_enabled(debug):
+            traceback.print_exc(file=sys.stderr)
+        print(f"supermoe-rec: {_label(code)}: {one_line(exc)}", file=sys.stderr)
+        return code
+
+
+__all__ = ["DEBUG_ENV", "debug_enabled", "exit_code", "one_line", "run_reporting"]

@@ -1,0 +1,152 @@
+"""A run dir belongs to one run at a time: ``train.name`` is one safe path component, and a lock file guards the dir.
+
+``<train.out_dir>/<train.name>/LOCK`` is held with ``fcntl.flock`` (exclusive, non-blocking) by rank 0 for the whole
+run and holds ``<pid> <host>`` of the holder. A second run on the same dir fails at once with a
+:class:`RunDirLocked` naming that pid. The kernel drops a flock when its process dies, however it dies, so the
+LOCK file a killed run leaves behind is stale: the next run takes it over (and says so). On release the file is
+removed, so a finished run leaves its dir as it was.
+
+Example::
+
+    >>> check_run_name("ml100k-supermoe")
+    >>> check_run_name("../escape")
+    Traceback (most recent call last):
+    ...
+    supermoe_rec.config.ConfigError: train.name: '../escape' must be one path component ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from types import TracebackType
+
+from supermoe_rec.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "LOCK"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
+_MAX_NAME_BYTES = 255
+
+
+class RunDirLocked(ConfigError):
+    """Another live process holds the run dir's lock (exit code 2, like every refused request)."""
+
+
+def check_run_name(name: str, key: str = "train.name") -> None:
+    """``name`` must be one path component of safe characters, so ``<out_dir>/<name>`` stays inside ``out_dir``."""
+    if not _SAFE_NAME.fullmatch(name) or len(name.encode()) > _MAX_NAME_BYTES:
+        raise ConfigError(
+            f"{key}: {name!r} must be one path component of letters, digits and . _ + = @ - (not starting with "
+            f". or -, at most {_MAX_NAME_BYTES} bytes), so the run stays inside train.out_dir"
+        )
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 256, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text
+
+
+def _describe(holder: str) -> str:
+    pid, _, host = holder.partition(" ")
+    if not pid:
+        return "a process that has not written its pid yet"
+    return f"pid {pid}" + (f" on {host}" if host else "")
+
+
+class RunDirLock:
+    """Exclusive lock of a run dir (creates the dir; removes what it created on release if that stayed empty).
+
+    Use as a context manager, or :meth:`acquire` / :meth:`release`.
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp, RunDirLock(Path(tmp) / "run"):
+        ...     try:
+        ...         RunDirLock(Path(tmp) / "run").acquire()
+        ...     except RunDirLocked as exc:
+        ...         print("locked:", "pid" in str(exc))
+        locked: True
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+        # What a stale lock file held when it was taken over ("" if there was none).
+        self.took_over = ""
+        self._created: list[Path] = []
+
+    def acquire(self) -> RunDirLock:
+        self._created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]  # deepest first
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(f"{self.path}: cannot lock the run dir: {exc.strerror}") from exc
+                raise RunDirLocked(
+                    f"{self.run_dir}: the run dir is in use by another run ({_describe(holder)}, lock {self.path}); "
+                    "wait for it to finish, or choose another train.name"
+                ) from None
+            # The previous holder removes the file on release: if it did so between our open and our flock, we
+            # hold a lock on a file nobody else can see. Try again on the one at the path.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.took_over = _read_holder(fd)
+        if self.took_over:
+            log.warning("%s: took over a stale lock (%s is gone)", self.path, _describe(self.took_over))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # while still holding it: a waiting opener then retries on a fresh file
+        os.close(self._fd)
+        self._fd = None
+        # A run refused before writing anything leaves no empty dirs behind (a dir with outputs stays).
+        for created in self._created:
+            try:
+                created.rmdir()
+            except OSError:
+                break
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunDirLock:
+        return self.acquire()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+__all__ = ["LOCK_FILE", "RunDirLock", "RunDirLocked", "check_run_name"]

@@ -1,0 +1,200 @@
+"""Issue 14: refuse what cannot be done safely, and make every bad input one clear line with a documented exit code.
+
+Unit checks of the run-dir lock, the run name and the resume policy run in-process; the CLI checks run the real
+``supermoe-rec`` entry point (``python -m supermoe_rec.cli``) in subprocesses, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from supermoe_rec import cli
+from supermoe_rec.config import ConfigError
+from supermoe_rec.data.errors import DataError
+from supermoe_rec.errors import exit_code, one_line
+from supermoe_rec.rundir import LOCK_FILE, RunDirLock, RunDirLocked, check_run_name
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "ml100k.yaml"
+SCHEMA = ROOT / "configs" / "schema_example.yaml"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "supermoe_rec.cli", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("supermoe-rec:")]
+
+
+def bad_timestamp_table(tmp_path: Path) -> Path:
+    """The example schema's table as CSV, with a string where row 2's timestamp should be."""
+    rows = [
+        "user_id,request_id,ts,country,categories,history,item_id,price,clicked,purchased,purchase_known,dwell_seconds",
+        "7,r1,100,de,1 2,10 11,12,9.5,1,1,1,30.0",
+        "9,r3,300,fr,3,,40,1.0,0,0,1,",
+        "7,r1,yesterday,de,,10 11,13,3.0,0,,0,",
+        "9,r3,300,fr,4 5 6,,41,2.5,1,0,1,12.5",
+    ]
+    path = tmp_path / "shop.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------ 5: CLI error mapping
+
+
+def test_exit_codes_of_the_projects_errors() -> None:
+    from supermoe_rec.checkpoint import CheckpointError
+    from supermoe_rec.compare import CompareError
+
+    assert exit_code(ConfigError("x")) == 2
+    assert exit_code(DataError("t.csv", "bad", row=1, column="c")) == 2
+    assert exit_code(RunDirLocked("locked")) == 2
+    assert exit_code(CheckpointError("gone")) == 3
+    assert exit_code(CompareError("a run failed")) == 1
+    assert exit_code(ValueError("a bug")) is None
+    assert one_line(ConfigError("a:\n  b\n\n c")) == "a: b c"
+
+
+def test_train_prints_a_data_error_as_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    # Before: `supermoe-rec train` printed the DataError as a traceback, rc 1 (data summary gave rc 2).
+    table = bad_timestamp_table(tmp_path)
+    args = ["train", "--config", str(CONFIG), "--data.source=table", f"--data.schema={SCHEMA}"]
+    args += [f"--data.table={table}", f"--train.out_dir={tmp_path / 'runs'}", "--train.tensorboard=false"]
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert error_lines(proc.stderr) == [
+        f"supermoe-rec: error: {table}: row 2, column 'ts': timestamp is not an integer: 'yesterday'"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_debug_flag_or_environment_prints_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {source: ml100k\n")
+    monkeypatch.delenv("SUPERMOE_REC_DEBUG", raising=False)
+    assert cli.main(["data", "summary", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(error_lines(err)) == 1 and "bad.yaml: not valid YAML" in err
+    assert cli.main(["--debug", "data", "summary", "--config", str(bad)]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    assert cli.main(["data", "summary", "--config", str(bad), "--debug"]) == 2  # after the command, too
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.setenv("SUPERMOE_REC_DEBUG", "1")
+    assert cli.main(["data", "summary", "--config", str(bad)]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_malformed_schema_yaml_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a raw yaml.parser.ParserError traceback.
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("user_column: u\ntables: [{name: item\n")
+    argv = ["data", "summary", "--config", str(CONFIG), "--data.source=table", f"--data.schema={schema}"]
+    assert cli.main([*argv, f"--data.table={tmp_path / 't.csv'}"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(f"supermoe-rec: error: {schema}: not valid YAML: ")
+    assert lines[0].endswith("(line 3, column 1)")
+
+
+# ------------------------------------------------------------------------------------------ 4: train.name
+
+
+@pytest.mark.parametrize("name", ["../x", "../../x", "/abs/x", "a/b", "..", ".", "", ".hidden", "-x", "a\nb", "é"])
+def test_unsafe_run_names_are_config_errors(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"^train.name: .* must be one path component"):
+        check_run_name(name)
+
+
+@pytest.mark.parametrize("name", ["ml100k-supermoe", "supermoe-multi-seed0-1a2b3c4d", "run_1.2", "a+b=c@d"])
+def test_safe_run_names_pass(name: str) -> None:
+    check_run_name(name)
+
+
+# ---------------------------------------------------------------------------------------------- 3: the lock
+
+
+def test_second_lock_names_the_holder_and_release_leaves_the_dir_as_it_was(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}\n")
+    with RunDirLock(run) as lock:
+        assert lock.held and (run / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        with pytest.raises(RunDirLocked, match=rf"^{run}: the run dir is in use by another run \(pid {os.getpid()} "):
+            RunDirLock(run).acquire()
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]
+    RunDirLock(run).acquire().release()  # free again
+
+
+def test_a_fresh_dir_refused_before_any_write_is_removed(tmp_path: Path) -> None:
+    RunDirLock(tmp_path / "out" / "new").acquire().release()
+    assert not (tmp_path / "out").exists()
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code = f"from supermoe_rec.rundir import RunDirLock; RunDirLock({str(run)!r}).acquire(); print('locked')"
+    holder = subprocess.Popen(
+        [sys.executable, "-u", "-c", code + "; import time; time.sleep(600)"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirLocked, match=f"pid {holder.pid} "):
+            RunDirLock(run).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert (run / LOCK_FILE).read_text().split()[0] == str(holder.pid)  # left behind by the killed run
+    lock = RunDirLock(run).acquire()
+    assert lock.took_over.split()[0] == str(holder.pid)
+    assert (run / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    lock.release()
+
+
+def test_lock_is_exclusive_across_processes_racing_for_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code = (
+        "import sys, time\nfrom supermoe_rec.rundir import RunDirLock, RunDirLocked\n"
+        f"deadline = time.time() + 3\nwins = 0\n"
+        "while time.time() < deadline:\n"
+        f"    try:\n        lock = RunDirLock({str(run)!r}).acquire()\n    except RunDirLocked:\n        continue\n"
+        f"    marker = {str(tmp_path / 'inside')!r}\n"
+        "    open(marker, 'x').close()  # fails if another process is inside too\n"
+        "    time.sleep(0.001)\n    import os; os.unlink(marker)\n    lock.release()\n    wins += 1\n"
+        "print(wins)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    start = time.monotonic()
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert int(out) > 0
+    assert time.monotonic() - start < 60
