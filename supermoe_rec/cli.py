@@ -3,6 +3,9 @@
     supermoe-rec train --config configs/ml100k.yaml [--train.epochs=3 --model.arch=mmoe ...]
     supermoe-rec data summary --config configs/ml100k.yaml [--data.seed=1 ...]
     supermoe-rec export --run runs/<name> [--out user_embeddings.parquet] [--model.moe.dropless=true ...]
+    supermoe-rec export --run runs/<name> --artifact DIR    (inference artifact: tables, encoder + towers, manifest)
+    supermoe-rec embed --artifact DIR --events new.parquet --out vectors.parquet
+    supermoe-rec retrieve --artifact DIR --vectors vectors.parquet --k 10 --out topk.parquet [--index faiss]
     supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3] [--balanced]
     supermoe-rec plan --config configs/scale_1t.yaml --world-size 1024 --hbm-gb 80 [--local-world-size 8] [--json F]
     supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe --seeds 3 [--out DIR] [--force] [--jobs N]
@@ -51,6 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--run", required=True, help="run directory, e.g. runs/ml100k-supermoe")
     export.add_argument("--out", default=None, help="parquet path (default: <run>/user_embeddings.parquet)")
+    export.add_argument(
+        "--artifact",
+        default=None,
+        help="write the inference artifact into this directory instead (see docs/serving.md)",
+    )
+    emb = sub.add_parser("embed", help="[USER] vectors of the users in new events, with an exported artifact")
+    emb.add_argument("--artifact", required=True, help="artifact directory from export --artifact")
+    emb.add_argument("--events", required=True, help="events (parquet or CSV) in the schema's columns")
+    emb.add_argument("--out", required=True, help="vectors parquet to write")
+    emb.add_argument("--batch-size", type=int, default=1024, help="users per forward pass (default 1024)")
+    ret = sub.add_parser("retrieve", help="top-k items per user by inner product, excluding the user's seen items")
+    ret.add_argument("--artifact", required=True, help="artifact directory from export --artifact")
+    ret.add_argument("--vectors", required=True, help="vectors parquet from embed")
+    ret.add_argument("--out", required=True, help="top-k parquet to write (one row per user and rank)")
+    ret.add_argument("--k", type=int, default=10, help="items per user (default 10)")
+    ret.add_argument("--index", choices=("exact", "faiss"), default="exact", help="exact torch.topk, or faiss IVF")
+    ret.add_argument("--column", default="user", help="vector column to query with (default: user, the [USER])")
+    ret.add_argument("--nprobe", type=int, default=16, help="faiss: inverted lists searched per query (default 16)")
     probe = sub.add_parser(
         "probe", help="linear probes of a behaviour-only run's user representation for gender, age, occupation"
     )
@@ -122,6 +143,10 @@ def data_summary(config: str, overrides: Sequence[str], out: str | None = None) 
 
 def _representation_command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """``export`` / ``probe``: overrides apply to the run's saved config; an unusable checkpoint exits 3."""
+    if args.command == "export" and args.artifact is not None:
+        from supermoe_rec.serving.export_artifact import main as artifact_main
+
+        return artifact_main(args.run, args.artifact, overrides)
     if args.command == "export":
         from supermoe_rec.export import main as export_main
 
@@ -152,6 +177,17 @@ def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         return 0
     if args.command in ("export", "probe"):
         return _representation_command(args, overrides)
+    if args.command in ("embed", "retrieve"):
+        from supermoe_rec.config import ConfigError as _ConfigError
+        from supermoe_rec.serving import retrieval
+
+        if overrides:
+            raise _ConfigError(f"{args.command}: unknown arguments {list(overrides)}")
+        if args.command == "embed":
+            return retrieval.embed_main(args.artifact, args.events, args.out, args.batch_size)
+        return retrieval.retrieve_main(
+            args.artifact, args.vectors, args.out, args.k, args.index, args.column, args.nprobe
+        )
     if args.command == "plan":
         from supermoe_rec.plan import ClusterSpec, format_report, plan_command
 

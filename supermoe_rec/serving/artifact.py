@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from supermoe_rec.data.errors import DataError
+
 FORMAT = "supermoe_rec.artifact/1"
 MANIFEST = "manifest.json"
 TABLES = "tables.pt"
@@ -34,8 +36,15 @@ ITEM_CATALOG = "item_catalog.pt"
 VOCAB = "vocab.json"
 
 
-class ArtifactError(ValueError):
-    """A missing, incomplete or corrupt artifact; the message names the artifact and the offending file."""
+class ArtifactError(DataError):
+    """A missing, incomplete or corrupt artifact; the message names the artifact and the offending file.
+
+    A :class:`~supermoe_rec.data.errors.DataError` (bad input: the CLI prints one line and exits 2).
+    """
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+        self.source, self.row, self.column = message, None, None
 
 
 def sha256(path: Path) -> str:

@@ -54,6 +54,8 @@ from supermoe_rec.serving import artifact as art
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float32]
 
+# Catalog key of the [N] bool mask of candidate item rows seen in the run's samples (the retrievable items).
+KNOWN_ITEMS = "candidates.known"
 # Rows of one forward pass are capped so that the [B, L, D] history tensor of a candidate batch stays small.
 MAX_ROW_POSITIONS = 1 << 22
 
@@ -292,7 +294,8 @@ class UserEncoder:
             hashed = pd.util.hash_array(values.astype(object) if values.dtype == object else values)
             if counts is not None:
                 counts.hashed_ids[spec.name] = counts.hashed_ids.get(spec.name, 0) + len(values)
-            return (hashed % np.uint64(table.num_embeddings)).astype(np.int64)
+            hashed_rows: IntArray = (hashed % np.uint64(table.num_embeddings)).astype(np.int64)
+            return hashed_rows
         if values.dtype.kind in "iu":
             ids = values.astype(np.int64)
         else:
@@ -540,13 +543,12 @@ class UserEncoder:
             bar = tqdm(total=U, desc="encode users", unit="user", dynamic_ncols=True)
         for start, end in chunks:
             part = users.iloc[start:end]
-            mapped = self.map_users(part, result, source)
-            user, tasks, preds = self.forward_mapped(mapped, None if rows is None else rows[start:end])
+            batch_users = self.map_users(part, result, source)
+            user, tasks, preds = self.forward_mapped(batch_users, None if rows is None else rows[start:end])
             user_parts.append(user)
             task_parts.append(tasks)
-            length_parts.append(
-                next(iter(mapped.history.values())).lengths if mapped.history else torch.zeros(len(part))
-            )
+            history = list(batch_users.history.values())
+            length_parts.append(history[0].lengths if history else torch.zeros(len(part), dtype=torch.long))
             for name in self.task_names:
                 score_parts[name].append(preds[name])
             if bar is not None:
@@ -601,6 +603,14 @@ class UserEncoder:
                     )
             parts.append(proj(torch.cat(item, dim=1)))
         return torch.cat(parts)
+
+    def known_items(self) -> torch.Tensor:
+        """[N] bool, the candidate item rows the run saw as candidates (all rows for an older artifact)."""
+        spec = self.candidate_feature
+        assert spec is not None
+        n = self.schema.table(spec.table).num_embeddings
+        mask = self.catalog.get(KNOWN_ITEMS)
+        return mask.bool() if mask is not None else torch.ones(n, dtype=torch.bool)
 
     def item_ids(self) -> npt.NDArray[Any]:
         """[N] the raw id of every candidate item row (vocabulary tokens for a vocab table, else the row itself)."""

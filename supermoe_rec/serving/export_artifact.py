@@ -31,6 +31,7 @@ from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.schema import FeatureSide, Schema
 from supermoe_rec.serving import artifact as art
 from supermoe_rec.serving.encoder import (
+    KNOWN_ITEMS,
     Jagged,
     MappedUsers,
     UserEncoder,
@@ -54,7 +55,7 @@ class ExportCheckError(RuntimeError):
 
 def _full(value: Any) -> torch.Tensor:
     """A full CPU tensor from a plain tensor, a ShardedTensor (gathered on rank 0) or a DTensor."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
     from torch.distributed.tensor import DTensor
 
     if isinstance(value, DTensor):
@@ -100,6 +101,12 @@ def item_catalog(
     features = [f.name for f in schema.sparse_features if f.side is FeatureSide.ITEM]
     features += [f.name for f in schema.sequence_features if not f.per_group and f.name != candidate]
     out: dict[str, torch.Tensor] = {}
+    known = np.zeros(rows, dtype=bool)
+    for ds in datasets:
+        target = ds.features[candidate]
+        known[target.values[target.offsets[:-1]]] = True
+    # Retrieval ranks only items the run has seen as candidates (never padding or out-of-vocabulary rows).
+    out[KNOWN_ITEMS] = torch.from_numpy(known)
     for name in features:
         per_item: list[np.ndarray | None] = [None] * rows
         for ds in datasets:
@@ -156,8 +163,9 @@ def _dataset_users(ds: TabularDataset, rows: np.ndarray, schema: Schema) -> Mapp
         jag = ds.features[name]
         starts, ends = jag.offsets[rows], jag.offsets[rows + 1]
         lengths = (ends - starts).astype(np.int64)
-        values = np.concatenate([jag.values[a:b] for a, b in zip(starts, ends, strict=True)]) if len(rows) else []
-        return Jagged(torch.as_tensor(np.asarray(values, dtype=np.int64)), torch.from_numpy(lengths))
+        parts = [jag.values[a:b] for a, b in zip(starts, ends, strict=True)]
+        values = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+        return Jagged(torch.from_numpy(values), torch.from_numpy(lengths))
 
     profile = {f.name: jagged(f.name) for f in schema.sparse_features if f.side is FeatureSide.USER}
     history = {f.name: jagged(f.name) for f in schema.sequence_features if f.per_group}
