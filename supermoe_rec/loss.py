@@ -49,6 +49,8 @@ class LossOutput:
     labelled: dict[str, torch.Tensor]
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
+    # Detached next-items loss of the [USER] vector (supermoe_rec/next_items.py); None when the run has none.
+    next_items: torch.Tensor | None = None
 
 
 class TaskIndicatorLoss(nn.Module):

@@ -29,12 +29,16 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_gather
 
-__all__ = ["NextItemsLoss", "Softmax"]
+from supermoe_rec.config import NextItemsConfig, NextItemsSoftmax
+
+__all__ = ["CandidateSource", "NextItemsLoss", "Softmax", "build_next_items_loss"]
 
 
 class Softmax(str, enum.Enum):
@@ -203,3 +207,54 @@ def sample_uniform(num_items: int, num_sampled: int, seed: int, step: int) -> to
     """``num_sampled`` ids drawn uniformly from 1..N-1 with replacement, the same on every rank for a given step."""
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
     return torch.randint(1, num_items, (num_sampled,), generator=generator)
+
+
+def resolve_softmax(cfg: NextItemsConfig, num_items: int) -> Softmax:
+    """``auto`` -> full up to ``cfg.full_softmax_max_items`` items, sampled above."""
+    if cfg.softmax is NextItemsSoftmax.AUTO:
+        return Softmax.FULL if num_items - 1 <= cfg.full_softmax_max_items else Softmax.SAMPLED
+    return Softmax(cfg.softmax.value)
+
+
+def build_next_items_loss(
+    cfg: NextItemsConfig, num_items: int, item_frequency: torch.Tensor | None = None, world_size: int = 1
+) -> NextItemsLoss:
+    """The configured loss for an item table of ``num_items`` rows."""
+    return NextItemsLoss(
+        resolve_softmax(cfg, num_items),
+        num_items,
+        num_sampled=cfg.num_sampled,
+        item_frequency=item_frequency,
+        in_batch_negatives=cfg.in_batch_negatives,
+        logq_correction=cfg.logq_correction,
+        temperature=cfg.temperature,
+        global_normalization=world_size > 1,
+    )
+
+
+class CandidateSource:
+    """The candidate ids of each batch: the catalogue (full softmax) or a seeded uniform draw (sampled).
+
+    Every rank asks with the same step, so every rank scores the same candidates: the loss then does not depend on
+    how the batch is split over ranks.
+
+    Example::
+
+        >>> CandidateSource(Softmax.FULL, num_items=4)(step=7).tolist()
+        [1, 2, 3]
+        >>> source = CandidateSource(Softmax.SAMPLED, num_items=100, num_sampled=5, seed=1)
+        >>> bool((source(3) == source(3)).all()), bool((source(3) == source(4)).all())
+        (True, False)
+    """
+
+    def __init__(self, softmax: Softmax, num_items: int, num_sampled: int = 0, seed: int = 0) -> None:
+        self.softmax = softmax
+        self.num_items = num_items
+        self.num_sampled = num_sampled
+        self.seed = seed
+        self._catalogue = full_catalogue(num_items).numpy()
+
+    def __call__(self, step: int) -> npt.NDArray[np.int64]:
+        if self.softmax is Softmax.FULL:
+            return self._catalogue
+        return sample_uniform(self.num_items, self.num_sampled, self.seed, step).numpy()

@@ -8,7 +8,7 @@ Every rank yields the same number of batches per epoch, which keeps collective c
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,8 @@ class ShardedBatchLoader:
         world_size: number of ranks.
         shuffle: shuffle groups each epoch (seeded by ``seed`` and the epoch).
         seed: shuffling seed; the same on every rank.
+        candidates: the next-items candidate ids of the batch at a step key (the same key, so the same ids, on
+            every rank); only for schemas with ``next_items``.
 
     Example::
 
@@ -49,6 +51,7 @@ class ShardedBatchLoader:
         world_size: int = 1,
         shuffle: bool = True,
         seed: int = 0,
+        candidates: Callable[[int], IntArray] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -64,6 +67,7 @@ class ShardedBatchLoader:
         self.world_size = world_size
         self.shuffle = shuffle
         self.seed = seed
+        self.candidates = candidates
         self.epoch = 0
         self.batches_done = 0  # within the current epoch, for resume
 
@@ -94,7 +98,9 @@ class ShardedBatchLoader:
         while self.batches_done < len(plan):
             groups = plan[self.batches_done]
             self.batches_done += 1
-            yield self.dataset.batch_of_groups(groups)
+            key = self.epoch * 1_000_003 + self.batches_done  # the same on every rank
+            candidates = self.candidates(key) if self.candidates is not None else None
+            yield self.dataset.batch_of_groups(groups, candidates)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}

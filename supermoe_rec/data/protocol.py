@@ -1,4 +1,4 @@
-"""The ml-mt multi-task protocol over MovieLens (``ml100k-mt`` v2 in DESIGN.md §4), deterministic by seed.
+"""The ml-mt multi-task protocol over MovieLens (``ml100k-mt`` v2, docs/protocol.md#ml100k-mt), deterministic by seed.
 
 - **Split**: each user's ratings sorted by (timestamp, item_id); by position, the last ``test_fraction`` (ceil, at
   least 1) go to test, the ``valid_fraction`` before that (ceil, at least 1) to valid, the rest to train.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import numpy.typing as npt
 
 from supermoe_rec.config import DataConfig
 from supermoe_rec.data.errors import DataError, first_true
@@ -104,6 +105,10 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
     split = np.zeros(len(ratings), dtype=np.int64)
     split[position >= n - n_test - n_valid] = 1
     split[position >= n - n_test] = 2
+    # One past the last rating of each rating's split: future items never cross into a later split.
+    user_first = user_start[r_user]
+    split_end = np.where(split == 0, user_first + n - n_test - n_valid, np.where(split == 1, user_first + n - n_test,
+                                                                                 user_first + n))  # fmt: skip
 
     # ---- negatives: uniform over items that existed at the time and that the user never rated
     timestamps = ratings["timestamp"].to_numpy(np.int64)
@@ -154,6 +159,7 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
         hist_end = src
         history = np.empty(len(src), dtype=object)
         history[:] = [r_item[s:e] for s, e in zip(hist_start, hist_end, strict=True)]
+        future = _future_items(r_item, timestamps, src, split_end[src], cfg) if cfg.next_window else None
         rating = np.where(is_pos, r_rating[src].astype(np.float64), np.nan)
         ur = u_row[src]
         ir = np.searchsorted(item_code, target)
@@ -176,6 +182,7 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
                 "genres": item_genres[ir],
                 "year": year[ir],
                 "history": history,
+                **({"next_items": future} if future is not None else {}),
             }
         )
         split_counts[split_name] = {
@@ -212,7 +219,21 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
             "sequence_features": [
                 {"name": "history", "column": "history", "table": "item", "multi_valued": True, "per_group": True},
                 {"name": "target_item", "column": "item", "table": "item"},
+                *(
+                    [
+                        {
+                            "name": "next_items",
+                            "column": "next_items",
+                            "table": "item",
+                            "multi_valued": True,
+                            "per_group": True,
+                        }
+                    ]
+                    if cfg.next_window
+                    else []
+                ),
             ],
+            **({"next_items": "next_items"} if cfg.next_window else {}),
             "tasks": [
                 {"name": "watch", "type": "binary", "label": "watch"},
                 {"name": "like", "type": "binary", "label": "like"},
@@ -222,6 +243,33 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
         source=f"{ml.name}-mt protocol",
     )
     return ProtocolOutput(frames=frames, schema=schema, split_counts=split_counts)
+
+
+def _future_items(
+    items: IntArray, timestamps: IntArray, src: IntArray, end: IntArray, cfg: DataConfig
+) -> npt.NDArray[np.object_]:
+    """Each sample's future items: ratings ``src .. src + next_window - 1`` of its user (``src`` is the rated item
+    itself, the positive), cut at the end of the sample's split and, when ``next_horizon_days`` > 0, at that many
+    days after the sample.
+
+    Example::
+
+        >>> from supermoe_rec.config import DataConfig
+        >>> cfg = DataConfig(next_window=3, next_horizon_days=1.0)
+        >>> out = _future_items(np.array([5, 6, 7, 8]), np.array([0, 10, 90_000, 90_001]), np.array([0, 2]),
+        ...                     np.array([4, 3]), cfg)
+        >>> [a.tolist() for a in out]  # item 7 is more than a day after item 5; the split ends before item 8
+        [[5, 6], [7]]
+    """
+    offsets = np.arange(cfg.next_window, dtype=np.int64)
+    index = src[:, None] + offsets[None, :]  # (N, W)
+    keep = index < end[:, None]
+    clipped = np.minimum(index, len(items) - 1)
+    if cfg.next_horizon_days > 0:
+        keep &= timestamps[clipped] - timestamps[src][:, None] <= cfg.next_horizon_days * 86_400
+    out = np.empty(len(src), dtype=object)
+    out[:] = [items[row][k] for row, k in zip(clipped, keep, strict=True)]
+    return out
 
 
 def split_sizes(n: int, valid_fraction: float, test_fraction: float) -> tuple[int, int, int]:

@@ -31,14 +31,23 @@ class FeatureLayout:
     item: tuple[str, ...]
     history: tuple[str, ...]
     num_dense: int
+    # The per-group feature with each sample's future items (next-items objective), if the schema has one.
+    next_items: str | None = None
 
     @staticmethod
     def from_schema(schema: Schema) -> FeatureLayout:
         profile = tuple(f.name for f in schema.sparse_features if f.side is FeatureSide.USER)
         item = tuple(f.name for f in schema.sparse_features if f.side is FeatureSide.ITEM)
         item += tuple(f.name for f in schema.sequence_features if not f.per_group)
-        history = tuple(f.name for f in schema.sequence_features if f.per_group)
-        return FeatureLayout(profile=profile, item=item, history=history, num_dense=len(schema.dense_features))
+        # The next-items feature holds the sample's future: a label for the next-items loss, never an input.
+        history = tuple(f.name for f in schema.sequence_features if f.per_group and f.name != schema.next_items)
+        return FeatureLayout(
+            profile=profile,
+            item=item,
+            history=history,
+            num_dense=len(schema.dense_features),
+            next_items=schema.next_items,
+        )
 
 
 def leader_rows(group_index: torch.Tensor) -> torch.Tensor:

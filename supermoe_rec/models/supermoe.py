@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from supermoe_rec.data.schema import ITEM_CANDIDATES
 from supermoe_rec.models.layout import FeatureLayout, concat_pooled, history_of, leader_rows
 from supermoe_rec.modules.towers import MultiTaskTowers
 from supermoe_rec.modules.transformer import MoETransformerEncoder
@@ -53,6 +54,25 @@ class ModelOutput:
     tokens_per_expert: torch.Tensor | None = None
     dropped_fraction: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     task_expert_counts: torch.Tensor | None = None
+    next_items: NextItemsInputs | None = None
+
+
+@dataclass
+class NextItemsInputs:
+    """What the next-items loss reads (:class:`supermoe_rec.next_items.NextItemsLoss`), for the batch's groups.
+
+    Attributes:
+        query: [G, D] the [USER] vectors projected to the item table's width.
+        positives: [G, W, D] embeddings of each group's future items; ``positive_ids`` [G, W]; ``positive_mask`` [G, W].
+        candidates: [N, D] embeddings of the batch's candidate items; ``candidate_ids`` [N].
+    """
+
+    query: torch.Tensor
+    positives: torch.Tensor
+    positive_ids: torch.Tensor
+    positive_mask: torch.Tensor
+    candidates: torch.Tensor
+    candidate_ids: torch.Tensor
 
 
 class SuperMoEOverArch(nn.Module):
@@ -70,6 +90,10 @@ class SuperMoEOverArch(nn.Module):
         item_dim: I, the width of the concatenated item features; needed with ``item_interaction``.
         item_interaction: add the product of each task representation and the projected candidate item to its
             tower's input. Without it the towers must learn the user-item match from a concatenation alone.
+        read_user: every tower also reads the [USER] vector, next to its task token, so the supervised tasks
+            shape the universal vector too.
+        item_table_dim: width of the item table that the next-items objective scores against (0: no objective).
+            The [USER] vector reaches that width through a learned projection when the widths differ.
         device: where the parameters live.
     """
 
@@ -82,11 +106,20 @@ class SuperMoEOverArch(nn.Module):
         embedding_dim: int,
         item_dim: int = 0,
         item_interaction: bool = False,
+        read_user: bool = False,
+        item_table_dim: int = 0,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
         if item_interaction and not item_dim:
             raise ValueError("item_interaction needs item features (item_dim > 0)")
+        if item_table_dim and layout.next_items is None:
+            raise ValueError("item_table_dim is set, but the schema names no next_items feature")
+        self.read_user = read_user
+        self.item_table_dim = item_table_dim
+        self.user_proj: nn.Linear | None = None
+        if item_table_dim and item_table_dim != encoder.d_model:
+            self.user_proj = nn.Linear(encoder.d_model, item_table_dim, bias=False, device=device)
         self.encoder = encoder
         self.towers = towers
         self.layout = layout
@@ -98,10 +131,44 @@ class SuperMoEOverArch(nn.Module):
 
     @staticmethod
     def tower_input_dim(
-        model_dim: int, item_dim: int, profile_dim: int, num_dense: int, item_interaction: bool = False
+        model_dim: int,
+        item_dim: int,
+        profile_dim: int,
+        num_dense: int,
+        item_interaction: bool = False,
+        read_user: bool = False,
     ) -> int:
-        """M (task representation) [+ M (match)] + I + P + F."""
-        return model_dim * (2 if item_interaction else 1) + item_dim + profile_dim + num_dense
+        """M (task representation) [+ M (match)] [+ M ([USER])] + I + P + F."""
+        return model_dim * (1 + int(item_interaction) + int(read_user)) + item_dim + profile_dim + num_dense
+
+    def user_query(self, user: torch.Tensor) -> torch.Tensor:
+        """[G, M] [USER] vectors -> [G, D] queries against the item table."""
+        if not self.item_table_dim:
+            raise ValueError("this model was built without the next-items objective: its [USER] scores no items")
+        return self.user_proj(user) if self.user_proj is not None else user
+
+    def score_items(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores [G, N] of items [N, D] (rows of the item table) for users [G, M], as the next-items loss scores."""
+        return self.user_query(user) @ items.T
+
+    def _next_items(self, emb: SparseOutput, batch: Batch, rows: torch.Tensor, user: torch.Tensor) -> NextItemsInputs:
+        name = self.layout.next_items
+        assert name is not None
+        positives = emb.sequences[name][rows]  # (G, W, D)
+        W = positives.shape[1]
+        mask = torch.arange(W, device=rows.device)[None, :] < emb.lengths[name][rows][:, None]  # (G, W)
+        ids = batch.sequence_features[name].to_padded_dense(desired_length=W, padding_value=0)[rows]  # (G, W)
+        cand = emb.sequences[ITEM_CANDIDATES]  # (B, L_c, D), the ids spread over the rows
+        cand_lengths = emb.lengths[ITEM_CANDIDATES]  # (B,)
+        cand_mask = torch.arange(cand.shape[1], device=rows.device)[None, :] < cand_lengths[:, None]  # (B, L_c)
+        return NextItemsInputs(
+            query=self.user_query(user),
+            positives=positives,
+            positive_ids=ids.long(),
+            positive_mask=mask.to(positives.dtype),
+            candidates=cand[cand_mask],  # (N, D), in the ids' order
+            candidate_ids=batch.sequence_features[ITEM_CANDIDATES].values().long(),
+        )
 
     def forward(self, emb: SparseOutput, batch: Batch) -> ModelOutput:
         """Returns: :class:`ModelOutput` with predictions [B] per task, user [G, M], task reps [G, T, M]."""
@@ -117,8 +184,11 @@ class SuperMoEOverArch(nn.Module):
         if self.item_proj is not None:
             candidate = self.item_proj(item).unsqueeze(1)  # (B, 1, M)
             task_reps = torch.cat([task_reps, task_reps * candidate], dim=2)  # (B, T, 2M): rep, rep ⊙ item
+        if self.read_user:
+            shared = torch.cat([enc.user[batch.group_index], shared], dim=1)  # (B, M + I + P + F)
         inputs = {name: torch.cat([task_reps[:, t], shared], dim=1) for t, name in enumerate(self.task_names)}
         return ModelOutput(
+            next_items=self._next_items(emb, batch, rows, enc.user) if self.item_table_dim else None,
             predictions=self.towers(inputs),
             group_index=batch.group_index,
             user=enc.user,
@@ -141,7 +211,7 @@ class SuperMoERec(nn.Module):
         layout: which features are profile, item and history.
         profile_dim: P, the width of the concatenated profile features.
         item_dim: I, the width of the concatenated item features.
-        item_interaction: see :class:`SuperMoEOverArch`.
+        item_interaction, read_user, item_table_dim: see :class:`SuperMoEOverArch`.
         device: where the dense parameters live.
 
     Example::
@@ -166,12 +236,23 @@ class SuperMoERec(nn.Module):
         profile_dim: int,
         item_dim: int = 0,
         item_interaction: bool = False,
+        read_user: bool = False,
+        item_table_dim: int = 0,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
         self.over_arch = SuperMoEOverArch(
-            encoder, towers, layout, profile_dim, sparse_arch.embedding_dim, item_dim, item_interaction, device
+            encoder,
+            towers,
+            layout,
+            profile_dim,
+            sparse_arch.embedding_dim,
+            item_dim,
+            item_interaction,
+            read_user=read_user,
+            item_table_dim=item_table_dim,
+            device=device,
         )
 
     @property

@@ -6,14 +6,17 @@ optimizer step and returns the :class:`StepOutput`; a plain loop does the same b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from supermoe_rec.data.batch import Batch
+from supermoe_rec.config import Objective
 from supermoe_rec.loss import LossOutput, TaskIndicatorLoss
 from supermoe_rec.models.supermoe import ModelOutput
+from supermoe_rec.next_items import NextItemsLoss
 
 
 @dataclass
@@ -31,14 +34,49 @@ class StepOutput:
 
 
 class StepHead(nn.Module):
-    """Loss and step output from a model output and its batch (a table-free module: one node of the fx trace)."""
+    """Loss and step output from a model output and its batch (a table-free module: one node of the fx trace).
 
-    def __init__(self, loss_fn: TaskIndicatorLoss) -> None:
+    Args:
+        loss_fn: the task-indicator loss of the towers.
+        next_items_loss: the next-items loss of the [USER] vector (``None``: the model is trained by the towers).
+        objective: how the two combine (:class:`Objective`).
+        next_items_weight: the next-items loss's weight.
+    """
+
+    def __init__(
+        self,
+        loss_fn: TaskIndicatorLoss,
+        next_items_loss: NextItemsLoss | None = None,
+        objective: Objective = Objective.SUPERVISED,
+        next_items_weight: float = 1.0,
+    ) -> None:
         super().__init__()
+        if objective is not Objective.SUPERVISED and next_items_loss is None:
+            raise ValueError(f"objective {objective.value} needs a next-items loss")
         self.loss_fn = loss_fn
+        self.next_items_loss = next_items_loss
+        self.objective = objective
+        self.next_items_weight = next_items_weight
 
     def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         loss = self.loss_fn(out.predictions, batch.labels, batch.task_mask, out.balance_loss, out.z_loss)
+        if self.next_items_loss is not None and out.next_items is not None:
+            ni = out.next_items
+            ni_loss = self.next_items_loss(
+                ni.query, ni.positives, ni.positive_ids, ni.positive_mask, ni.candidates, ni.candidate_ids
+            )
+            if self.objective is Objective.JOINT:
+                total = loss.total + self.next_items_weight * ni_loss
+            elif self.objective is Objective.NEXT_ITEMS:
+                # Self-supervised: no task label is read; the MoE auxiliary losses still balance the experts.
+                total = (
+                    self.next_items_weight * ni_loss
+                    + self.loss_fn.balance_loss_weight * out.balance_loss
+                    + self.loss_fn.z_loss_weight * out.z_loss
+                )
+            else:
+                total = loss.total  # supervised: the next-items loss is measured, not trained
+            loss = dataclasses.replace(loss, total=total, next_items=ni_loss.detach())
         out.predictions = {k: v.detach() for k, v in out.predictions.items()}
         step = StepOutput(loss, out, labels=batch.labels, task_mask=batch.task_mask, user_index=batch.user_index)
         return loss.total, step
@@ -62,10 +100,17 @@ class TrainModule(nn.Module):
         (torch.Size([]), ['click', 'rating'])
     """
 
-    def __init__(self, model: nn.Module, loss_fn: TaskIndicatorLoss) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: TaskIndicatorLoss,
+        next_items_loss: NextItemsLoss | None = None,
+        objective: Objective = Objective.SUPERVISED,
+        next_items_weight: float = 1.0,
+    ) -> None:
         super().__init__()
         self.model = model
-        self.head = StepHead(loss_fn)
+        self.head = StepHead(loss_fn, next_items_loss, objective, next_items_weight)
 
     @property
     def loss_fn(self) -> TaskIndicatorLoss:
