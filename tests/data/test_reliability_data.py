@@ -18,7 +18,9 @@ from .test_byo import SCHEMA, shop_frame
 
 
 def load(frame: pd.DataFrame, max_history: int | None = None) -> TabularDataset:
-    return TabularDataset(frame, Schema.from_yaml(SCHEMA), "shop.csv", max_history)
+    if max_history is None:  # the plain call, as before max_history existed
+        return TabularDataset(frame, Schema.from_yaml(SCHEMA), "shop.csv")
+    return TabularDataset(frame, Schema.from_yaml(SCHEMA), "shop.csv", max_history=max_history)
 
 
 def test_string_timestamp_names_row_and_column() -> None:
