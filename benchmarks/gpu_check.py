@@ -21,7 +21,7 @@ and not counted) / best step time / peak (``--peak-tflops``, default 989: H200 d
     python benchmarks/gpu_check.py --out runs/gpu_check.json            # on the GPU machine (< 10 min)
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check.json  # CPU: tiny sizes, 2 steps (CI smoke)
 
-Needs the GPU stack (torch 2.13 CUDA, fbgemm-gpu 1.8, torchrec 1.8; DESIGN.md §5) for the real run.
+Needs the GPU stack (torch 2.13 CUDA, fbgemm-gpu 1.8, torchrec 1.8; docs/design.md#the-pinned-stack) for the real run.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from supermoe_rec.modules.experts import BatchedExperts, DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer, MoEOutput
 
 H200_BF16_DENSE_TFLOPS = 989.0
-CPU_PRACTICAL_TFLOPS = 0.1  # a large fp32 torch.mm on the 2-core dev machines (DESIGN.md §5)
+CPU_PRACTICAL_TFLOPS = 0.1  # a large fp32 torch.mm on the 2-core dev machines (docs/design.md#cpu-speed-and-threads)
 
 
 def gpu_overrides(batch: int, items: int, users: int) -> list[str]:

@@ -48,7 +48,7 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _train_items(ml: MovieLens, user_id: int, max_history: int = 50) -> tuple[list[int], list[int]]:
-    """By hand, from DESIGN.md §4: (all train item codes, the last ``max_history`` of them) of one user."""
+    """By hand, from docs/protocol.md#samples: (all train item codes, the last ``max_history`` of them) of one user."""
     ratings = ml.ratings[ml.ratings["user_id"] == user_id].sort_values(["timestamp", "item_id"])
     n = len(ratings)
     n_held = 2 * max(1, math.ceil(0.1 * n - 1e-9))  # valid and test

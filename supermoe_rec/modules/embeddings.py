@@ -6,7 +6,8 @@ Dimension letters: B rows, L_f padded length of sequence feature f, S = Σ_f L_f
 - Sequence features (the history, and the target item as a sequence of length 1 sharing the item table) go
   through either an unpooled :class:`EmbeddingCollection`, or an EmbeddingBagCollection in which every sequence
   position is a bag of length 1 ("bags of one"). On CPU the EC's backward was measured at ~7x the cost of bags
-  of one (DESIGN.md §5), so ``SequenceLookup.AUTO`` picks bags of one on CPU and the EC elsewhere.
+  of one (docs/design.md#embedding-lookup-speed-on-cpu), so ``SequenceLookup.AUTO`` picks bags of one on CPU and
+  the EC elsewhere.
 
 Both are plain TorchRec modules, so DistributedModelParallel shards them without changes, and the whole arch can
 be built on ``meta``.
@@ -28,7 +29,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from supermoe_rec.config import SequenceLookup
 from supermoe_rec.data.schema import FeatureSpec, Schema
 
-# N(0, 0.02) learned far faster than N(0, 1) or TorchRec's uniform(±1/sqrt(rows)) on ml100k-mt (DESIGN.md §5).
+# N(0, 0.02) learned far faster than N(0, 1) or TorchRec's uniform(±1/sqrt(rows)) on ml100k-mt
+# (docs/design.md#lessons-from-the-first-prototype).
 EMBEDDING_INIT_STD = 0.02
 
 

@@ -1,4 +1,4 @@
-"""ml100k-mt on the real MovieLens-100k: expected sizes (DESIGN.md §4) and the protocol's invariants."""
+"""ml100k-mt on the real MovieLens-100k: the expected sizes (docs/protocol.md#expected-sizes) and the invariants."""
 
 from __future__ import annotations
 
