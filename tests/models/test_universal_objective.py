@@ -130,9 +130,9 @@ def test_next_items_inputs_are_the_item_table_rows(softmax: Softmax) -> None:
 
 
 def test_objectives_need_future_items_and_a_user_token() -> None:
-    with pytest.raises(ConfigError, match="data.next_window"):
+    with pytest.raises(ConfigError, match=r"data\.next_window"):
         apply_overrides(ExperimentConfig(), ["--train.objective=joint"])
-    with pytest.raises(ConfigError, match="train.objective"):
+    with pytest.raises(ConfigError, match=r"train\.objective"):
         apply_overrides(ExperimentConfig(), ["--train.objective=joint", "--data.next_window=1", "--model.arch=mmoe"])
     cfg = apply_overrides(ExperimentConfig(), ["--train.objective=next_items", "--data.next_window=2"])
     assert cfg.train.objective is Objective.NEXT_ITEMS
