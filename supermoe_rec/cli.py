@@ -2,6 +2,7 @@
 
     supermoe-rec train --config configs/ml100k.yaml [--train.epochs=3 --model.arch=mmoe ...]
     supermoe-rec data summary --config configs/ml100k.yaml [--data.seed=1 ...]
+    supermoe-rec schema infer --table train.parquet --label click [--label rating:regression] > schema.yaml
     supermoe-rec export --run runs/<name> [--out user_embeddings.parquet] [--model.moe.dropless=true ...]
     supermoe-rec export --run runs/<name> --artifact DIR    (inference artifact: tables, encoder + towers, manifest)
     supermoe-rec embed --artifact DIR --events new.parquet --out vectors.parquet
@@ -47,6 +48,29 @@ def _parser() -> argparse.ArgumentParser:
     summary = data_sub.add_parser("summary", help="print the dataset summary as JSON")
     summary.add_argument("--config", required=True, help="YAML config file, e.g. configs/ml100k.yaml")
     summary.add_argument("--out", default=None, help="also write summary.json and the resolved config.yaml here")
+    schema = sub.add_parser("schema", help="schema commands")
+    schema_sub = schema.add_subparsers(dest="schema_command", required=True)
+    infer = schema_sub.add_parser(
+        "infer",
+        help="propose a schema YAML for an interaction table; prints it with the reason for each line as comments",
+    )
+    infer.add_argument("--table", required=True, help="the train table: .parquet, .csv or .tsv")
+    infer.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        help="a label column (repeat, or comma-separate); NAME:regression or NAME:binary forces the task type",
+    )
+    for role, example in (
+        ("user", "user_id"),
+        ("group", "request_id: rows sharing one history"),
+        ("timestamp", "ts"),
+        ("history", "a list column of past items"),
+        ("item", "the candidate item id"),
+    ):
+        infer.add_argument(
+            f"--{role}", default=None, help=f"the {role} column, when its name does not say (e.g. {example})"
+        )
     train = sub.add_parser("train", help="train model.arch; writes <train.out_dir>/<train.name>/")
     train.add_argument("--config", required=True, help="YAML config file, e.g. configs/ml100k.yaml")
     export = sub.add_parser(
@@ -174,6 +198,15 @@ def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         return train.main(["--config", args.config, *overrides])
     if args.command == "data" and args.data_command == "summary":
         print(json.dumps(data_summary(args.config, overrides, args.out), indent=2))
+        return 0
+    if args.command == "schema":
+        from supermoe_rec.config import ConfigError
+        from supermoe_rec.data.infer import infer_command
+
+        if overrides:
+            raise ConfigError(f"schema infer: unknown arguments {list(overrides)}")
+        roles = {r: getattr(args, r) for r in ("user", "group", "timestamp", "history", "item")}
+        print(infer_command(args.table, args.label, **roles), end="")
         return 0
     if args.command in ("export", "probe"):
         return _representation_command(args, overrides)

@@ -8,7 +8,7 @@ naming the table, the row and the column. Rows are reordered so that the rows of
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,9 @@ from supermoe_rec.config import TaskType
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.errors import DataError, first_true
 from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths, row_of, take_rows
-from supermoe_rec.data.schema import FeatureSpec, Schema
+from supermoe_rec.data.lists import flatten_lists, looks_like_list
+from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema, TableSpec
+from supermoe_rec.data.vocab import Vocabulary, token_keys
 from supermoe_rec.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class DatasetReport:
     histories_truncated: int = 0
     # Rows equal to an earlier row in every column the schema reads; counted, kept (the schema does not drop them).
     duplicate_rows: int = 0
+    # Per feature of a vocab table: values mapped to row 0 (not in the train file's vocabulary, rare or missing).
+    vocab_oov: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -58,7 +62,28 @@ class DatasetReport:
             "hashed_ids": dict(self.hashed_ids),
             "histories_truncated": self.histories_truncated,
             "duplicate_rows": self.duplicate_rows,
+            "vocab_oov": dict(self.vocab_oov),
         }
+
+
+def spread_candidates(candidates: IntArray | None, rows: int) -> KeyedJaggedTensor:
+    """The ``item_candidates`` key of a batch of ``rows`` rows: the ids in order, ``ceil(N / rows)`` per row.
+
+    Spreading keeps the padded width small (a bags-of-one lookup pads every key to its widest row).
+
+    Example::
+
+        >>> spread_candidates(np.arange(1, 6), 2).lengths().tolist()
+        [3, 2]
+    """
+    ids = np.zeros(0, dtype=np.int64) if candidates is None else np.asarray(candidates, dtype=np.int64)
+    chunk = -(-len(ids) // max(rows, 1))
+    lengths = np.clip(len(ids) - chunk * np.arange(rows), 0, chunk).astype(np.int32)
+    if rows == 0 and len(ids):
+        raise ValueError("candidates need at least one row to ride on")
+    return KeyedJaggedTensor(
+        keys=[ITEM_CANDIDATES], values=torch.from_numpy(ids), lengths=torch.from_numpy(lengths), stride=rows
+    )
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -109,6 +134,9 @@ class TabularDataset:
         source: the file or table name used in error messages.
         max_history: the encoder's history length (``data.max_history``); longer per-group histories are counted
             in the report as truncated (the model keeps their most recent items).
+        vocabularies: per ``vocab`` table, the vocabulary built from the train split. A vocab table without one
+            gets it built from ``frame`` (so pass the train split's to valid and test); ``self.schema`` then has
+            the derived ``num_embeddings`` and ``self.vocabularies`` holds every vocab table's vocabulary.
 
     Example::
 
@@ -123,7 +151,14 @@ class TabularDataset:
         [[1.0], [1.0]]
     """
 
-    def __init__(self, frame: pd.DataFrame, schema: Schema, source: str, max_history: int | None = None) -> None:
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        schema: Schema,
+        source: str,
+        max_history: int | None = None,
+        vocabularies: Mapping[str, Vocabulary] | None = None,
+    ) -> None:
         self.schema = schema
         self.source = source
         self.tasks: list[TaskSpec] = schema.task_specs()
@@ -135,9 +170,12 @@ class TabularDataset:
 
         # Validate and convert every column in input order, so errors name rows as the user sees them.
         labels, mask = self._labels(frame)
-        features = {
-            spec.name: self._categorical(frame, spec) for spec in (*schema.sparse_features, *schema.sequence_features)
-        }
+        specs = (*schema.sparse_features, *schema.sequence_features)
+        flat = {spec.name: self._flatten(frame[spec.column], spec) for spec in specs}
+        self.vocabularies = self._vocabularies(flat, vocabularies or {})
+        if self.vocabularies:
+            schema = self.schema = schema.with_table_sizes({n: v.num_embeddings for n, v in self.vocabularies.items()})
+        features = {spec.name: self._categorical(spec, *flat[spec.name]) for spec in specs}
         dense = self._dense(frame)
         timestamps = self._timestamps(frame)
         group_keys = self._group_keys(frame)
@@ -245,13 +283,30 @@ class TabularDataset:
             mask[:, j] = present
         return labels, mask
 
-    def _categorical(self, frame: pd.DataFrame, spec: FeatureSpec) -> Jagged:
+    def _vocabularies(
+        self, flat: Mapping[str, tuple[npt.NDArray[Any], IntArray]], given: Mapping[str, Vocabulary]
+    ) -> dict[str, Vocabulary]:
+        """The vocabulary of every vocab table: given (built from the train split), else built from this frame."""
+        out: dict[str, Vocabulary] = {}
+        for table in self.schema.vocab_tables():
+            if table.name in given:
+                out[table.name] = given[table.name]
+                continue
+            values = [flat[f.name][0] for f in self.schema.features_of_table(table.name)]
+            vocab_spec = table.vocab_spec
+            assert vocab_spec is not None
+            out[table.name] = Vocabulary.build(table.name, _concat(values), vocab_spec.min_count)
+            log.info("%s: vocabulary of table %r: %d values", self.source, table.name, len(out[table.name].tokens))
+        return out
+
+    def _categorical(self, spec: FeatureSpec, raw_values: npt.NDArray[Any], lengths: IntArray) -> Jagged:
         table = self.schema.table(spec.table)
-        column = frame[spec.column]
-        raw_values, lengths = self._flatten(column, spec)
         offsets = offsets_from_lengths(lengths)
-        ids = self._as_ids(raw_values, offsets, spec, table.hash, table.num_embeddings)
-        return Jagged(ids, offsets)
+        if table.name in self.vocabularies:
+            ids = self.vocabularies[table.name].lookup(raw_values)
+            self.report.vocab_oov[spec.name] = int((ids == 0).sum())
+            return Jagged(ids, offsets)
+        return Jagged(self._as_ids(raw_values, offsets, spec, table), offsets)
 
     def _flatten(self, column: pd.Series, spec: FeatureSpec) -> tuple[npt.NDArray[Any], IntArray]:
         """Flat values and per-row lengths of a scalar or list-valued column."""
@@ -266,31 +321,29 @@ class TabularDataset:
                         int(listy.argmax()),
                         spec.column,
                     )
+                texts = np.fromiter((looks_like_list(v) for v in values), dtype=bool, count=len(values))
+                if texts.any():
+                    row = first_true(texts)
+                    raise DataError(
+                        self.source,
+                        f"holds a list written as text ({values[row]!r}); set multi_valued: true on this feature",
+                        row,
+                        spec.column,
+                    )
             missing = pd.isna(values)
-            if missing.any():
+            # A vocab table maps a missing value to row 0 (counted in the report); elsewhere it is an error.
+            if missing.any() and self.schema.table(spec.table).vocab_spec is None:
                 raise DataError(self.source, "missing id", row=first_true(missing), column=spec.column)
             return values, np.ones(len(column), dtype=np.int64)
-        cells: list[npt.NDArray[Any]] = []
-        for row, cell in enumerate(column.to_numpy()):
-            if isinstance(cell, str):
-                cells.append(np.array(cell.split(spec.separator) if cell.strip() else [], dtype=object))
-            elif cell is None or (pd.api.types.is_scalar(cell) and pd.isna(cell)):
-                # An absent list is an empty one (e.g. a user with no history yet); that is valid input.
-                cells.append(np.zeros(0, dtype=np.int64))
-            elif pd.api.types.is_scalar(cell):
-                raise DataError(self.source, f"expected a list of ids, got {cell!r}", row=row, column=spec.column)
-            else:
-                cells.append(np.asarray(cell))
-        lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
-        values = np.concatenate(cells) if cells else np.zeros(0, dtype=np.int64)
-        return values, lengths
+        # An absent list is an empty one (e.g. a user with no history yet); text cells are parsed (see lists.py).
+        return flatten_lists(column.to_numpy(), spec.separator, self.source, spec.column)
 
-    def _as_ids(
-        self, values: npt.NDArray[Any], offsets: IntArray, spec: FeatureSpec, hashed: bool, num_embeddings: int
-    ) -> IntArray:
+    def _as_ids(self, values: npt.NDArray[Any], offsets: IntArray, spec: FeatureSpec, table: TableSpec) -> IntArray:
+        hashed, num_embeddings = table.hash, table.num_embeddings
         if hashed:
-            # pandas' hash_array uses a fixed key, so the mapping is stable across runs and machines.
-            ids = pd.util.hash_array(values.astype(object) if values.dtype == object else values) % num_embeddings
+            # pandas' hash_array uses a fixed key, so the mapping is stable across runs and machines. Values are
+            # hashed as their text (5, 5.0 and "5" are one id), so a parquet and a CSV file agree.
+            ids = pd.util.hash_array(token_keys(values).astype(str)) % num_embeddings
             self.report.hashed_ids[spec.name] = len(values)
             return ids.astype(np.int64)
         if values.dtype.kind in "iu":
@@ -302,7 +355,8 @@ class TabularDataset:
                 j = first_true(bad)
                 raise DataError(
                     self.source,
-                    f"id {values[j]!r} is not an integer (set hash: true on table {spec.table!r} to hash it)",
+                    f"id {plain(values[j])!r} is not an integer (set vocab: true on table {spec.table!r} to map "
+                    "its values to ids)",
                     row=row_of(offsets, j),
                     column=spec.column,
                 )
@@ -316,7 +370,7 @@ class TabularDataset:
                 raise DataError(
                     self.source,
                     f"id {ids[j]} is outside table {spec.table!r} of {num_embeddings} rows "
-                    "(grow num_embeddings, or set hash: true on the table)",
+                    "(grow num_embeddings, or set vocab: true on the table)",
                     row=row_of(offsets, j),
                     column=spec.column,
                 )
@@ -436,23 +490,30 @@ class TabularDataset:
         starts = self.group_offsets[groups]
         return concat_ranges(starts, self.group_offsets[groups + 1] - starts)
 
-    def batch_of_groups(self, groups: IntArray) -> Batch:
-        """The batch holding every row of ``groups``, groups in the given order."""
+    def batch_of_groups(self, groups: IntArray, candidates: IntArray | None = None) -> Batch:
+        """The batch holding every row of ``groups``, groups in the given order.
+
+        ``candidates``: item ids the next-items objective scores against in this batch (schemas with
+        ``next_items`` only; none when omitted).
+        """
         sizes = self.group_offsets[groups + 1] - self.group_offsets[groups]
         rows = concat_ranges(self.group_offsets[groups], sizes)
         group_index = np.repeat(np.arange(len(groups), dtype=np.int64), sizes)
-        return self._assemble(rows, group_index)
+        return self._assemble(rows, group_index, candidates)
 
-    def batch(self, rows: IntArray) -> Batch:
+    def batch(self, rows: IntArray, candidates: IntArray | None = None) -> Batch:
         """A batch of arbitrary rows, each its own group (evaluation, export)."""
-        return self._assemble(np.asarray(rows, dtype=np.int64), np.arange(len(rows), dtype=np.int64))
+        return self._assemble(np.asarray(rows, dtype=np.int64), np.arange(len(rows), dtype=np.int64), candidates)
 
-    def _assemble(self, rows: IntArray, group_index: IntArray) -> Batch:
+    def _assemble(self, rows: IntArray, group_index: IntArray, candidates: IntArray | None = None) -> Batch:
         leader = np.ones(len(rows), dtype=bool)
         leader[1:] = group_index[1:] != group_index[:-1]
+        sequences = self._kjt(self.schema.sequence_features, rows, leader)
+        if self.schema.next_items is not None:
+            sequences = KeyedJaggedTensor.concat([sequences, spread_candidates(candidates, len(rows))])
         return Batch(
             sparse_features=self._kjt(self.schema.sparse_features, rows, leader),
-            sequence_features=self._kjt(self.schema.sequence_features, rows, leader),
+            sequence_features=sequences,
             dense_features=torch.from_numpy(self.dense[rows]),
             labels=torch.from_numpy(self.labels[rows]),
             task_mask=torch.from_numpy(self.task_mask[rows]),
@@ -481,3 +542,12 @@ class TabularDataset:
             lengths=torch.from_numpy(lengths.astype(np.int32)),
             stride=len(rows),
         )
+
+
+def _concat(parts: Sequence[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    nonempty = [p for p in parts if len(p)]
+    if not nonempty:
+        return np.zeros(0, dtype=object)
+    if len({p.dtype for p in nonempty}) > 1:
+        nonempty = [p.astype(object) for p in nonempty]
+    return np.concatenate(nonempty)

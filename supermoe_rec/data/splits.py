@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +16,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from supermoe_rec.config import ConfigError, DataConfig
+from supermoe_rec.config import ConfigError, DataConfig, TaskType
 from supermoe_rec.data.dataset import TabularDataset, read_table
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.movielens import MovieLens, fetch_movielens
 from supermoe_rec.data.protocol import SPLITS, build_ml_mt
 from supermoe_rec.data.schema import Schema
+from supermoe_rec.data.vocab import Vocabulary
 from supermoe_rec.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -36,20 +37,36 @@ class SplitData:
     info: dict[str, Any]
     # Extra per-split counts from the source (e.g. the protocol's positives and negatives).
     split_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per vocab table, the vocabulary built from the train split (saved with the run as vocab.json).
+    vocabularies: dict[str, Vocabulary] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[TaskSpec]:
         return self.schema.task_specs()
 
     def summary(self) -> dict[str, Any]:
-        """Counts per split and task: samples, positives, labelled samples and label means."""
+        """Counts per split and task: rows, samples, groups, users, labelled samples, label means, and the positives
+        and negatives of every binary task."""
         out: dict[str, Any] = dict(self.info)
         out["tasks"] = {t.name: t.type.value for t in self.tasks}
         out["splits"] = {}
         for name, ds in self.splits.items():
-            split: dict[str, Any] = {"samples": len(ds), "groups": ds.num_groups, "users": len(np.unique(ds.user_keys))}
+            split: dict[str, Any] = {
+                "rows": ds.report.rows_read,
+                "samples": len(ds),
+                "groups": ds.num_groups,
+                "users": len(np.unique(ds.user_keys)),
+            }
             split.update(self.split_info.get(name, {}))
             labelled = ds.task_mask.sum(axis=0)
+            split["binary_labels"] = {
+                t.name: {
+                    "positives": int(((ds.labels[:, j] == 1) & (ds.task_mask[:, j] == 1)).sum()),
+                    "negatives": int(((ds.labels[:, j] == 0) & (ds.task_mask[:, j] == 1)).sum()),
+                }
+                for j, t in enumerate(self.tasks)
+                if t.type is TaskType.BINARY
+            }
             split["labelled"] = {t.name: int(labelled[j]) for j, t in enumerate(self.tasks)}
             split["label_mean"] = {
                 t.name: round(float((ds.labels[:, j] * ds.task_mask[:, j]).sum() / max(1.0, labelled[j])), 4)
@@ -60,13 +77,17 @@ class SplitData:
         return out
 
 
-def load_data(cfg: DataConfig) -> SplitData:
-    """Build every split described by ``cfg`` (MovieLens protocol or a user's table + schema)."""
+def load_data(cfg: DataConfig, vocabularies: Mapping[str, Vocabulary] | None = None) -> SplitData:
+    """Build every split described by ``cfg`` (MovieLens protocol or a user's table + schema).
+
+    ``vocabularies``: a run's saved ones (``vocab.json``), used instead of building them from the train table, so a
+    trained model reads its data with the mapping it was trained with.
+    """
     if cfg.source in ("ml100k", "ml1m"):
         ml = fetch_movielens(cfg.source, cfg.cache_dir, cfg.try_url, cfg.url_timeout_s)
         return from_movielens(ml, cfg)
     if cfg.source == "table":
-        return from_tables(cfg)
+        return from_tables(cfg, vocabularies)
     raise ConfigError(f"data.source: {cfg.source!r} has no train/valid/test splits (known: ml100k, ml1m, table)")
 
 
@@ -112,7 +133,7 @@ def from_movielens(ml: MovieLens, cfg: DataConfig) -> SplitData:
     return SplitData(schema=schema, splits=splits, info=info, split_info=out.split_counts)
 
 
-def from_tables(cfg: DataConfig) -> SplitData:
+def from_tables(cfg: DataConfig, vocabularies: Mapping[str, Vocabulary] | None = None) -> SplitData:
     if cfg.schema is None or cfg.table is None:
         raise ConfigError("data.schema and data.table are required when data.source is 'table'")
     schema = drop_features(Schema.from_yaml(cfg.schema).select_tasks(cfg.tasks), cfg.drop_features)
@@ -120,14 +141,23 @@ def from_tables(cfg: DataConfig) -> SplitData:
     for name, path in (("valid", cfg.valid_table), ("test", cfg.test_table)):
         if path is not None:
             frames[name] = (read_table(path), path)
-    splits = {
-        name: TabularDataset(frame, schema, source, cfg.max_history) for name, (frame, source) in frames.items()
-    }
+    # The train split builds the vocabularies (unless a run's are given); valid and test map through them.
+    train_frame, train_source = frames.pop("train")
+    train = TabularDataset(train_frame, schema, train_source, cfg.max_history, vocabularies)
+    splits = {"train": train}
+    for name, (frame, source) in frames.items():
+        splits[name] = TabularDataset(frame, train.schema, source, cfg.max_history, train.vocabularies)
     missing = [s for s in SPLITS if s not in splits]
     if missing:
         log.warning("no %s table given: those splits are skipped", " / ".join(missing))
-    info = {"dataset": schema.name, "source": cfg.table, "ratings": sum(len(f) for f, _ in frames.values())}
-    return SplitData(schema=schema, splits=splits, info=info)
+    info: dict[str, Any] = {
+        "dataset": schema.name,
+        "source": cfg.table,
+        "rows": sum(d.report.rows_read for d in splits.values()),
+    }
+    if train.vocabularies:
+        info["vocabularies"] = {name: v.num_embeddings for name, v in train.vocabularies.items()}
+    return SplitData(schema=train.schema, splits=splits, info=info, vocabularies=dict(train.vocabularies))
 
 
 __all__ = ["DataError", "SplitData", "drop_features", "from_movielens", "from_tables", "load_data"]

@@ -37,7 +37,8 @@ def with_value(column: str, row: int, value: object) -> pd.DataFrame:
         (with_value("categories", 3, [4, -5]), r"row 3, column 'categories': negative id -5"),
         (with_value("user_id", 0, None), r"row 0, column 'user_id': missing id"),
         (with_value("item_id", 0, [1, 2]), r"row 0, column 'item_id': holds a list; set multi_valued: true"),
-        (with_value("categories", 2, 7), r"row 2, column 'categories': expected a list of ids, got 7"),
+        # A number is a list of one id (issue 14 item 7: pandas reads such columns as numbers); a bool is not.
+        (with_value("categories", 2, True), r"row 2, column 'categories': expected a list of ids, got True"),
         (with_value("clicked", 1, "yes"), r"row 1, column 'clicked': label is not a number: 'yes'"),
         (with_value("clicked", 1, 2), r"row 1, column 'clicked': binary label must be 0 or 1, got 2.0"),
         (
