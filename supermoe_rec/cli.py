@@ -31,6 +31,7 @@ from pathlib import Path
 
 from supermoe_rec.compare import COMPARABLE_ARCHS, compare
 from supermoe_rec.config import load_config, save_config
+from supermoe_rec.confighelp import add_config_help
 from supermoe_rec.errors import run_reporting
 
 
@@ -148,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--local-world-size", type=int, default=8, help="ranks per host (default %(default)s)")
     plan.add_argument("--ddr-gb", type=float, default=128.0, help="host memory per rank for UVM, GiB (default 128)")
     plan.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    # Every command that reads a config lists its keys (types, defaults, by section) under --help.
+    add_config_help(parser, skip=("schema infer",))
     return parser
 
 
