@@ -14,6 +14,18 @@ Routing is split in two so that expert parallelism can later swap the data movem
 Capacity priority (when an expert receives more than C assignments): all top-1 choices rank before all top-2
 choices, and within the same choice rank earlier tokens win (GShard). So a token loses its second expert before any
 other token loses its first.
+
+The recipe options (``model.moe``; docs/moe.md):
+
+- ``score_func``: ``softmax`` (probabilities over E) or ``sigmoid`` (an independent score per expert in (0, 1)); with
+  sigmoid the top-k weights are normalised to sum to 1 (for K = 1 the raw score is kept, so the task loss still
+  reaches the router).
+- ``load_balance``: ``aux_loss`` (the load-balancing loss below), ``bias`` (auxiliary-loss-free balancing: a
+  per-expert bias, the ``expert_bias`` buffer, is added to the scores for the top-k *selection* only; the gate
+  weights use the unbiased scores; after each optimizer step :func:`update_router_biases` moves it by
+  ``bias_update_rate`` towards balance, from the load observed since the last update, all-reduced over every rank)
+  or ``none``. Under ``bias`` and ``none`` the returned ``balance_loss`` is a constant 0 (it is still a diagnostic
+  in :mod:`supermoe_rec.modules.moe_stats`).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -40,6 +53,8 @@ class DispatchPlan(NamedTuple):
             their gate value here; the expert side must ignore them via ``kept``.
         capacity: C, slots per expert in the dispatch buffer ``[E, C, D]``.
         num_experts: E.
+        dropless: the router ran without a capacity (every assignment is kept, C is the largest per-expert count),
+            so the experts may take the sorted grouped path instead of the padded ``[E, C, D]`` buffer.
     """
 
     expert_index: Tensor
@@ -48,6 +63,7 @@ class DispatchPlan(NamedTuple):
     gates: Tensor
     capacity: int
     num_experts: int
+    dropless: bool = False
 
 
 class RouterOutput(NamedTuple):
@@ -55,11 +71,15 @@ class RouterOutput(NamedTuple):
 
     Attributes:
         plan: the :class:`DispatchPlan`.
-        probs: ``[N, E]`` float32 router probabilities (after noise, if any).
-        balance_loss: scalar, ``E * sum_e f_e * P_e`` (1.0 under perfectly uniform routing).
+        probs: ``[N, E]`` float32 router probabilities (after noise, if any); under ``score_func=sigmoid`` the
+            scores normalised over E, so that they sum to 1 per token like softmax probabilities.
+        balance_loss: scalar, ``E * sum_e f_e * P_e`` (1.0 under perfectly uniform routing); a constant 0 unless
+            ``load_balance=aux_loss``.
         z_loss: scalar, ``mean_n logsumexp(logits_n)^2``.
         tokens_per_expert: ``[E]`` int64, assignments per expert before dropping (sums to N*K), detached.
         dropped_fraction: scalar float32, fraction of the N*K assignments dropped by capacity, detached.
+        entropy: ``[N]`` float32 routing entropy ``-sum_e p_e log p_e`` of each token's ``probs`` (nats), detached;
+            ``None`` unless the router's ``collect_stats`` is set.
     """
 
     plan: DispatchPlan
@@ -68,6 +88,7 @@ class RouterOutput(NamedTuple):
     z_loss: Tensor
     tokens_per_expert: Tensor
     dropped_fraction: Tensor
+    entropy: Tensor | None = None
 
 
 def compute_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -126,6 +147,7 @@ def make_dispatch_plan(
     rank_sorted = torch.arange(K * N, device=expert_index.device) - starts[flat_expert[order]]  # (K*N,)
     flat_position = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (K*N,)
     position = flat_position.view(K, N).t()  # (N, K)
+    dropless = capacity is None
     if capacity is None:
         # Dropless needs a host sync to size the buffer; acceptable for the CPU and single-device paths.
         capacity = int(tokens_per_expert.max().item()) if N > 0 else 0
@@ -137,12 +159,18 @@ def make_dispatch_plan(
         gates=gates,
         capacity=capacity,
         num_experts=num_experts,
+        dropless=dropless,
     )
     return plan, tokens_per_expert
 
 
+def _enum_value(config: MoEConfig, name: str, default: str) -> str:
+    value = getattr(config, name, default)
+    return str(getattr(value, "value", value))
+
+
 class TopKRouter(nn.Module):
-    """Softmax top-k router with capacity, Switch (K=1) / GShard (K=2) style.
+    """Top-k router with capacity, Switch (K=1) / GShard (K=2) style, with the recipe's scoring and balancing options.
 
     Dimension letters: N tokens, D model dim, E experts, K top-k, C capacity.
 
@@ -160,6 +188,11 @@ class TopKRouter(nn.Module):
       only top-1, balances second-choice load too, which consumes capacity just like first-choice load. It is 1.0
       under perfectly uniform routing and grows up to E under collapse.
     - Router z-loss ``mean_n logsumexp(logits_n)^2`` keeps the logits small (ST-MoE).
+    - ``score_func=sigmoid``: scores ``sigmoid(logits)``; gates are the top-k scores normalised to sum to 1 (K >= 2;
+      K = 1 keeps the raw score); ``probs`` (and so ``P_e``) are the scores normalised over E.
+    - ``load_balance=bias``: selection is ``topk(scores + expert_bias)``, the gates use the unbiased scores; the
+      training load is accumulated for :func:`update_router_biases`. ``bias`` and ``none`` return a zero
+      ``balance_loss``.
     - With ``num_kinds > 0`` (``config.task_routers``) every token also has a kind (for SUPERMOE: ``[USER]``, each
       task token, history) and its logits are ``x @ (W + W_kind)^T``: a per-kind router on top of the shared one.
       ``W_kind`` starts at zero, so training starts from shared routing and learns where kinds should part.
@@ -198,7 +231,24 @@ class TopKRouter(nn.Module):
         self.dropless = config.dropless
         self.router_jitter = config.router_jitter
         self.router_noise = config.router_noise
+        self.score_func = _enum_value(config, "score_func", "softmax")
+        self.load_balance = _enum_value(config, "load_balance", "aux_loss")
+        if self.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func must be softmax or sigmoid, got {self.score_func!r}")
+        if self.load_balance not in ("aux_loss", "bias", "none"):
+            raise ValueError(f"load_balance must be aux_loss, bias or none, got {self.load_balance!r}")
+        self.bias_update_rate = float(getattr(config, "bias_update_rate", 1e-3))
         self.weight = nn.Parameter(torch.empty(config.num_experts, d_model, device=device))  # (E, D)
+        self.expert_bias: Tensor | None
+        if self.load_balance == "bias":
+            # State (saved in checkpoints), never trained by gradients: update_router_biases moves it.
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, device=device))  # (E,)
+        else:
+            self.expert_bias = None
+        # Training load since the last bias update (a plain attribute, not a buffer: DDP must not broadcast it).
+        self.pending_load: Tensor | None = None
+        # Set by supermoe_rec.modules.moe_stats.collect_stats: also return the per-token routing entropy.
+        self.collect_stats = False
         self.num_kinds = num_kinds
         self.kind_weight = (
             nn.Parameter(torch.empty(num_kinds, config.num_experts, d_model, device=device)) if num_kinds else None
@@ -211,6 +261,9 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=math.sqrt(0.1 / self.d_model))
         if self.kind_weight is not None:
             nn.init.zeros_(self.kind_weight)
+        if self.expert_bias is not None:
+            nn.init.zeros_(self.expert_bias)
+        self.pending_load = None
 
     def capacity(self, num_tokens: int) -> int | None:
         """C for ``num_tokens`` tokens in the current mode; ``None`` in dropless mode."""
@@ -245,19 +298,38 @@ class TopKRouter(nn.Module):
             logits = logits + per_kind.gather(1, kinds.long().view(N, 1, 1).expand(N, 1, E)).squeeze(1)  # (N, E)
         if self.training and self.router_noise > 0:
             logits = logits + torch.randn_like(logits) * self.router_noise
-        probs = torch.softmax(logits, dim=-1)  # (N, E)
-        top_probs, expert_index = torch.topk(probs, K, dim=-1)  # (N, K), (N, K)
-        gates = top_probs if K == 1 else top_probs / top_probs.sum(dim=-1, keepdim=True)  # (N, K)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1)
+        if self.score_func == "softmax":
+            scores = torch.exp(logits - lse)  # (N, E) softmax, reusing the z-loss's logsumexp
+            probs = scores
+        else:
+            scores = torch.sigmoid(logits)  # (N, E)
+            probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # (N, E)
+        with torch.no_grad():
+            select = scores if self.expert_bias is None else scores + self.expert_bias  # (N, E)
+            expert_index = torch.topk(select, K, dim=-1).indices  # (N, K)
+        top = scores.gather(1, expert_index)  # (N, K) unbiased scores of the chosen experts
+        gates = top if K == 1 else top / top.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # (N, K)
 
         plan, tokens_per_expert = make_dispatch_plan(expert_index, gates, E, self.capacity(N))
+        if self.expert_bias is not None and self.training:
+            load = tokens_per_expert.detach().to(torch.float32)
+            self.pending_load = load if self.pending_load is None else self.pending_load + load
 
         # Sums divided by max(.., 1) rather than means: N = 0 gives 0 instead of NaN and keeps the graph
         # connected to the router weight (so DDP sees the parameter used).
-        f = tokens_per_expert.to(probs.dtype) / max(N * K, 1)  # (E,)
-        p_mean = probs.sum(dim=0) / max(N, 1)  # (E,)
-        balance_loss = E * torch.sum(f * p_mean)
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).sum() / max(N, 1)
+        if self.load_balance == "aux_loss":
+            f = tokens_per_expert.to(probs.dtype) / max(N * K, 1)  # (E,)
+            p_mean = probs.sum(dim=0) / max(N, 1)  # (E,)
+            balance_loss = E * torch.sum(f * p_mean)
+        else:
+            balance_loss = torch.zeros((), device=x.device)
+        z_loss = lse.pow(2).sum() / max(N, 1)
         dropped = (N * K - plan.kept.sum()).to(torch.float32) / max(N * K, 1)
+        entropy = None
+        if self.collect_stats:
+            with torch.no_grad():
+                entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1)  # (N,)
         return RouterOutput(
             plan=plan,
             probs=probs,
@@ -265,4 +337,56 @@ class TopKRouter(nn.Module):
             z_loss=z_loss,
             tokens_per_expert=tokens_per_expert.detach(),
             dropped_fraction=dropped.detach(),
+            entropy=entropy,
         )
+
+    def update_bias(self, load: Tensor) -> None:
+        """One auxiliary-loss-free balancing step: ``expert_bias += rate * sign(mean(load) - load)``.
+
+        Underloaded experts (load below the mean) move up by ``bias_update_rate``, overloaded ones down, experts at
+        the mean stay. Every rank must pass the same (global) ``load`` so the replicas stay identical.
+
+        Args:
+            load: ``[E]`` assignments per expert since the last update (any scale: only signs are used).
+        """
+        if self.expert_bias is None:
+            raise RuntimeError("update_bias needs load_balance=bias")
+        with torch.no_grad():
+            load = load.to(self.expert_bias.device, torch.float32)
+            self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
+        self.pending_load = None
+
+
+def bias_routers(model: nn.Module) -> list[TopKRouter]:
+    """The routers of ``model`` that balance with ``load_balance=bias``, in ``modules()`` order."""
+    return [m for m in model.modules() if isinstance(m, TopKRouter) and m.expert_bias is not None]
+
+
+def update_router_biases(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """After an optimizer step: move every bias router's ``expert_bias`` from the load it saw since the last call.
+
+    The loads of all routers are concatenated and all-reduced (SUM) over ``group`` in one collective when
+    ``torch.distributed`` is initialised, so every data-parallel and expert-parallel rank applies the same global
+    update and the replicated biases stay identical. Every rank of the group must call it the same number of times.
+    A router that saw no training tokens since the last call counts as load 0 on this rank.
+
+    Args:
+        model: any module (a DMP/DDP wrapper too: ``modules()`` reaches the routers).
+        group: the process group spanning every rank that trains the model (``None``: the default group).
+
+    Returns:
+        the number of routers updated (0 when the model has no bias router).
+    """
+    routers = bias_routers(model)
+    if not routers:
+        return 0
+    loads = [
+        r.pending_load if r.pending_load is not None else torch.zeros(r.num_experts, device=r.weight.device)
+        for r in routers
+    ]
+    flat = torch.cat([load.to(torch.float32) for load in loads])  # (sum_r E_r,)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    for router, load in zip(routers, torch.split(flat, [r.num_experts for r in routers]), strict=True):
+        router.update_bias(load)
+    return len(routers)
