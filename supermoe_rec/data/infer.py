@@ -170,8 +170,8 @@ def _table_for_ids(name: str, info: ColumnInfo) -> tuple[dict[str, Any], str]:
     if info.min_id >= 0 and info.max_id + 1 <= max(2 * info.distinct, info.distinct + 16):
         return (
             {"name": name, "num_embeddings": info.max_id + 1},
-            f"integer ids 0..{info.max_id} ({info.distinct} distinct): max + 1 rows; larger ids in other files are "
-            "errors (vocab: true maps them to row 0 instead)",
+            f"integer ids up to {info.max_id} ({info.distinct} distinct): max + 1 rows; a larger id in valid/test "
+            "is an error (vocab: true would map it to row 0)",
         )
     span = f"{info.min_id}..{info.max_id}"
     return {"name": name, "vocab": True}, f"integer values {span}, only {info.distinct} distinct: a vocabulary"
@@ -431,6 +431,6 @@ def infer_command(
         timestamp=timestamp,
         history=history,
         item=item,
-        name=Path(table).stem,
+        name=Path(table).resolve().parent.name if Path(table).stem in ("train", "training") else Path(table).stem,
         source=Path(table).name,
     ).text

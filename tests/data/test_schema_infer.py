@@ -119,6 +119,6 @@ def test_cli_schema_infer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert cli.main(["schema", "infer", "--table", str(tmp_path / "train.parquet"), "--label", "click,stars"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# Proposed by `supermoe-rec schema infer` from train.parquet (60 rows, 12 columns).")
-    assert Schema.from_dict(yaml.safe_load(out)).name == "train"
+    assert Schema.from_dict(yaml.safe_load(out)).name == tmp_path.name  # a file named train: its folder
     assert cli.main(["schema", "infer", "--table", str(tmp_path / "none.parquet"), "--label", "click"]) == 2
     assert "none.parquet: file not found" in capsys.readouterr().err
