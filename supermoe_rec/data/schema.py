@@ -37,15 +37,21 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from supermoe_rec.config import ConfigError, TaskType, from_dict
 from supermoe_rec.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from supermoe_rec.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -290,9 +296,9 @@ class Schema:
         raise KeyError(name)
 
     def check_task_names(self, tasks: Sequence[str], task_weights: Mapping[str, float]) -> None:
-        """``data.tasks`` and ``train.task_weights`` may name only this schema's tasks (checked before any data)."""
+        """``data.tasks`` and ``train.loss.task_weights`` may name only this schema's tasks (checked at config load)."""
         known = [t.name for t in self.tasks]
-        for key, names in (("data.tasks", list(tasks)), ("train.task_weights", list(task_weights))):
+        for key, names in (("data.tasks", list(tasks)), ("train.loss.task_weights", list(task_weights))):
             unknown = [n for n in names if n not in known]
             if unknown:
                 raise ConfigError(f"{key}: unknown task(s) {unknown} (the schema {self._source} has {known})")
@@ -306,3 +312,38 @@ class Schema:
         if unknown:
             raise ConfigError(f"data.tasks: unknown task(s) {unknown} (known: {list(known)})")
         return dataclasses.replace(self, tasks=tuple(known[n] for n in names))
+
+
+# DataConfig keys that only the ml-mt protocol (and the synthetic stream) read: ignored with data.source: table.
+ML_MT_ONLY_KEYS = ("seed", "valid_fraction", "test_fraction", "cache_dir", "try_url", "url_timeout_s")
+
+
+def check_table_config(cfg: ExperimentConfig) -> list[str]:
+    """Load-time checks of a ``data.source: table`` config, before any data is read (docs/data.md).
+
+    ``data.tasks`` and ``train.loss.task_weights`` must name tasks of the schema (when its file exists; a missing
+    file is reported when the data loads). ml-mt-only and synthetic keys set to non-default values do nothing with
+    a table: each is named in a warning, which is also returned.
+    """
+    from supermoe_rec.config import DataConfig
+
+    data = cfg.data
+    if data.source != "table":
+        return []
+    defaults = DataConfig()
+    ignored = [
+        f"data.{f.name}"
+        for f in dataclasses.fields(DataConfig)
+        if (f.name in ML_MT_ONLY_KEYS or f.name.startswith(("synthetic_", "next_")))
+        and getattr(data, f.name) != getattr(defaults, f.name)
+    ]
+    warnings = []
+    if ignored:
+        warnings.append(
+            f"data.source is 'table': {', '.join(ignored)} apply to the ml-mt protocol or the synthetic stream only "
+            "and are ignored (configs/byo.yaml has none of them)"
+        )
+        log.warning("%s", warnings[-1])
+    if data.schema is not None and Path(data.schema).is_file():
+        Schema.from_yaml(data.schema).check_task_names(data.tasks, cfg.train.loss.task_weights)
+    return warnings

@@ -195,7 +195,7 @@ def test_silent_misconfigurations_are_errors(changes: dict[str, Any], message: s
 def test_task_names_checked_against_the_schema() -> None:
     schema = Schema.from_dict(_schema(), source="s.yaml")
     schema.check_task_names(["click"], {"click": 2.0})
-    with pytest.raises(ConfigError, match=r"^train.task_weights: unknown task\(s\) \['watch'\]"):
+    with pytest.raises(ConfigError, match=r"^train.loss.task_weights: unknown task\(s\) \['watch'\]"):
         schema.check_task_names([], {"watch": 2.0})
     with pytest.raises(ConfigError, match=r"^data.tasks: unknown task\(s\) \['like'\]"):
         schema.check_task_names(["like"], {})
@@ -209,3 +209,25 @@ def test_table_summary_counts(tmp_path: Path) -> None:
     assert (train["rows"], train["samples"], train["groups"], train["users"]) == (5, 5, 3, 3)
     assert train["binary_labels"] == {"click": {"positives": 3, "negatives": 2}}
     assert train["labelled"] == {"click": 5, "stars": 3}
+
+
+def test_table_config_checked_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Task names against the schema, before any data; ml-mt-only keys with source: table get a warning."""
+    from supermoe_rec.config import ExperimentConfig, apply_overrides
+    from supermoe_rec.data.schema import check_table_config
+
+    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    table = ["--data.source=table", f"--data.schema={tmp_path / 'schema.yaml'}", "--data.table=missing.parquet"]
+    assert check_table_config(apply_overrides(ExperimentConfig(), table)) == []
+    with pytest.raises(ConfigError, match=r"^train.loss.task_weights: unknown task\(s\) \['watch'\]"):
+        check_table_config(apply_overrides(ExperimentConfig(), [*table, "--train.loss.task_weights={watch: 2}"]))
+    with pytest.raises(ConfigError, match=r"^data.tasks: unknown task\(s\) \['like'\]"):
+        check_table_config(apply_overrides(ExperimentConfig(), [*table, "--data.tasks=[like]"]))
+    with caplog.at_level("WARNING"):
+        warnings = check_table_config(
+            apply_overrides(ExperimentConfig(), [*table, "--data.seed=3", "--data.valid_fraction=0.2"])
+        )
+    assert len(warnings) == 1 and "data.seed, data.valid_fraction apply to the ml-mt protocol" in warnings[0]
+    assert warnings[0] in caplog.text
+    # the ml-mt defaults of a MovieLens config are no reason to warn, and a MovieLens config is not checked
+    assert check_table_config(apply_overrides(ExperimentConfig(), ["--data.seed=3"])) == []
