@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
@@ -165,3 +166,19 @@ def test_seesaw_script_then_notebook_reuses_its_runs(
     text = json.dumps(_outputs(executed))
     assert "6 runs, 6 reused" in text
     assert _images(executed) == 1
+
+
+# -------------------------------------------------------------------------------------------- universal vectors
+
+
+def test_universal_vectors_notebook(
+    example_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, out_dir: Path
+) -> None:
+    executed = run_notebook("04_universal_vectors.ipynb", example_env, monkeypatch)
+    text = json.dumps(_outputs(executed))
+    out = out_dir / "universal_vectors"
+    assert (out / "artifact" / "manifest.json").is_file()
+    assert "users embedded from" in text and "held-out AUC" in text
+    topk = pd.read_parquet(out / "topk.parquet")
+    assert (topk.groupby("user_id").size() == 10).all()
+    assert "user 1: last watched" in text and "title" in text  # the top-10 are shown by title
