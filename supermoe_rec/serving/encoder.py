@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,27 +344,38 @@ class UserEncoder:
         missing = events[user_col].isna().to_numpy()
         if missing.any():
             raise DataError(source, "missing user id", row=first_true(missing), column=user_col)
-        frame = events.reset_index(drop=True)
-        order = np.arange(len(frame))
+        n = len(events)
+        keys = events[user_col].to_numpy()
+        codes, uniques = pd.factorize(keys, sort=False)  # users in first-appearance order
+        U = len(uniques)
+        order = np.arange(n)
         ts = s.timestamp_column
-        if ts is not None and ts in frame.columns:
-            order = np.lexsort((order, frame[ts].to_numpy()))
-        frame = frame.iloc[order]
-        first_seen = pd.unique(events[user_col].to_numpy())
-        last = frame.groupby(user_col, sort=False, dropna=False).tail(1).set_index(user_col)
-        out = pd.DataFrame({user_col: first_seen})
+        if ts is not None and ts in events.columns:
+            order = np.lexsort((order, events[ts].to_numpy()))  # by time, then input order
+        if n == U:
+            last = np.arange(n)[np.argsort(codes, kind="stable")]
+        else:
+            rank = np.empty(n, dtype=np.int64)
+            rank[order] = np.arange(n)
+            last_rank = np.full(U, -1, dtype=np.int64)
+            np.maximum.at(last_rank, codes, rank)
+            last = order[last_rank]  # each user's last row (by time)
+        out: dict[str, Any] = {user_col: uniques}
         for column in dict.fromkeys([*(f.column for f in profile), *(d.column for d in s.dense_features)]):
-            out[column] = last.loc[first_seen, column].to_numpy()
+            out[column] = events[column].to_numpy()[last]
         if per_user:
             for column in dict.fromkeys(history_cols):
-                out[column] = [self._as_list(v, column, source) for v in last.loc[first_seen, column].to_numpy()]
+                cells = events[column].to_numpy()[last]
+                out[column] = [self._as_list(v, column, source) for v in cells]
         else:
             assert self.candidate_feature is not None
-            items = frame.groupby(user_col, sort=False)[self.candidate_feature.column].agg(list)
-            lists = [items.loc[u][-self.max_history :] for u in first_seen]
+            by_user = order[np.argsort(codes[order], kind="stable")]  # grouped by user, in time order within
+            items = events[self.candidate_feature.column].to_numpy()[by_user]
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=U))])
+            lists = [list(items[max(a, b - self.max_history) : b]) for a, b in itertools.pairwise(bounds)]
             for column in dict.fromkeys(history_cols):
                 out[column] = lists
-        return out
+        return pd.DataFrame(out)
 
     def _as_list(self, cell: Any, column: str, source: str) -> list[Any]:
         if isinstance(cell, str):

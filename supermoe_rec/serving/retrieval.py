@@ -162,7 +162,7 @@ class FaissIndex:
     """An inverted-file inner-product index over [N, M] item vectors (``faiss.IndexIVFFlat``).
 
     Attributes:
-        nlist: inverted lists (default ``4 * sqrt(N)``, at most N / 39 so k-means has 39 points per centroid).
+        nlist: inverted lists (default ``sqrt(N)``, at most N / 39 so k-means has 39 points per centroid).
         nprobe: lists searched per query; more is slower and closer to exact.
     """
 
@@ -173,17 +173,19 @@ class FaissIndex:
 
     @staticmethod
     def build(items: FloatArray, nprobe: int = 16, nlist: int | None = None, seed: int = 0) -> FaissIndex:
+        """Train the coarse quantizer (k-means on at most 64 items per list) and add every item."""
         import faiss
 
         N, M = items.shape
-        nlist = nlist or max(1, min(int(4 * math.sqrt(N)), N // 39))
+        nlist = nlist or max(1, min(int(math.sqrt(N)), N // 39))
         quantizer = faiss.IndexFlatIP(M)
         index = faiss.IndexIVFFlat(quantizer, M, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
+        index.cp.min_points_per_centroid = 1  # no warning for small catalogs
         data = np.ascontiguousarray(items, dtype=np.float32)
         sample = data
-        if 256 * nlist < N:  # k-means on a sample: faiss's own cap is 256 points per centroid
-            sample = data[np.random.default_rng(seed).choice(N, 256 * nlist, replace=False)]
+        if 64 * nlist < N:  # 64 points per centroid place the centroids well enough and keep training fast
+            sample = data[np.random.default_rng(seed).choice(N, 64 * nlist, replace=False)]
         index.train(sample)
         index.add(data)
         index.nprobe = min(nprobe, nlist)
