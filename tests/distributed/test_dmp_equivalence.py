@@ -39,7 +39,15 @@ STEPS = 2
 SPARSE_LR = 1.0  # large enough that the table updates stand well above the tolerance
 TOL = 1e-5
 # Sharding type -> embedding dim: column_wise shards are >= 128 columns wide, so 256 gives one shard per rank.
-CASES = {"table_wise": 16, "column_wise": 256}
+CASES = {"table_wise": 16, "column_wise": 256, "table_wise+next_items": 16}
+# The next-items case trains the [USER] vector too (joint), with the sampled softmax: the same sampled ids on every
+# rank plus in-batch negatives gathered from all ranks, logQ corrected (supermoe_rec/next_items.py).
+NEXT_ITEMS = [
+    "--data.next_window=2",
+    "--train.objective=joint",
+    "--train.next_items.softmax=sampled",
+    "--train.next_items.num_sampled=64",
+]
 SHARDED_TABLES = ("item", "user")  # sharded as the case says
 # Every other table is pinned too, so that 1 and 2 processes get the same plan (the planner alone picks
 # data_parallel for some small tables at one world size and table_wise at the other, and data-parallel tables are
@@ -55,19 +63,21 @@ OTHER_TABLES = {
 }
 
 
-def _overrides(sharding: str) -> list[str]:
+def _overrides(case: str) -> list[str]:
+    sharding = case.split("+")[0]
     return [
-        "--model.num_layers=1",
-        "--model.d_model=32",
-        f"--model.embedding_dim={CASES[sharding]}",
-        "--model.ffn_hidden=32",
-        "--model.tower_hidden=[16]",
+        *(NEXT_ITEMS if case.endswith("+next_items") else []),
+        "--model.encoder.num_layers=1",
+        "--model.encoder.d_model=32",
+        f"--model.embedding_dim={CASES[case]}",
+        "--model.encoder.ffn_hidden=32",
+        "--model.towers.hidden=[16]",
         "--model.moe.num_experts=4",
         "--model.moe.expert_hidden=32",
         "--model.moe.moe_every=1",
         "--model.moe.dropless=true",
-        "--model.moe.balance_loss_weight=0",
-        "--model.moe.z_loss_weight=0",
+        "--train.loss.balance_loss_weight=0",
+        "--train.loss.z_loss_weight=0",
         "--train.sparse_optimizer=sgd",
         f"--train.sparse_lr={SPARSE_LR}",
         "--train.tensorboard=false",
@@ -75,8 +85,8 @@ def _overrides(sharding: str) -> list[str]:
     ]
 
 
-def _sharding(sharding: str) -> dict[str, str]:
-    return {**dict.fromkeys(SHARDED_TABLES, sharding), **OTHER_TABLES}
+def _sharding(case: str) -> dict[str, str]:
+    return {**dict.fromkeys(SHARDED_TABLES, case.split("+")[0]), **OTHER_TABLES}
 
 
 def _initial_table(index: int, rows: int, dim: int) -> torch.Tensor:
@@ -104,13 +114,13 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
     from supermoe_rec.data.splits import load_data
     from supermoe_rec.train import DistContext, build_trainer
 
-    data = load_data(data_cfg)
-    train = data.splits["train"]
     ctx = DistContext(rank, world_size, rank, torch.device("cpu"))
     results: dict[str, Any] = {}
     for sharding in CASES:
         start = time.monotonic()
         cfg = apply_overrides(ExperimentConfig(data=data_cfg), _overrides(sharding))
+        data = load_data(cfg.data)
+        train = data.splits["train"]
         trainer = build_trainer(cfg, ctx, data)
         dmp = trainer.dmp
 
@@ -136,7 +146,12 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
                 assert torch.equal(shard.tensor, full[r0 : r0 + nr, c0 : c0 + nc]), key
             assert hasattr(value, "local_shards") or torch.equal(value, full), key
 
-        batches = [train.batch_of_groups(g[rank::world_size]) for g in _step_groups(train.num_groups)]
+        # Every rank draws the same candidate ids for a step (the loader's rule), here from the trainer's source.
+        source = trainer.loaders["train"].candidates
+        batches = [
+            train.batch_of_groups(g[rank::world_size], source(step) if source is not None else None)
+            for step, g in enumerate(_step_groups(train.num_groups))
+        ]
         pipeline = TrainPipelineSparseDist(dmp, trainer.optimizer, ctx.device)
         iterator = iter(batches)
         losses, per_task = [], []
@@ -166,6 +181,7 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
             for name, ps in module_plan.items()  # type: ignore[attr-defined]
         }
         results[sharding] = {
+            "next_items": [float(out.loss.next_items)] if out.loss.next_items is not None else [],
             "losses": losses,
             "per_task": per_task,
             "tables": tables,
@@ -207,6 +223,12 @@ def test_two_rank_dmp_matches_one_process(runs: dict[int, list[dict[str, Any]]],
     if sharding == "column_wise":
         for table in SHARDED_TABLES:
             assert ranks[0]["plan"][table][1] == [0, 1], ranks[0]["plan"]
+
+    if sharding.endswith("+next_items"):  # the next-items loss is part of the total, and is itself global
+        assert ref["next_items"] and ref["next_items"][0] > 0
+        mean = sum(r["next_items"][0] for r in ranks) / W
+        assert mean == pytest.approx(ref["next_items"][0], abs=TOL, rel=TOL)
+        assert any(".over_arch.user_proj." in k for k in ref["grads"]), "the [USER] projection got no gradient"
 
     # Loss: the mean of the ranks' losses is the 1-process loss, at every step.
     for step in range(STEPS):
@@ -262,9 +284,11 @@ def test_two_rank_dmp_matches_one_process(runs: dict[int, list[dict[str, Any]]],
 def test_row_wise_on_cpu_is_a_config_error_naming_the_table(
     ml100k_data: SplitData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import supermoe_rec.distributed.sharding as sharding_mod
     import supermoe_rec.train as train_mod
 
     built = []
+    monkeypatch.setattr(sharding_mod, "build_model", lambda *a, **k: built.append(1))
     monkeypatch.setattr(train_mod, "build_model", lambda *a, **k: built.append(1))
     cfg = apply_overrides(ExperimentConfig(), ["--train.sharding={user: table_wise, item: row_wise}"])
     ctx = train_mod.DistContext(0, 1, 0, torch.device("cpu"))
@@ -272,7 +296,7 @@ def test_row_wise_on_cpu_is_a_config_error_naming_the_table(
         train_mod.build_trainer(cfg, ctx, ml100k_data)
     assert not built, "a model was built before the sharding was checked"
     with pytest.raises(ConfigError, match=r"train\.sharding\.item"):
-        train_mod.sharding_constraints(cfg, ml100k_data, torch.device("cpu"))
+        sharding_mod.sharding_constraints(cfg.train.sharding, ml100k_data.schema, torch.device("cpu"))
 
 
 def test_samples_per_epoch_and_per_rank_batch(ml100k_data: SplitData) -> None:
