@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,16 +471,21 @@ def item_table(model: RestoredModel, table: str = "item") -> npt.NDArray[np.floa
     Raises:
         ConfigError: the model has no such table, or its shards do not cover it (more than one rank).
     """
-    state = model.dmp.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchRec's state dict still holds ShardedTensors
+        state = model.dmp.state_dict()
     keys = [k for k in state if k.endswith(f".{table}.weight") and "sparse_arch" in k]
     if not keys:
         raise ConfigError(f"schema: the model has no {table!r} table")
     weight = state[keys[0]]
     if not hasattr(weight, "local_shards"):  # a plain tensor (data-parallel table)
         return np.asarray(weight.detach().float().cpu().numpy(), dtype=np.float32)
-    rows, cols = (int(s) for s in weight.size())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        rows, cols = (int(s) for s in weight.size())
+        pieces = weight.local_shards()
     out = np.full((rows, cols), np.nan, dtype=np.float32)
-    for piece in weight.local_shards():
+    for piece in pieces:
         (r0, c0), (nr, nc) = piece.metadata.shard_offsets, piece.metadata.shard_sizes
         out[r0 : r0 + nr, c0 : c0 + nc] = piece.tensor.detach().float().cpu().numpy()
     if np.isnan(out).any():

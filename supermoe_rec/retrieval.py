@@ -24,8 +24,10 @@ on its ``ml-100k`` atomic files, which are the GroupLens ratings in ``u.data``'s
 
 **Popularity** scores an item by its number of training interactions, i.e. every interaction except each user's
 last two (RecBole's Pop on the same split). Measured here on the test targets: unmasked HR@10 0.0498, NDCG@10
-0.0226, MRR@10 0.0143; masked 0.0859 / 0.0444 / 0.0319 (RecBole 1.2.1's Pop, measured in its own venv, gives the
-same four-digit figures).
+0.0224, MRR@10 0.0142; masked 0.0859 / 0.0449 / 0.0326. RecBole 1.2.1's Pop gives 0.0498 / 0.0226 / 0.0143 and
+0.0859 / 0.0444 / 0.0319: the same hits, with equally popular items ordered differently (its ``torch.topk`` over its
+own ids). Its figures lie between those of the target losing every tie and winning every tie
+(``tests/test_universal.py``).
 """
 
 from __future__ import annotations
