@@ -499,7 +499,7 @@ def stand_in_scorer(model_dim: int, item_dim: int, seed: int = 0) -> Scorer:
     projection = torch.randn(model_dim, item_dim, generator=generator) / model_dim**0.5  # (M, D)
 
     def score(user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        scores: torch.Tensor = (user.float() @ projection) @ items.float().T  # (G, N)
+        scores: torch.Tensor = (user.float() @ projection.to(user.device)) @ items.float().T  # (G, N)
         return scores
 
     return score
@@ -546,6 +546,11 @@ def _retrieval_template(ml: MovieLens, cfg: DataConfig, users: npt.NDArray[np.in
     return out
 
 
+def _model_device(model: RestoredModel) -> torch.device:
+    """Where the model's dense modules (and so its batches) live."""
+    return next(_over_arch(model).parameters()).device
+
+
 def _history_feature(schema: Schema) -> FeatureSpec:
     """The history the encoder reads (the model's layout), which must be a single per-group sequence feature."""
     names = FeatureLayout.from_schema(schema).history
@@ -569,11 +574,12 @@ def retrieval_user_vectors(
     ds = TabularDataset(frame, model.data.schema, "retrieval inputs")
     order = pd.Index(ds.user_keys).get_indexer(template["user_id"].to_numpy())  # (U,) dataset row of each user
     batch_size = model.cfg.train.eval_batch_size
+    device = _model_device(model)
     parts = []
     model.dmp.eval()
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            _, out = model.dmp(ds.batch(order[start : start + batch_size].astype(np.int64)))
+            _, out = model.dmp(ds.batch(order[start : start + batch_size].astype(np.int64)).to(device))
             if out.model.user is None:
                 raise ConfigError(f"model.arch: {model.cfg.model.arch.value} returned no user representation")
             parts.append(out.model.user.float().cpu())
@@ -589,7 +595,7 @@ def model_retrieval(
     seed: int = 0,
 ) -> tuple[dict[str, Any], str]:
     """Valid and test retrieval metrics of a run's [USER] vector (unmasked and masked), and the scorer used."""
-    items = torch.from_numpy(item_table(model))  # (V, D)
+    items = torch.from_numpy(item_table(model)).to(_model_device(model))  # (V, D)
     scorer, name = item_scorer(model, items, mode, seed)
     template = _retrieval_template(ml, model.cfg.data, seqs.users)
     out: dict[str, Any] = {}

@@ -260,3 +260,14 @@ def test_aggregate_three_runs(tmp_path: Path) -> None:
     assert (out / "universal.png").read_bytes()[:8] == PNG_SIGNATURE
     with pytest.raises(Exception, match="at least 2 runs"):
         aggregate_suites(runs[:1], out)
+
+
+def test_suite_command_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["probe", "--suite-aggregate", str(tmp_path), str(tmp_path)]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
+    assert cli.main(["probe", "--suite-aggregate", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "universal.json is missing" in capsys.readouterr().err
+    assert cli.main(["probe", "--suite"]) == 2
+    assert "--run is required" in capsys.readouterr().err
+    assert cli.main(["probe", "--suite", "--run", str(tmp_path), "--compare-run", "no-equals-sign"]) == 2
+    assert "is not NAME=RUN" in capsys.readouterr().err
