@@ -115,6 +115,7 @@ __all__ = [
     "item_bags",
     "item_scorer",
     "item_table",
+    "merge_peer",
     "model_retrieval",
     "probe_run",
     "probe_table",
@@ -662,6 +663,7 @@ def suite_run(
     scorer: str = "auto",
     families: Sequence[str] = universal.FAMILIES,
     only_kinds: Sequence[str] | None = None,
+    peer: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the universality suite on a behaviour-only ml100k run; write ``universal.json`` and ``universal.md``.
 
@@ -677,6 +679,7 @@ def suite_run(
         families: downstream model families (default both).
         only_kinds: fit only these built-in kinds (default all; ``majority`` and compare runs always), e.g. to
             keep a smoke test short.
+        peer: ``benchmarks/recbole_peer.py``'s JSON, whose RecBole figures join the retrieval table.
 
     Returns:
         What ``universal.json`` holds.
@@ -760,6 +763,8 @@ def suite_run(
         "retrieval_scorers": scorers,
         "compare_runs": {k: str(v) for k, v in (compare_runs or {}).items()},
     }
+    if peer is not None:
+        merge_peer(result, peer)
     (run_dir / SUITE_JSON).write_text(json.dumps(result, indent=2) + "\n")
     (run_dir / SUITE_MD).write_text(suite_markdown(result))
     return result
@@ -858,14 +863,52 @@ def suite_markdown(result: Mapping[str, Any], std: Mapping[str, Any] | None = No
             "",
         ]
     lines.append(_retrieval_table(result["retrieval"], (std or {}).get("retrieval") if std is not None else None))
+    peers = [k for k in result["retrieval"] if k.startswith("recbole_") and not k.endswith("_masked")]
+    ours = [
+        k for k in result["retrieval"] if not k.startswith(("recbole_", "popularity")) and not k.endswith("_masked")
+    ]
+    if peers and ours:
+        lines += ["", "NDCG@10 ratio, ours (unmasked) / RecBole's (same protocol):", ""]
+        rows = [
+            [o, p, f"{result['retrieval'][o]['ndcg@10'] / result['retrieval'][p]['ndcg@10']:.3f}"]
+            for o in ours
+            for p in peers
+            if result["retrieval"][p]["ndcg@10"] > 0
+        ]
+        lines.append(tabulate(rows, headers=["ours", "RecBole", "ratio"], tablefmt="github", disable_numparse=True))
     return "\n".join(lines) + "\n"
 
 
-def aggregate_suites(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+def merge_peer(result: dict[str, Any], peer: str | Path) -> dict[str, Any]:
+    """Add RecBole's test figures from ``benchmarks/recbole_peer.py``'s JSON to ``result["retrieval"]``.
+
+    Each peer model ``Name`` becomes ``recbole_<name>`` (``Pop_masked`` -> ``recbole_pop_masked``), with its
+    HR@10, NDCG@10 and MRR@10; the peer's other fields (epochs, what stopped it) go to ``result["peer"]``.
+
+    Raises:
+        ConfigError: the file is missing or holds no model with the three metrics.
+    """
+    path = Path(peer)
+    if not path.is_file():
+        raise ConfigError(f"--peer: {path} is missing (write it with benchmarks/recbole_peer.py)")
+    models = json.loads(path.read_text()).get("models", {})
+    rows = {name: row for name, row in models.items() if all(m in row for m in ("hr@10", "ndcg@10", "mrr@10"))}
+    if not rows:
+        raise ConfigError(f"--peer: {path} holds no model with hr@10, ndcg@10 and mrr@10")
+    for name, row in rows.items():
+        result["retrieval"][f"recbole_{name.lower()}"] = {m: float(row[m]) for m in ("hr@10", "ndcg@10", "mrr@10")}
+    result["peer"] = {"file": str(path), "models": rows}
+    return result
+
+
+def aggregate_suites(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, peer: str | Path | None = None
+) -> dict[str, Any]:
     """Mean ± std (sample std, ddof 1) of several runs' ``universal.json`` (e.g. 3 seeds) into ``out_dir``.
 
     Writes ``universal.json`` (``embeddings`` and ``retrieval`` hold the means, ``std`` the standard deviations),
-    ``universal.md`` and ``universal.png`` (primary metric per task and kind, error bars: std).
+    ``universal.md`` and ``universal.png`` (primary metric per task and kind, error bars: std). With ``peer``,
+    RecBole's figures (one run each, no std) join the retrieval table (:func:`merge_peer`).
 
     Raises:
         ConfigError: fewer than 2 runs, a run without ``universal.json``, or runs with different kinds or tasks.
@@ -913,6 +956,8 @@ def aggregate_suites(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dic
         "std": {"embeddings": emb_std, "retrieval": ret_std},
         "retrieval_scorers": first.get("retrieval_scorers", {}),
     }
+    if peer is not None:
+        merge_peer(out, peer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUITE_JSON).write_text(json.dumps(out, indent=2) + "\n")
@@ -941,12 +986,13 @@ def suite_command(
     scorer: str = "auto",
     aggregate: Sequence[str] | None = None,
     out: str | None = None,
+    peer: str | None = None,
 ) -> int:
     """CLI body of ``supermoe-rec probe --suite`` / ``--suite-aggregate``; tears down a process group it created."""
     if aggregate:
         if out is None:
             raise ConfigError("--suite-aggregate: --out DIR is required (e.g. reports/ml100k/universal)")
-        result = aggregate_suites(aggregate, out)
+        result = aggregate_suites(aggregate, out, peer)
         print(_retrieval_table(result["retrieval"], result["std"]["retrieval"]))
         print(Path(out) / SUITE_MD)
         return 0
@@ -954,7 +1000,7 @@ def suite_command(
         raise ConfigError("probe --suite: --run is required")
     owns_group = not dist.is_initialized()
     try:
-        result = suite_run(run, overrides, seed, _parse_compare(compare), scorer)
+        result = suite_run(run, overrides, seed, _parse_compare(compare), scorer, peer=peer)
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -248,15 +248,21 @@ def test_aggregate_three_runs(tmp_path: Path) -> None:
         (run / "universal.json").write_text(json.dumps(_fake_suite(value)))
         runs.append(str(run))
     out = tmp_path / "report"
-    assert cli.main(["probe", "--suite-aggregate", *runs, "--out", str(out)]) == 0
+    peer = tmp_path / "recbole_peer.json"
+    sasrec = {"hr@10": 0.12, "ndcg@10": 0.05, "mrr@10": 0.04, "epochs": 3, "stopped_by": "budget"}
+    peer.write_text(json.dumps({"models": {"SASRec": sasrec, "Broken": {"hr@10": 0.1}}}))
+    assert cli.main(["probe", "--suite-aggregate", *runs, "--out", str(out), "--peer", str(peer)]) == 0
     result = json.loads((out / "universal.json").read_text())
     assert result["embeddings"]["user"]["gender"]["linear_macro_f1"] == pytest.approx(0.2)
     assert result["std"]["embeddings"]["user"]["gender"]["mlp_macro_f1"] == pytest.approx(0.2)  # 0.2, 0.4, 0.6
     assert result["retrieval"]["supermoe"]["ndcg@10"] == pytest.approx(0.1)
     assert result["std"]["retrieval"]["supermoe"]["hr@10"] == pytest.approx(0.1)
     assert result["num_runs"] == 3
+    assert result["retrieval"]["recbole_sasrec"] == {"hr@10": 0.12, "ndcg@10": 0.05, "mrr@10": 0.04}
+    assert "recbole_broken" not in result["retrieval"]  # a peer row without the three metrics is left out
     md = (out / "universal.md").read_text()
     assert "0.2000 ± 0.1000" in md and "universal.png" in md
+    assert "| supermoe | recbole_sasrec | 2.000   |" in md  # NDCG@10 ratio 0.1 / 0.05
     assert (out / "universal.png").read_bytes()[:8] == PNG_SIGNATURE
     with pytest.raises(Exception, match="at least 2 runs"):
         aggregate_suites(runs[:1], out)
