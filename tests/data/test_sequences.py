@@ -41,7 +41,7 @@ def test_bad_lines_name_the_file_and_line(tmp_path: Path, text: str, message: st
 
 
 def test_a_missing_file_names_the_expected_path(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="Beauty.txt: file not found") as err:
+    with pytest.raises(DataError, match=r"Beauty\.txt: file not found") as err:
         load_data(DataConfig(source="amazon_beauty", sequences_dir=str(tmp_path)))
     assert str(tmp_path / "Beauty.txt") in str(err.value)
 
