@@ -6,27 +6,36 @@ Dimension letters: N tokens, D model dim, H expert hidden width, E experts, K to
 tokens a :class:`~supermoe_rec.modules.gating.DispatchPlan` sends them, and combines the outputs weighted by the
 gates. Two implementations, selected by :class:`ExpertImpl`, must agree (outputs and gradients):
 
-- ``FAST``: scatter kept assignments into an ``[E, C, D]`` buffer, two ``torch.bmm`` calls, gather back. Work is
-  ``E * C ~= capacity_factor * N * K`` rows, so compute per token depends on K, not on E.
-  ``torch._grouped_mm`` would avoid the padding, but in torch 2.13 on CPU its backward fails and fp32 inputs need
-  16-byte aligned strides, so bmm it is.
+- ``FAST``, with a capacity (the capacity path): scatter kept assignments into an ``[E, C, D]`` buffer, two
+  ``torch.bmm`` calls, gather back. Work is ``E * C ~= capacity_factor * N * K`` rows, so compute per token depends
+  on K, not on E.
+- ``FAST``, dropless (``plan.dropless``, the dropless fast path): the N*K assignments are sorted by expert and run
+  as one grouped matmul over contiguous segments (:func:`grouped_backend` picks how): ``torch._grouped_mm`` on CUDA
+  under bf16 (no padding); on CPU, where ``torch._grouped_mm``'s backward fails in torch 2.13, either the padded
+  ``[E, C_max, D]`` bmm (C_max the largest segment) or a loop of one ``addmm`` per non-empty segment, whichever
+  ``benchmarks/moe_layer.py`` measured faster for the shape (:data:`LOOP_MAX_EXPERTS`). The sorted rows are
+  gathered and scattered by permutation functions whose backward is another permutation, so no ``index_add``
+  runs in the backward.
 - ``REFERENCE``: a plain Python loop over experts with ``index_select`` / ``index_add``; it ignores buffer
   positions entirely, so it also checks the slot bookkeeping of the fast path.
 
 The fast path is split into :meth:`BatchedExperts.dispatch`, :meth:`BatchedExperts.compute` and
-:meth:`BatchedExperts.combine` so that expert parallelism can insert an all-to-all around ``compute``.
+:meth:`BatchedExperts.combine` so that expert parallelism can insert an all-to-all around ``compute``; it also
+overrides :meth:`BatchedExperts.globalize` and :meth:`BatchedExperts.reduce_statistic`, the two places where a
+layer's losses and statistics become global.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from supermoe_rec.modules.gating import DispatchPlan
+from supermoe_rec.modules.gating import DispatchPlan, RouterOutput
 
 
 class ExpertImpl(str, enum.Enum):
@@ -34,6 +43,78 @@ class ExpertImpl(str, enum.Enum):
 
     FAST = "fast"
     REFERENCE = "reference"
+
+
+class GroupedBackend(str, enum.Enum):
+    """How the dropless fast path runs its grouped matmul (``BatchedExperts.grouped_backend``)."""
+
+    AUTO = "auto"  # grouped_backend(): grouped_mm on CUDA under bf16, else loop for E <= LOOP_MAX_EXPERTS, else bmm
+    BMM = "bmm"  # padded [E, C_max, D] buffer and torch.bmm
+    LOOP = "loop"  # one addmm per non-empty expert segment
+    GROUPED_MM = "grouped_mm"  # torch._grouped_mm (CUDA, bf16)
+
+
+# On the 2-core CPU dev machine (benchmarks/moe_layer.py, D=64, H=128, 4096 tokens, K=2) the segment loop beats the
+# padded bmm up to this many experts; above it the loop's per-expert dispatch overhead dominates. See BENCHMARKS.md.
+LOOP_MAX_EXPERTS = 16
+
+
+def grouped_mm_available(device: torch.device) -> bool:
+    """``torch._grouped_mm`` exists and the device is CUDA (the only place its backward works in torch 2.13)."""
+    return device.type == "cuda" and hasattr(torch, "_grouped_mm")
+
+
+def grouped_backend(requested: GroupedBackend, num_experts: int, x: Tensor) -> GroupedBackend:
+    """The backend the dropless fast path uses for ``num_experts`` experts on ``x`` (``AUTO`` resolved).
+
+    Example::
+
+        >>> x = torch.zeros(1)  # on CPU
+        >>> grouped_backend(GroupedBackend.AUTO, 4, x).value, grouped_backend(GroupedBackend.AUTO, 64, x).value
+        ('loop', 'bmm')
+    """
+    if requested is not GroupedBackend.AUTO:
+        return requested
+    bf16 = x.dtype == torch.bfloat16 or (
+        x.device.type == "cuda"
+        and torch.is_autocast_enabled("cuda")
+        and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    )
+    if grouped_mm_available(x.device) and bf16:
+        return GroupedBackend.GROUPED_MM
+    return GroupedBackend.LOOP if num_experts <= LOOP_MAX_EXPERTS else GroupedBackend.BMM
+
+
+class _DispatchSorted(torch.autograd.Function):
+    """``x_sorted = x[order // K]``: each token repeated K times, in expert-sorted order. Backward: gather with the
+    inverse permutation and sum the K copies (no index_add)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, token: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        K = ctx.top_k
+        g = grad.index_select(0, inverse)  # (N*K, D) token-major
+        return g.view(-1, K, g.shape[1]).sum(dim=1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """``y = x[perm]`` for a permutation ``perm``; backward ``g[inverse]`` (no index_add)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def _init_ffn_weight(weight: Tensor, fan_in: int) -> None:
@@ -84,6 +165,11 @@ class BatchedExperts(nn.Module):
         self.hidden = hidden
         self.num_experts = num_experts
         self.impl = ExpertImpl(impl)
+        self.grouped_backend = GroupedBackend.AUTO
+        # Set by supermoe_rec.modules.moe_stats.collect_stats: count non-positive hidden pre-activations (GELU "off").
+        self.collect_stats = False
+        self.last_activity: tuple[Tensor, int] | None = None  # (inactive count, hidden units seen) of the last call
+        self._slot_used: Tensor | None = None  # (E, C) real slots of the current capacity-path call, for the stats
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden, device=device))  # (E, D, H)
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden, device=device))  # (E, H)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model, device=device))  # (E, H, D)
@@ -96,6 +182,26 @@ class BatchedExperts(nn.Module):
         _init_ffn_weight(self.w2, self.hidden)
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
+
+    def _record_activity(self, pre: Tensor, rows: Tensor | None = None) -> None:
+        """Remember how many hidden pre-activations of real rows are <= 0 (where GELU is ~0)."""
+        with torch.no_grad():
+            off = (pre <= 0).sum(dim=-1)  # per row
+            if rows is not None:
+                off = off.masked_select(rows)
+            self.last_activity = (off.sum(), int(off.numel()) * self.hidden)
+
+    def globalize(self, route: RouterOutput) -> RouterOutput:
+        """The router output these experts run on and the layer reports: here this process's own.
+
+        Experts split over a process group (``supermoe_rec.distributed.expert_parallel``) override this to agree
+        one capacity and compute the losses and statistics over the group's global batch.
+        """
+        return route
+
+    def reduce_statistic(self, counts: Tensor) -> Tensor:
+        """A routing statistic of this process's tokens, summed over every process these experts serve (here one)."""
+        return counts
 
     @staticmethod
     def _kept_assignments(plan: DispatchPlan) -> tuple[Tensor, Tensor, Tensor]:
@@ -131,8 +237,10 @@ class BatchedExperts(nn.Module):
         Returns:
             ``[E, C, D]`` expert outputs (unused slots hold bias-only values that :meth:`combine` never reads).
         """
-        h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), buf, self.w1))  # (E, C, H)
-        return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)  # (E, C, D)
+        pre = torch.baddbmm(self.b1.unsqueeze(1), buf, self.w1)  # (E, C, H)
+        if self.collect_stats:
+            self._record_activity(pre, self._slot_used)
+        return torch.baddbmm(self.b2.unsqueeze(1), F.gelu(pre), self.w2)  # (E, C, D)
 
     def combine(self, out: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
         """Gather expert outputs back to tokens, weighted by their gates.
@@ -175,7 +283,61 @@ class BatchedExperts(nn.Module):
         """
         if self.impl is ExpertImpl.REFERENCE:
             return self._forward_reference(x, plan)
+        backend = grouped_backend(self.grouped_backend, self.num_experts, x) if plan.dropless else GroupedBackend.BMM
+        if backend is not GroupedBackend.BMM and x.shape[0] > 0:
+            return self._forward_sorted(x, plan, backend)
+        self._slot_used = None
+        if self.collect_stats:  # which [E, C] slots hold a real assignment
+            used = torch.bincount(plan.expert_index[plan.kept], minlength=self.num_experts)  # (E,)
+            self._slot_used = torch.arange(plan.capacity, device=x.device) < used.unsqueeze(1)  # (E, C)
         return self.combine(self.compute(self.dispatch(x, plan)), plan, x.shape[0])
+
+    def _forward_sorted(self, x: Tensor, plan: DispatchPlan, backend: GroupedBackend) -> Tensor:
+        """The dropless fast path: every assignment kept, rows sorted by expert, one grouped matmul."""
+        N, K = plan.expert_index.shape
+        D = x.shape[1]
+        flat = plan.expert_index.reshape(-1)  # (N*K,) token-major: row n*K + k
+        order = torch.argsort(flat, stable=True)  # (N*K,) sorted row -> assignment
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
+        token = torch.div(order, K, rounding_mode="floor")  # (N*K,) token of each sorted row
+        x_sorted = cast(Tensor, _DispatchSorted.apply(x, token, inverse, K))  # type: ignore[no-untyped-call]
+        if backend is GroupedBackend.GROUPED_MM:
+            y_sorted = self._grouped_mm(x_sorted, counts, flat.index_select(0, order))
+        else:
+            y_sorted = self._segment_loop(x_sorted, counts)  # (N*K, D)
+        y = cast(Tensor, _Permute.apply(y_sorted, inverse, order)).view(N, K, D)  # type: ignore[no-untyped-call]
+        return (y * plan.gates.to(y.dtype).unsqueeze(2)).sum(dim=1)  # (N, D)
+
+    def _segment_loop(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+        """One ``addmm`` pair per non-empty expert segment of the sorted rows."""
+        outs = []
+        inactive, seen = x_sorted.new_zeros((), dtype=torch.int64), 0
+        sizes = [int(c) for c in counts.tolist()]
+        for e, (rows, n) in enumerate(zip(torch.split(x_sorted, sizes), sizes, strict=True)):
+            if n == 0:
+                continue
+            pre = torch.addmm(self.b1[e], rows, self.w1[e])  # (n, H)
+            if self.collect_stats:
+                with torch.no_grad():
+                    inactive, seen = inactive + (pre <= 0).sum(), seen + pre.numel()
+            outs.append(torch.addmm(self.b2[e], F.gelu(pre), self.w2[e]))  # (n, D)
+        if self.collect_stats:
+            self.last_activity = (inactive, seen)
+        return torch.cat(outs)
+
+    def _grouped_mm(self, x_sorted: Tensor, counts: Tensor, expert_sorted: Tensor) -> Tensor:
+        """``torch._grouped_mm`` over the segments (CUDA, bf16): no padding, one kernel per matmul."""
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) segment ends
+        dtype = torch.bfloat16
+        with torch.autocast(x_sorted.device.type, enabled=False):
+            pre = torch._grouped_mm(x_sorted.to(dtype), self.w1.to(dtype), offs=offs)  # (M, H)
+            pre = pre + self.b1.to(dtype).index_select(0, expert_sorted)
+            if self.collect_stats:
+                self._record_activity(pre)
+            y = torch._grouped_mm(F.gelu(pre), self.w2.to(dtype), offs=offs)  # (M, D)
+            y = y + self.b2.to(dtype).index_select(0, expert_sorted)
+        return y.to(x_sorted.dtype)
 
 
 class DenseFFN(nn.Module):
