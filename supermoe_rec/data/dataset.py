@@ -246,7 +246,9 @@ class TabularDataset:
             not_numeric = np.isnan(values) & raw.notna().to_numpy()
             if not_numeric.any():
                 row = first_true(not_numeric)
-                raise DataError(self.source, f"label is not a number: {raw.iloc[row]!r}", row=row, column=task.label)
+                raise DataError(
+                    self.source, f"label is not a number: {plain(raw.iloc[row])!r}", row=row, column=task.label
+                )
             if task.mask is None:
                 present = ~np.isnan(values)
             else:
@@ -255,7 +257,9 @@ class TabularDataset:
                 if bad.any():
                     row = first_true(bad)
                     value = frame[task.mask].iloc[row]
-                    raise DataError(self.source, f"task mask must be 0 or 1, got {value!r}", row=row, column=task.mask)
+                    raise DataError(
+                        self.source, f"task mask must be 0 or 1, got {plain(value)!r}", row=row, column=task.mask
+                    )
                 present = m == 1.0
                 nan_labelled = present & np.isnan(values)
                 if nan_labelled.any():
@@ -467,7 +471,7 @@ class TabularDataset:
                 row = first_true(bad)
                 raise DataError(
                     self.source,
-                    f"dense value is not a finite number: {frame[spec.column].iloc[row]!r}",
+                    f"dense value is not a finite number: {plain(frame[spec.column].iloc[row])!r}",
                     row,
                     spec.column,
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,28 @@ tasks: [{name: click, type: binary, label: y}]
     for name in ("history", "item", "genres"):
         np.testing.assert_array_equal(train.features[name].values, valid.features[name].values)
     assert valid.report.vocab_oov == {"genres": 0, "history": 0, "item": 0}
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("p", np.inf, "dense value is not a finite number: inf"),
+        ("m", 0.5, "task mask must be 0 or 1, got 0.5"),
+        ("i", 2.5, "id 2.5 is not an integer"),
+    ],
+)
+def test_messages_print_plain_values(column: str, value: float, message: str) -> None:
+    """Issue 14 item 7: numpy scalars print as the values they hold, not np.float64(...)."""
+    schema = Schema.from_dict(
+        {
+            "user_column": "u",
+            "tables": [{"name": "i", "num_embeddings": 10}],
+            "sparse_features": [{"name": "i", "column": "i", "table": "i"}],
+            "dense_features": [{"name": "p", "column": "p"}],
+            "tasks": [{"name": "y", "type": "binary", "label": "y", "mask": "m"}],
+        }
+    )
+    frame = pd.DataFrame({"u": [1, 2], "i": [1.0, 2.0], "p": [1.0, 2.0], "y": [1, 0], "m": [1.0, 1.0]})
+    frame.loc[1, column] = value
+    with pytest.raises(DataError, match=rf"row 1, column '{column}': {re.escape(message)}"):
+        TabularDataset(frame, schema, "t")
