@@ -35,7 +35,7 @@ writes their mean ± std and a chart. Behaviour-only ml100k runs only (no attrib
   1-hidden-layer MLP, settings chosen on valid users of one seeded 60/20/20 user split, scored on its test users).
 - *Tasks*: ``gender``, ``age`` (7 buckets), ``occupation`` (21) from the users table; ``genres_next10`` (which of
   the 18 genres appear among the next 10 items; mean AUC); ``active_30d`` (at least 12 next items within 30 days of
-  the vector's time, the median count, so about half the users are positive; AUC); ``like_rate`` (share of the
+  the vector's time, the median count: 57% of the users are positive; AUC); ``like_rate`` (share of the
   next items rated >= 4; R² and RMSE against the train mean).
 - *Kinds*: ``user`` ([USER]), ``task_<name>`` (each task token), ``item_mean`` (mean of the run's trained
   item-table rows over that same history), ``random_encoder`` (the run's model built from its config with seed
@@ -47,7 +47,9 @@ writes their mean ± std and a chart. Behaviour-only ml100k runs only (no attrib
   scored by ``SuperMoEOverArch.score_items(user, item-table rows)``. A run trained without the next-items
   objective has no item scorer: ``--scorer auto`` then scores through a seeded random projection (a stand-in,
   flagged in the report: plumbing, not a result). ``MODEL`` is named by the arch (``supermoe``) and is unmasked;
-  ``MODEL_masked`` excludes already-rated items; ``popularity`` ranks by train counts.
+  ``MODEL_masked`` excludes already-rated items; ``popularity`` ranks by train counts; ``--peer`` adds RecBole's
+  figures from ``benchmarks/recbole_peer.py`` as ``recbole_<model>``. A ``data.leave_one_out`` run (RecBole's
+  split, 2 held-out ratings per user) gets the attribute tasks and retrieval, not the future-behaviour tasks.
 """
 
 from __future__ import annotations
@@ -639,13 +641,17 @@ def _attribute_tasks(attributes: pd.DataFrame, keys: npt.NDArray[Any]) -> list[u
 
 
 def suite_tasks(ml: MovieLens, cfg: DataConfig, keys: npt.NDArray[Any]) -> list[universal.Task]:
-    """Every task of the suite, labels in ``keys`` order (the module docstring's suite section)."""
+    """Every task of the suite, labels in ``keys`` order (the module docstring's suite section).
+
+    A ``data.leave_one_out`` run (RecBole's split) holds out only each user's last two ratings, too few for the
+    future-behaviour tasks: it gets the attribute tasks only (retrieval is unaffected).
+    """
     genres = [g for g in ML100K_GENRES if g != "unknown"]
-    users = user_attributes(cfg)
-    return [
-        *_attribute_tasks(users, keys),
-        *universal.future_tasks(ml.ratings, ml.items, keys, cfg.valid_fraction, cfg.test_fraction, genres),
-    ]
+    tasks = _attribute_tasks(user_attributes(cfg), keys)
+    if getattr(cfg, "leave_one_out", False):
+        log.warning("data.leave_one_out: 2 held-out ratings per user; the future-behaviour tasks are skipped")
+        return tasks
+    return tasks + universal.future_tasks(ml.ratings, ml.items, keys, cfg.valid_fraction, cfg.test_fraction, genres)
 
 
 def _user_kinds(model: RestoredModel, name: str, keys: npt.NDArray[Any]) -> npt.NDArray[np.float32]:

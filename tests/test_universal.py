@@ -277,3 +277,25 @@ def test_suite_command_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--run is required" in capsys.readouterr().err
     assert cli.main(["probe", "--suite", "--run", str(tmp_path), "--compare-run", "no-equals-sign"]) == 2
     assert "is not NAME=RUN" in capsys.readouterr().err
+
+
+def test_suite_tasks(ml100k: MovieLens) -> None:
+    import dataclasses
+
+    from supermoe_rec.config import DataConfig
+    from supermoe_rec.probe import suite_tasks
+
+    keys = np.arange(1, 944)
+    tasks = suite_tasks(ml100k, DataConfig(), keys)
+    assert [(t.name, t.type) for t in tasks] == [
+        ("gender", "classes"),
+        ("age", "classes"),
+        ("occupation", "classes"),
+        ("genres_next10", "multilabel"),
+        ("active_30d", "binary"),
+        ("like_rate", "regression"),
+    ]
+    active = next(t for t in tasks if t.name == "active_30d").y
+    assert 0.4 < active.mean() < 0.6  # ">= 12 items" is near the median: classes are not degenerate
+    loo = suite_tasks(ml100k, dataclasses.replace(DataConfig(), leave_one_out=True), keys)
+    assert [t.name for t in loo] == ["gender", "age", "occupation"]  # 2 held-out ratings: no future tasks
