@@ -61,7 +61,7 @@ FAMILIES = ("linear", "mlp")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / valid / test users
 LOGISTIC_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
-MLP_ALPHAS = (1e-4, 1e-2, 1.0)
+MLP_ALPHAS = (0.01, 1.0, 10.0, 100.0)  # weak signals on ~600 users need strong L2 (valid picks up to 100)
 MLP_HIDDEN = 64
 MLP_EPOCHS = 200  # Adam over minibatches of 200 users (scikit-learn's default batch)
 
