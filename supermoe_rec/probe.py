@@ -603,7 +603,9 @@ def model_retrieval(
     template = _retrieval_template(ml, model.cfg.data, seqs.users)
     out: dict[str, Any] = {}
     for split in retrieval.SPLITS:
-        user = retrieval_user_vectors(model, template, *seqs.inputs(split, model.cfg.data.max_history))
+        # RecBole's input is the last 50 items; a model with a shorter data.max_history reads what it can.
+        max_len = min(retrieval.MAX_LEN, model.cfg.data.max_history)
+        user = retrieval_user_vectors(model, template, *seqs.inputs(split, max_len))
         with torch.no_grad():
             scores = scorer(user, items).float().cpu().numpy()  # (U, V)
         out[split] = retrieval.score_and_rank(seqs, split, scores)
