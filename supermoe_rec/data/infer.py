@@ -148,6 +148,11 @@ def describe(column: pd.Series) -> ColumnInfo:
         ints = _as_ints(present) if len(present) else None
         if ints is not None and missing == 0 and ints.nunique() <= 2 and set(ints.unique()) <= {0, 1}:
             return ColumnInfo(name, "int", distinct=int(ints.nunique()), max_id=1, values=ints)
+        if ints is not None and missing:  # whole numbers with gaps: how CSV reads an integer column with blanks
+            lo, hi = int(ints.min()), int(ints.max())
+            return ColumnInfo(
+                name, "int", distinct=int(ints.nunique()), missing=missing, max_id=hi, min_id=lo, values=ints
+            )
         return ColumnInfo(name, "float", distinct=int(present.nunique()), missing=missing, values=present)
     return ColumnInfo(name, "other", missing=missing)
 
@@ -347,7 +352,8 @@ def infer_schema(
                 continue
             table, why = _table_for(column, info)
             if info.missing and "vocab" not in table:
-                table, why = {"name": column, "vocab": True}, f"integer ids with {info.missing} missing: a vocabulary"
+                table = {"name": column, "vocab": True}
+                why = f"integer values with {info.missing} missing (row 0): a vocabulary"
             tables.append((table, f"{column}: {why}"))
             side = "user" if column != item_col and _constant_per_user(frame, user_col, column) else "item"
             role = "the candidate item" if column == item_col else "categorical"

@@ -90,6 +90,7 @@ def test_infer_integer_ids_and_csv_lists(tmp_path: Path) -> None:
     codes = {s: i for i, s in enumerate(sorted(set(frame["item_id"]) | {x for h in frame["recent_items"] for x in h}))}
     frame["item_id"] = frame["item_id"].map(codes).astype(np.int64)
     frame["recent_items"] = [[codes[x] for x in h] for h in frame["recent_items"]]
+    frame["launch_year"] = [None if i % 5 == 0 else 1990 + i % 3 for i in range(len(frame))]  # CSV: floats, NaN
     path = tmp_path / "t.csv"
     frame.to_csv(path, index=False)
     from supermoe_rec.data.dataset import read_table
@@ -97,6 +98,9 @@ def test_infer_integer_ids_and_csv_lists(tmp_path: Path) -> None:
     inferred = infer_schema(read_table(path), ["click:binary"])
     tables = {t["name"]: t for t in inferred.values["tables"]}
     assert tables["item"] == {"name": "item", "num_embeddings": max(codes.values()) + 1}
+    assert tables["launch_year"] == {"name": "launch_year", "vocab": True}  # whole numbers with gaps: ids
+    assert "launch_year: integer values 1990..1992, only 3 distinct: a vocabulary" in inferred.text
+    assert "categorical; 12 missing values map to row 0" in inferred.text
     assert {f["name"] for f in inferred.values["sequence_features"]} == {"recent_items", "item_id"}
     assert "tags" in {f["name"] for f in inferred.values["sparse_features"]}
 
