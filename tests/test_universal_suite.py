@@ -64,13 +64,14 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def suite(run_dir: Path) -> dict[str, object]:
     # The run itself again as a compare run: its `user` kind must reproduce the run's own results exactly.
-    return suite_run(run_dir, compare_runs={"again": run_dir}, families=("linear",), only_kinds=("user", "tfidf"))
+    kinds = ("user", "tfidf", "item_mean")
+    return suite_run(run_dir, compare_runs={"again": run_dir}, families=("linear",), only_kinds=kinds)
 
 
 def test_suite_json_shape(suite: dict[str, object], run_dir: Path) -> None:
     result = json.loads((run_dir / "universal.json").read_text())
     assert result == json.loads(json.dumps(suite))
-    assert set(result["embeddings"]) == {"user", "tfidf", "again", "majority"}
+    assert set(result["embeddings"]) == {"user", "item_mean", "tfidf", "again", "majority"}
     tasks = {"gender", "age", "occupation", "genres_next10", "active_30d", "like_rate"}
     primary = {"gender": "macro_f1", "age": "macro_f1", "occupation": "macro_f1"}
     primary |= {"genres_next10": "mean_auc", "active_30d": "auc", "like_rate": "r2"}
