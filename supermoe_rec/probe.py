@@ -49,7 +49,8 @@ writes their mean ± std and a chart. Behaviour-only ml100k runs only (no attrib
   flagged in the report: plumbing, not a result). ``MODEL`` is named by the arch (``supermoe``) and is unmasked;
   ``MODEL_masked`` excludes already-rated items; ``popularity`` ranks by train counts; ``--peer`` adds RecBole's
   figures from ``benchmarks/recbole_peer.py`` as ``recbole_<model>``. A ``data.leave_one_out`` run (RecBole's
-  split, 2 held-out ratings per user) gets the attribute tasks and retrieval, not the future-behaviour tasks.
+  split, 2 held-out ratings per user) gets the attribute tasks and retrieval, not the future-behaviour tasks; so
+  does a compare run trained on another split than the suite's run (its vector sits at another time).
 """
 
 from __future__ import annotations
@@ -732,6 +733,7 @@ def suite_run(
     scorers = {"popularity": "train counts"}
     ranked[arch], scorers[arch] = model_retrieval(model, ml, seqs, scorer, seed)
 
+    attributes_only: set[str] = set()
     for name, other in (compare_runs or {}).items():
         if name in kinds or name in ranked:
             raise ConfigError(f"--compare-run {name}: the name is taken (use another)")
@@ -741,6 +743,10 @@ def suite_run(
         other_model, _ = restore_model(Path(other), other_cfg, other_data)
         kinds[name] = _user_kinds(other_model, name, keys)
         described[name] = f"[USER] of {other} ({other_cfg.model.arch.value})"
+        if _split_of(other_cfg.data) != _split_of(cfg.data):
+            # Another split puts the vector at another time (and may train on this run's next items).
+            attributes_only.add(name)
+            described[name] += "; trained on another split: attribute tasks only"
         ranked[name], scorers[name] = model_retrieval(other_model, ml, seqs, scorer, seed)
 
     tasks = suite_tasks(ml, cfg.data, keys)
@@ -748,7 +754,8 @@ def suite_run(
     settings: dict[str, Any] = {}
     for kind, x in kinds.items():
         log.info("suite: fitting the downstream models on %s", kind)
-        embeddings[kind], settings[kind] = universal.evaluate_kind(x, tasks, split, seed, families)
+        kind_tasks = [t for t in tasks if t.name in ATTRIBUTE_TASKS] if kind in attributes_only else tasks
+        embeddings[kind], settings[kind] = universal.evaluate_kind(x, kind_tasks, split, seed, families)
     embeddings["majority"] = universal.majority_scores(tasks, split)
     described["majority"] = "constant predictor: train users' majority class / label rates / mean"
 
@@ -776,6 +783,11 @@ def suite_run(
     (run_dir / SUITE_JSON).write_text(json.dumps(result, indent=2) + "\n")
     (run_dir / SUITE_MD).write_text(suite_markdown(result))
     return result
+
+
+def _split_of(cfg: DataConfig) -> tuple[Any, ...]:
+    """What fixes a run's train/valid/test split (and so the vector's time)."""
+    return (cfg.valid_fraction, cfg.test_fraction, getattr(cfg, "leave_one_out", False))
 
 
 def _label_summary(task: universal.Task) -> dict[str, Any]:
