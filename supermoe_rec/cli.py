@@ -10,6 +10,7 @@
     supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3] [--balanced]
     supermoe-rec probe --suite --run runs/<name> [--compare-run NAME=RUN ...] [--scorer auto] [--seed 0]
     supermoe-rec probe --suite-aggregate RUN1 RUN2 RUN3 --out reports/ml100k/universal [--peer recbole_peer.json]
+                       [--retrieval-runs LOO1 LOO2 LOO3]
     supermoe-rec plan --config configs/scale_1t.yaml --world-size 1024 --hbm-gb 80 [--local-world-size 8] [--json F]
     supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe --seeds 3 [--out DIR] [--force] [--jobs N]
     supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--out DIR] [--force] [--jobs N] [--variants A,B]
@@ -111,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--suite-aggregate", nargs="+", default=None, metavar="RUN", help="mean ± std of suites")
     probe.add_argument("--out", default=None, help="--suite-aggregate: report directory")
     probe.add_argument("--peer", default=None, help="suite: RecBole figures from benchmarks/recbole_peer.py (JSON)")
+    probe.add_argument(
+        "--retrieval-runs", nargs="+", default=None, metavar="RUN", help="--suite-aggregate: retrieval from these"
+    )
     probe.add_argument("--seed", type=int, default=0, help="seed of the user split and CV folds (default 0)")
     probe.add_argument("--test-fraction", type=float, default=0.3, help="held-out share of users (default 0.3)")
     probe.add_argument(
@@ -193,7 +197,15 @@ def _representation_command(args: argparse.Namespace, overrides: Sequence[str]) 
 
     if args.suite or args.suite_aggregate:
         return suite_command(
-            args.run, overrides, args.seed, args.compare_run, args.scorer, args.suite_aggregate, args.out, args.peer
+            args.run,
+            overrides,
+            args.seed,
+            args.compare_run,
+            args.scorer,
+            args.suite_aggregate,
+            args.out,
+            args.peer,
+            args.retrieval_runs,
         )
     if args.run is None:
         from supermoe_rec.config import ConfigError

@@ -874,6 +874,8 @@ def suite_markdown(result: Mapping[str, Any], std: Mapping[str, Any] | None = No
         lines += ["", f"## {task} ({meta['type']}): {meta['description']}", ""]
         lines.append(_task_table(result, task, (std or {}).get("embeddings") if std is not None else None))
     lines += ["", "## Next-item retrieval (test targets)", ""]
+    if result.get("retrieval_runs") and result.get("runs") and result["retrieval_runs"] != result["runs"]:
+        lines += [f"From the runs {', '.join(f'`{r}`' for r in result['retrieval_runs'])}.", ""]
     scorers = result.get("retrieval_scorers", {})
     if any(s == STAND_IN for s in scorers.values()):
         stand_ins = [k for k, s in scorers.items() if s == STAND_IN]
@@ -922,25 +924,23 @@ def merge_peer(result: dict[str, Any], peer: str | Path) -> dict[str, Any]:
 
 
 def aggregate_suites(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, peer: str | Path | None = None
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    peer: str | Path | None = None,
+    retrieval_runs: Sequence[str | Path] | None = None,
 ) -> dict[str, Any]:
     """Mean ± std (sample std, ddof 1) of several runs' ``universal.json`` (e.g. 3 seeds) into ``out_dir``.
 
     Writes ``universal.json`` (``embeddings`` and ``retrieval`` hold the means, ``std`` the standard deviations),
     ``universal.md`` and ``universal.png`` (primary metric per task and kind, error bars: std). With ``peer``,
-    RecBole's figures (one run each, no std) join the retrieval table (:func:`merge_peer`).
+    RecBole's figures (one run each, no std) join the retrieval table (:func:`merge_peer`). With
+    ``retrieval_runs`` (e.g. the leave-one-out twins of the runs, trained on RecBole's split), the retrieval table
+    is theirs instead of ``run_dirs``'.
 
     Raises:
         ConfigError: fewer than 2 runs, a run without ``universal.json``, or runs with different kinds or tasks.
     """
-    if len(run_dirs) < 2:
-        raise ConfigError("--suite-aggregate: give at least 2 runs (e.g. 3 seeds)")
-    results = []
-    for run in run_dirs:
-        path = Path(run) / SUITE_JSON
-        if not path.is_file():
-            raise ConfigError(f"--suite-aggregate: {path} is missing (run `supermoe-rec probe --suite --run {run}`)")
-        results.append(json.loads(path.read_text()))
+    results = _read_suites(run_dirs)
     first = results[0]
     for other, run in zip(results[1:], run_dirs[1:], strict=True):
         if set(other["embeddings"]) != set(first["embeddings"]) or set(other["tasks"]) != set(first["tasks"]):
@@ -959,7 +959,8 @@ def aggregate_suites(
         return mean, std
 
     emb_mean, emb_std = stats([r["embeddings"] for r in results])
-    ret_mean, ret_std = stats([r["retrieval"] for r in results])
+    retrieval_results = results if not retrieval_runs else _read_suites(retrieval_runs)
+    ret_mean, ret_std = stats([r["retrieval"] for r in retrieval_results])
     out: dict[str, Any] = {
         "title": f"Universality suite, mean ± std over {len(results)} runs",
         "run": ", ".join(str(r) for r in run_dirs),
@@ -974,7 +975,8 @@ def aggregate_suites(
         "embeddings": emb_mean,
         "retrieval": ret_mean,
         "std": {"embeddings": emb_std, "retrieval": ret_std},
-        "retrieval_scorers": first.get("retrieval_scorers", {}),
+        "retrieval_scorers": retrieval_results[0].get("retrieval_scorers", {}),
+        "retrieval_runs": [str(r) for r in (retrieval_runs or run_dirs)],
     }
     if peer is not None:
         merge_peer(out, peer)
@@ -984,6 +986,21 @@ def aggregate_suites(
     (out_dir / SUITE_MD).write_text(suite_markdown(out, out["std"]) + f"\n![primary metrics]({SUITE_PNG})\n")
     universal.plot_primary(out, out_dir / SUITE_PNG)
     return out
+
+
+def _read_suites(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    if len(run_dirs) < 2:
+        raise ConfigError("--suite-aggregate: give at least 2 runs (e.g. 3 seeds)")
+    results = []
+    for run in run_dirs:
+        path = Path(run) / SUITE_JSON
+        if not path.is_file():
+            raise ConfigError(f"--suite-aggregate: {path} is missing (run `supermoe-rec probe --suite --run {run}`)")
+        results.append(json.loads(path.read_text()))
+    for other, run in zip(results[1:], run_dirs[1:], strict=True):
+        if set(other["retrieval"]) != set(results[0]["retrieval"]):
+            raise ConfigError(f"--suite-aggregate: {run} has other retrieval models than {run_dirs[0]}")
+    return results
 
 
 def _parse_compare(pairs: Sequence[str]) -> dict[str, str]:
@@ -1007,12 +1024,13 @@ def suite_command(
     aggregate: Sequence[str] | None = None,
     out: str | None = None,
     peer: str | None = None,
+    retrieval_runs: Sequence[str] | None = None,
 ) -> int:
     """CLI body of ``supermoe-rec probe --suite`` / ``--suite-aggregate``; tears down a process group it created."""
     if aggregate:
         if out is None:
             raise ConfigError("--suite-aggregate: --out DIR is required (e.g. reports/ml100k/universal)")
-        result = aggregate_suites(aggregate, out, peer)
+        result = aggregate_suites(aggregate, out, peer, retrieval_runs)
         print(_retrieval_table(result["retrieval"], result["std"]["retrieval"]))
         print(Path(out) / SUITE_MD)
         return 0

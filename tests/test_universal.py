@@ -266,6 +266,19 @@ def test_aggregate_three_runs(tmp_path: Path) -> None:
     assert (out / "universal.png").read_bytes()[:8] == PNG_SIGNATURE
     with pytest.raises(Exception, match="at least 2 runs"):
         aggregate_suites(runs[:1], out)
+    # Retrieval from other runs (e.g. the leave-one-out twins): their table replaces the runs' own.
+    twins = []
+    for i, value in enumerate((0.4, 0.6)):
+        twin = tmp_path / f"loo{i}"
+        twin.mkdir()
+        (twin / "universal.json").write_text(json.dumps(_fake_suite(value)))
+        twins.append(str(twin))
+    args = ["probe", "--suite-aggregate", *runs, "--out", str(out), "--retrieval-runs", *twins]
+    assert cli.main(args) == 0
+    result = json.loads((out / "universal.json").read_text())
+    assert result["retrieval"]["supermoe"]["hr@10"] == pytest.approx(0.5)
+    assert result["embeddings"]["user"]["gender"]["linear_macro_f1"] == pytest.approx(0.2)  # still the runs'
+    assert result["retrieval_runs"] == twins and "From the runs" in (out / "universal.md").read_text()
 
 
 def test_suite_command_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
