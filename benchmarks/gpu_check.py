@@ -14,6 +14,10 @@ settings:
 - the fast (batched ``bmm``) expert path;
 - the unpooled EmbeddingCollection sequence lookup (``model.sequence_lookup=embedding_collection``).
 
+Expert paths (``expert_paths``): forward + backward of the dropless expert side on one routing plan, by
+``torch._grouped_mm`` (CUDA, bf16), the padded ``bmm``, the segment loop and the per-expert reference loop, each with
+its largest difference from the reference (the grouped_mm path has not been run on a GPU in this repository yet).
+
 MFU: FLOPs of one training step of the dense part (forward + backward of the encoder, towers and loss on the
 batch's real shapes, counted by ``torch.utils.flop_counter.FlopCounterMode``; embedding lookups are memory-bound
 and not counted) / best step time / peak (``--peak-tflops``, default 989: H200 dense bf16).
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import synthetic_split_data
@@ -62,11 +66,11 @@ def gpu_overrides(batch: int, items: int, users: int) -> list[str]:
         f"--data.synthetic_users={users}",
         "--data.max_history=50",
         "--model.embedding_dim=64",
-        "--model.d_model=256",
-        "--model.num_layers=4",
-        "--model.num_heads=8",
-        "--model.ffn_hidden=1024",
-        "--model.tower_hidden=[256, 64]",
+        "--model.encoder.d_model=256",
+        "--model.encoder.num_layers=4",
+        "--model.encoder.num_heads=8",
+        "--model.encoder.ffn_hidden=1024",
+        "--model.towers.hidden=[256, 64]",
         "--model.sequence_lookup=embedding_collection",
         "--model.moe.num_experts=16",
         "--model.moe.top_k=2",
@@ -85,11 +89,11 @@ def dry_run_overrides() -> list[str]:
         "--data.synthetic_users=1000",
         "--data.max_history=8",
         "--model.embedding_dim=16",
-        "--model.d_model=32",
-        "--model.num_layers=2",
-        "--model.num_heads=2",
-        "--model.ffn_hidden=32",
-        "--model.tower_hidden=[16]",
+        "--model.encoder.d_model=32",
+        "--model.encoder.num_layers=2",
+        "--model.encoder.num_heads=2",
+        "--model.encoder.ffn_hidden=32",
+        "--model.towers.hidden=[16]",
         "--model.sequence_lookup=embedding_collection",
         "--model.moe.num_experts=4",
         "--model.moe.top_k=2",
@@ -158,8 +162,8 @@ def dense_step_flops(cfg: ExperimentConfig, batch: Batch, device: torch.device, 
     }
     loss_fn = TaskIndicatorLoss(
         schema.task_specs(),
-        balance_loss_weight=cfg.model.moe.balance_loss_weight,
-        z_loss_weight=cfg.model.moe.z_loss_weight,
+        balance_loss_weight=cfg.train.loss.balance_loss_weight,
+        z_loss_weight=cfg.train.loss.z_loss_weight,
     )
     counter = FlopCounterMode(display=False)
     with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -172,6 +176,70 @@ def dense_step_flops(cfg: ExperimentConfig, batch: Batch, device: torch.device, 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def expert_paths(device: torch.device, dry_run: bool, repeats: int = 5) -> dict[str, Any]:
+    """Forward + backward of the dropless expert side on one plan: ``torch._grouped_mm`` vs padded ``bmm`` vs the
+    segment loop vs the per-expert reference loop, in ms, plus each path's largest difference from the reference.
+
+    GPU run: 32768 tokens, D=256, H=1024, K=2, E in {16, 64}, bf16 (``_grouped_mm`` needs bf16); dry run: 256
+    tokens, D=32, H=64, E in {4, 8}, fp32, and ``grouped_mm`` is reported as unavailable on CPU.
+    """
+    from supermoe_rec.config import MoEConfig
+    from supermoe_rec.modules.experts import GroupedBackend, grouped_mm_available
+    from supermoe_rec.modules.gating import DispatchPlan, TopKRouter
+
+    tokens, d, h, k, experts = (256, 32, 64, 2, (4, 8)) if dry_run else (32768, 256, 1024, 2, (16, 64))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out: dict[str, Any] = {"tokens": tokens, "d_model": d, "hidden": h, "K": k, "dtype": str(dtype), "rows": []}
+    for e in experts:
+        torch.manual_seed(0)
+        x = torch.randn(tokens, d, device=device)
+        router = TopKRouter(d, MoEConfig(num_experts=e, top_k=k, expert_hidden=h, dropless=True), device=device)
+        plan = router(x).plan
+        module = BatchedExperts(d, h, e, device=device).to(dtype)
+        xd = x.to(dtype).requires_grad_(True)
+        paths: list[tuple[str, ExpertImpl, GroupedBackend]] = [
+            ("reference", ExpertImpl.REFERENCE, GroupedBackend.BMM),
+            ("bmm", ExpertImpl.FAST, GroupedBackend.BMM),
+            ("loop", ExpertImpl.FAST, GroupedBackend.LOOP),
+        ]
+        if grouped_mm_available(device):
+            paths.append(("grouped_mm", ExpertImpl.FAST, GroupedBackend.GROUPED_MM))
+        ref_out: Tensor | None = None
+        row: dict[str, Any] = {"E": e}
+        for name, impl, backend in paths:
+            module.impl, module.grouped_backend = impl, backend
+
+            def step(module: BatchedExperts = module, xd: Tensor = xd, plan: DispatchPlan = plan) -> Tensor:
+                y = module(xd, plan)
+                y.float().sum().backward()
+                return y
+
+            try:
+                y = step()
+                for _ in range(2):
+                    step()
+                _sync(device)
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    step()
+                    _sync(device)
+                    best = min(best, time.perf_counter() - t0)
+            except Exception as err:  # a path that does not run on this build is a result, not a crash
+                row[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                continue
+            if ref_out is None:
+                ref_out = y.detach().float()
+            row[name] = {
+                "ms": best * 1e3,
+                "max_abs_diff_vs_reference": float((y.detach().float() - ref_out).abs().max()),
+            }
+        if not grouped_mm_available(device):
+            row["grouped_mm"] = {"error": "torch._grouped_mm needs CUDA"}
+        out["rows"].append(row)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,6 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best_s, best_rows = min(windows, key=lambda w: w[0] / w[1])
     step_s = best_s / steps
     flops = dense_step_flops(cfg, batches[0], device, bf16)
+    experts = expert_paths(device, args.dry_run)
     peak = args.peak_tflops if args.peak_tflops else (CPU_PRACTICAL_TFLOPS if args.dry_run else H200_BF16_DENSE_TFLOPS)
     achieved = flops / step_s / 1e12
     result = {
@@ -253,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda"
         else 0.0,
         "load_avg_1m": os.getloadavg()[0],
+        "expert_paths": experts,
     }
     return result
 
@@ -279,6 +349,9 @@ def main() -> None:
         f"(bf16={result['bf16']}, lookup={result['sequence_lookup']}, sharding={result['sharding']}, "
         f"params {result['params']['params_total']:,})"
     )
+    for row in result["expert_paths"]["rows"]:
+        cells = [f"{k} {v['ms']:.2f} ms" if "ms" in v else f"{k}: {v['error']}" for k, v in row.items() if k != "E"]
+        print(f"experts E={row['E']}: " + "; ".join(cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     import torch.distributed as dist

@@ -295,8 +295,8 @@ class PlainSuperMoE(nn.Module):
         self.over_arch = built.over_arch
         self.loss_fn = TaskIndicatorLoss(
             schema.task_specs(),
-            balance_loss_weight=cfg.model.moe.balance_loss_weight,
-            z_loss_weight=cfg.model.moe.z_loss_weight,
+            balance_loss_weight=cfg.train.loss.balance_loss_weight,
+            z_loss_weight=cfg.train.loss.z_loss_weight,
             global_normalization=dist.is_initialized() and dist.get_world_size() > 1,
         )
 

@@ -45,11 +45,11 @@ from supermoe_rec.train import train as train_run
 # Small enough for a laptop minute; the arch and the protocol are the real ones.
 SMALL = (
     "--model.embedding_dim=16",
-    "--model.d_model=32",
-    "--model.num_layers=2",
-    "--model.num_heads=4",
-    "--model.ffn_hidden=64",
-    "--model.tower_hidden=[32]",
+    "--model.encoder.d_model=32",
+    "--model.encoder.num_layers=2",
+    "--model.encoder.num_heads=4",
+    "--model.encoder.ffn_hidden=64",
+    "--model.towers.hidden=[32]",
     "--model.moe.num_experts=4",
     "--model.moe.expert_hidden=64",
     "--train.epochs=1",

@@ -63,6 +63,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from torchrec.streamable import Pipelineable
 
 from supermoe_rec import (
+    EncoderConfig,
+    LossConfig,
     LossOutput,
     ModelConfig,
     MoEConfig,
@@ -210,7 +212,7 @@ class HybridOverArch(nn.Module):
         tasks: the T tasks (column order of labels and task mask).
         embedding_dim: D of every table.
         num_dense: dense features per row.
-        encoder_config: shape of the SUPERMOE encoder (M = ``encoder_config.d_model``).
+        encoder_config: shape of the SUPERMOE encoder (M = ``encoder_config.encoder.d_model``).
         over_dim: O, the DLRM over-arch output width.
         device: where the parameters live.
     """
@@ -225,7 +227,7 @@ class HybridOverArch(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        D, F, M = embedding_dim, len(SPARSE_FEATURES), encoder_config.d_model
+        D, F, M = embedding_dim, len(SPARSE_FEATURES), encoder_config.encoder.d_model
         # Stock DLRM: dense MLP to D, pairwise dot interactions with the F pooled embeddings, over MLP to O.
         self.dense_arch = DenseArch(num_dense, [32, D], device=device)
         self.interaction = InteractionArch(num_sparse_features=F)
@@ -234,12 +236,12 @@ class HybridOverArch(nn.Module):
         self.context = nn.Linear(D, M, device=device)
         self.encoder = MoETransformerEncoder(encoder_config, num_tasks=len(tasks), input_dim=D, device=device)
         self.towers = MultiTaskTowers(tasks, in_features=M + over_dim, hidden=[32], device=device)
-        moe = encoder_config.moe
+        loss = LossConfig()  # the default MoE loss weights
         # global_normalization: under a world > 1, every task is averaged over its labelled rows on all ranks.
         self.loss_fn = TaskIndicatorLoss(
             tasks,
-            balance_loss_weight=moe.balance_loss_weight,
-            z_loss_weight=moe.z_loss_weight,
+            balance_loss_weight=loss.balance_loss_weight,
+            z_loss_weight=loss.z_loss_weight,
             global_normalization=True,
         )
 
@@ -311,7 +313,8 @@ def build_model(
         device=meta,
     )  # fmt: skip
     encoder_config = encoder_config or ModelConfig(
-        d_model=32, num_layers=2, num_heads=4, ffn_hidden=64, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64)
+        encoder=EncoderConfig(d_model=32, num_layers=2, num_heads=4, ffn_hidden=64),
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64),
     )
     over = HybridOverArch(TASKS, embedding_dim, spec.num_dense, encoder_config, device=dense_device)
     return HybridModel(ebc, ec, over)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import supermoe_rec.probe as probe
 from supermoe_rec.data.splits import load_data
-from supermoe_rec.export import latest_rows, load_run_config, restore_trainer, user_representations
+from supermoe_rec.export import latest_rows, load_run_config, restore_model, user_representations
 from supermoe_rec.modules.transformer import MoETransformerEncoder
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     attributes = probe.user_attributes(cfg.data)
     data = load_data(cfg.data)
     probe.check_behaviour_only(data.schema)
-    trainer, _ = restore_trainer(run, cfg, data)
+    trainer, _ = restore_model(run, cfg, data)
     encoders = [m for m in trainer.dmp.modules() if isinstance(m, MoETransformerEncoder)]
     if len(encoders) != 1:
         raise SystemExit(f"{run}: expected one MoE transformer encoder in model.arch, found {len(encoders)}")

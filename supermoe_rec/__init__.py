@@ -11,7 +11,8 @@ The public API, importable from the package root::
   :class:`LossOutput`), :class:`TaskSpec`, :class:`TaskType`;
 - models: :class:`SuperMoERec` (returns :class:`ModelOutput`), :func:`build_model`, :class:`TrainModule` (returns
   ``(loss, StepOutput)`` for TorchRec's train pipelines), :class:`SparseArch` (the TorchRec tables), :class:`Batch`;
-- configs: :class:`ExperimentConfig`, :class:`ModelConfig`, :class:`MoEConfig`, :func:`load_config`.
+- configs: :class:`ExperimentConfig`, :class:`ModelConfig`, :class:`EncoderConfig`, :class:`MoEConfig`,
+  :class:`LossConfig`, :func:`load_config`.
 
 **Lazy imports.** ``import supermoe_rec`` imports neither torch nor torchrec (about 0.01 s instead of about 5 s on
 2 CPU cores): each name above is imported from its module on first access (PEP 562 module ``__getattr__``), so
@@ -63,15 +64,19 @@ _EXPORTS: dict[str, str] = {
     # configs
     "ExperimentConfig": "supermoe_rec.config",
     "ModelConfig": "supermoe_rec.config",
+    "EncoderConfig": "supermoe_rec.config",
     "MoEConfig": "supermoe_rec.config",
+    "LossConfig": "supermoe_rec.config",
     "load_config": "supermoe_rec.config",
 }
 
 # A literal list, so linters see what the TYPE_CHECKING imports are for; must name exactly _EXPORTS' keys.
 __all__ = [
     "Batch",
+    "EncoderConfig",
     "EncoderOutput",
     "ExperimentConfig",
+    "LossConfig",
     "LossOutput",
     "MoEConfig",
     "MoELayer",
@@ -97,7 +102,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the real definitions, for type checkers and IDEs; at run time see __getattr__
-    from supermoe_rec.config import ExperimentConfig, ModelConfig, MoEConfig, TaskType, load_config
+    from supermoe_rec.config import (
+        EncoderConfig,
+        ExperimentConfig,
+        LossConfig,
+        ModelConfig,
+        MoEConfig,
+        TaskType,
+        load_config,
+    )
     from supermoe_rec.data.batch import Batch
     from supermoe_rec.loss import LossOutput, TaskIndicatorLoss
     from supermoe_rec.models.factory import build_model

@@ -43,15 +43,15 @@ log = logging.getLogger(__name__)
 # name -> overrides on top of the base config. "default" must stay first and empty: the others are read against it.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "default": (),
-    "no_task_tokens": ("--model.use_task_tokens=false",),
+    "no_task_tokens": ("--model.encoder.use_task_tokens=false",),
     "shared_router": ("--model.moe.task_routers=false",),
     "top1_routing": ("--model.moe.top_k=1",),
     "experts_4": ("--model.moe.num_experts=4",),
     "experts_16": ("--model.moe.num_experts=16",),
-    "uncertainty_weighting": ("--train.uncertainty_weighting=true",),
-    "watch_weight_2": ("--train.task_weights={watch: 2}",),  # loss-weight balance, by hand
-    "no_item_interaction": ("--model.item_interaction=false",),
-    "no_dropout": ("--model.dropout=0",),
+    "uncertainty_weighting": ("--train.loss.uncertainty_weighting=true",),
+    "watch_weight_2": ("--train.loss.task_weights={watch: 2}",),  # loss-weight balance, by hand
+    "no_item_interaction": ("--model.encoder.item_interaction=false",),
+    "no_dropout": ("--model.encoder.dropout=0",),
     # Not a switch of the model: is the epoch budget what binds (valid still improving at the last epoch)?
     "epochs_10": ("--train.epochs=10",),
 }

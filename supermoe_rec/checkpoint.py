@@ -6,6 +6,7 @@ Layout under ``<run>/checkpoints/``::
         .metadata, __<rank>_<n>.distcp   DCP's files
         rank0.pt, rank1.pt   per-rank extras: training state (data position), RNG states (loaded weights_only)
         config.yaml          the resolved config of the run
+        vocab.json           the run's vocabularies, when the schema has vocab tables (docs/data.md)
         COMPLETE             written last (atomically, by rank 0) once every rank finished: a JSON manifest with
                              the size and CRC-32 of every other file
     LATEST, BEST             pointer files naming a checkpoint dir; replaced atomically (write, fsync, rename)
@@ -17,12 +18,14 @@ moment without a loadable checkpoint. Loading a missing, incomplete, truncated o
 collective alone); it never silently starts from scratch. DCP reshards on load, so a checkpoint written by N ranks
 loads on M ranks.
 
-The data position is ``state["batches_done"]``: batches *trained* in the current epoch. The train pipeline
-prefetches, so the loader's own cursor runs ahead and is not the position to resume from.
+What is saved is a :class:`TrainState`, a DCP ``Stateful`` over the run's (DMP-wrapped) model, its optimizer (none:
+weights only, as export restores them), its device and its train loader; the manager never sees the trainer. The
+data position is ``state["batches_done"]``: batches *trained* in the current epoch. The train pipeline prefetches,
+so the loader's own cursor runs ahead and is not the position to resume from.
 
 Expert-parallel experts (:class:`~supermoe_rec.distributed.expert_parallel.ExpertParallelExperts`) hold a
-different slice of the ``[E, ...]`` weights on each rank under one name; they (and their optimizer states) are
-saved as ``DTensor`` sharded on dim 0, so DCP stores every rank's slice and reshards them on load.
+different slice of the ``[E, ...]`` weights on each rank under one name; :class:`TrainState` saves them (and their
+optimizer states) as ``DTensor`` sharded on dim 0, so DCP stores every rank's slice and reshards them on load.
 """
 
 from __future__ import annotations
@@ -32,23 +35,26 @@ import logging
 import os
 import shutil
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torchrec.distributed.model_parallel import get_unwrapped_module
+from torchrec.optim.keyed import KeyedOptimizer
 
 from supermoe_rec.config import ExperimentConfig, save_config
+from supermoe_rec.data.loader import ShardedBatchLoader
+from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
+from supermoe_rec.data.vocab import Vocabulary, save_vocabularies
 from supermoe_rec.distributed.expert_parallel import ExpertParallelExperts
-
-if TYPE_CHECKING:
-    from supermoe_rec.train import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -136,32 +142,47 @@ def _local(obj: Any) -> Any:
     return obj
 
 
-class CheckpointManager:
-    """Save and load the training state of a :class:`Trainer` (all ranks call every method: they are collective)."""
+@dataclass
+class TrainState:
+    """A run's state as DCP saves and loads it: a ``torch.distributed.checkpoint.stateful.Stateful``.
 
-    def __init__(self, root: Path, cfg: ExperimentConfig) -> None:
-        self.root = Path(root)
-        self.cfg = cfg
-        self._meshes: dict[int, DeviceMesh] = {}
+    ``state_dict()`` is ``{"model": ..., "optim": ...}`` (``optim`` only with an optimizer): the sharded tables,
+    experts and dense weights, and every optimizer state. Expert-parallel experts (and their optimizer states) are
+    ``DTensor`` sharded on dim 0, so DCP stores every rank's slice and reshards them on load.
 
-    # ------------------------------------------------------------------------------------------- state dict
+    Attributes:
+        model: the DMP-wrapped (or plain) train module.
+        optimizer: its optimizer; ``None`` holds the weights alone (restoring weights for evaluation or export).
+        device: this rank's compute device (its RNG state is saved too when it is CUDA).
+        loader: the train loader; its cursor is saved for information only (it runs ahead of training).
+    """
 
-    def _mesh(self, module: ExpertParallelExperts, device_type: str) -> DeviceMesh:
+    model: nn.Module
+    optimizer: KeyedOptimizer | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    loader: ShardedBatchLoader | None = None
+    _meshes: dict[int, DeviceMesh] = field(default_factory=dict, repr=False)
+
+    def weights(self) -> TrainState:
+        """The same state without the optimizer."""
+        return replace(self, optimizer=None)
+
+    def _mesh(self, module: ExpertParallelExperts) -> DeviceMesh:
         group = module.group if module.group is not None else dist.group.WORLD
         assert group is not None
         if id(group) not in self._meshes:
-            self._meshes[id(group)] = DeviceMesh.from_group(group, device_type)
+            self._meshes[id(group)] = DeviceMesh.from_group(group, self.device.type)
         return self._meshes[id(group)]
 
-    def _state(self, trainer: Trainer, optim_states: bool = True) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """What DCP saves/loads: the model (sharded tables, experts, dense) and all optimizer states."""
-        model = trainer.dmp.state_dict()
-        optim = trainer.optimizer.state_dict() if optim_states else {}
-        root = get_unwrapped_module(trainer.dmp)
+        model = self.model.state_dict()
+        optim = self.optimizer.state_dict() if self.optimizer is not None else {}
+        root = get_unwrapped_module(self.model)
         for name, module in root.named_modules():
             if not isinstance(module, ExpertParallelExperts):
                 continue
-            mesh = self._mesh(module, trainer.ctx.device.type)
+            mesh = self._mesh(module)
             for pname, param in module.named_parameters(recurse=False):
                 key = f"{name}.{pname}" if name else pname
                 if key in model:
@@ -172,7 +193,23 @@ class CheckpointManager:
                         k: _shard0(v, mesh) if isinstance(v, torch.Tensor) and v.shape == param.shape else v
                         for k, v in states[key].items()
                     }
-        return {"model": model, "optim": optim} if optim_states else {"model": model}
+        return {"model": model, "optim": optim} if self.optimizer is not None else {"model": model}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` gave (filled in by DCP) into the model and the optimizer."""
+        self.model.load_state_dict(_local(state_dict["model"]))
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(_local(state_dict["optim"]))
+
+
+class CheckpointManager:
+    """Save and load a :class:`TrainState` (all ranks call every method: they are collective)."""
+
+    def __init__(self, root: Path, cfg: ExperimentConfig, vocabularies: Mapping[str, Vocabulary] | None = None) -> None:
+        self.root = Path(root)
+        self.cfg = cfg
+        # The run's vocabularies (vocab tables, docs/data.md): every checkpoint keeps them next to config.yaml.
+        self.vocabularies = dict(vocabularies or {})
 
     # ------------------------------------------------------------------------------------------------- save
 
@@ -189,8 +226,14 @@ class CheckpointManager:
             candidate = f"{name}.{n}"
         return candidate
 
-    def save(self, trainer: Trainer, state: dict[str, Any], tag: str) -> Path:
-        """Write a checkpoint of the current step; ``tag`` 'best' also moves the BEST pointer."""
+    def save(self, train_state: TrainState, state: dict[str, Any], tag: str) -> Path:
+        """Write a checkpoint of the current step; ``tag`` 'best' also moves the BEST pointer.
+
+        Args:
+            train_state: the model, optimizer, device and loader to save.
+            state: the training counters (JSON-ready: epoch, step, batches_done, ...).
+            tag: the checkpoint's tag (``step<N>``, ``last``, ``best``).
+        """
         rank, world_size = dist.get_rank(), dist.get_world_size()
         names: list[str | None] = [self._fresh_name(f"ckpt-{state['step']:06d}-{tag}") if rank == 0 else None]
         dist.broadcast_object_list(names, src=0)
@@ -201,18 +244,21 @@ class CheckpointManager:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         dist.barrier()
-        dcp_save(self._state(trainer), checkpoint_id=str(path))
+        dcp_save(train_state.state_dict(), checkpoint_id=str(path))
         extras: dict[str, Any] = {
             "state": json.dumps(state),
             "world_size": world_size,
             "torch_rng": torch.get_rng_state(),
-            "loader": json.dumps(trainer.loaders["train"].state_dict()),  # informational: runs ahead (prefetch)
         }
-        if trainer.ctx.device.type == "cuda":
-            extras["cuda_rng"] = torch.cuda.get_rng_state(trainer.ctx.device)
+        if train_state.loader is not None:  # informational: the loader runs ahead (prefetch)
+            extras["loader"] = json.dumps(train_state.loader.state_dict())
+        if train_state.device.type == "cuda":
+            extras["cuda_rng"] = torch.cuda.get_rng_state(train_state.device)
         torch.save(extras, path / f"rank{rank}.pt")
         if rank == 0:
             save_config(self.cfg, path / "config.yaml")
+            if self.vocabularies:
+                save_vocabularies(self.vocabularies, path / VOCAB_FILE)
         dist.barrier()
         # Every file is written: each rank flushes and fingerprints its share, rank 0 writes the manifest.
         files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
@@ -298,20 +344,21 @@ class CheckpointManager:
         except Exception as exc:  # many types for unreadable files or mismatched models
             raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
 
-    def load(self, trainer: Trainer, state: dict[str, Any]) -> dict[str, Any]:
+    def load(self, train_state: TrainState, state: dict[str, Any]) -> dict[str, Any]:
         """Restore weights, optimizer states, data position and RNG from LATEST; returns the training state.
 
         ``state`` is the fresh-run state: keys the checkpoint lacks keep its values.
         """
         path = self._open("LATEST")
-        # Optimizer states must exist before DCP can fill them in place. The dummy step this takes may move weights
-        # (weight decay): the load below overwrites every weight and state, and the zero grads it leaves go too.
-        trainer.optimizer.init_state()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        target = self._state(trainer)
+        if train_state.optimizer is not None:
+            # Optimizer states must exist before DCP can fill them in place. The dummy step this takes may move
+            # weights (weight decay): the load below overwrites every weight and state, and the zero grads it leaves
+            # go too.
+            train_state.optimizer.init_state()
+            train_state.optimizer.zero_grad(set_to_none=True)
+        target = train_state.state_dict()
         self._dcp_load(target, path)
-        trainer.dmp.load_state_dict(_local(target["model"]))
-        trainer.optimizer.load_state_dict(_local(target["optim"]))
+        train_state.load_state_dict(target)
 
         rank = dist.get_rank()
         extras_path = path / f"rank{rank}.pt"
@@ -325,8 +372,8 @@ class CheckpointManager:
         extras = _agreed(f"{extras_path}: cannot read", read_extras)
         restored: dict[str, Any] = {**state, **json.loads(extras["state"])}
         torch.set_rng_state(extras["torch_rng"])
-        if "cuda_rng" in extras and trainer.ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(extras["cuda_rng"], trainer.ctx.device)
+        if "cuda_rng" in extras and train_state.device.type == "cuda":
+            torch.cuda.set_rng_state(extras["cuda_rng"], train_state.device)
         if int(extras["world_size"]) != dist.get_world_size() and restored["batches_done"]:
             log.warning(
                 "%s was written by %d rank(s), this run has %d: batches per epoch differ, so epoch %d restarts "
@@ -340,9 +387,10 @@ class CheckpointManager:
         log.info("loaded %s", path)
         return restored
 
-    def restore_weights(self, trainer: Trainer, tag: str = "best") -> None:
-        """Load only the model weights of the BEST (or LATEST) checkpoint, e.g. before testing."""
+    def restore_weights(self, train_state: TrainState, tag: str = "best") -> None:
+        """Load only the model weights of the BEST (or LATEST) checkpoint, e.g. before testing or exporting."""
         path = self._open("BEST" if tag == "best" else "LATEST")
-        target = self._state(trainer, optim_states=False)
+        weights = train_state.weights()
+        target = weights.state_dict()
         self._dcp_load(target, path)
-        trainer.dmp.load_state_dict(_local(target["model"]))
+        weights.load_state_dict(target)

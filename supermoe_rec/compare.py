@@ -34,7 +34,17 @@ from typing import Any, TypedDict
 
 from tqdm import tqdm
 
-from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, TaskType, from_dict, load_config, to_dict
+from supermoe_rec.config import (
+    ARCH_SECTIONS,
+    ARCH_SPECIFIC_SECTIONS,
+    Arch,
+    ConfigError,
+    ExperimentConfig,
+    TaskType,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from supermoe_rec.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -48,21 +58,11 @@ COMPARABLE_ARCHS = tuple(a for a in Arch if a is not Arch.SINGLE_TASK)
 # train.* fields that say where a run's output goes, how it is logged or how fast it goes, not what it trains:
 # excluded from the run's key.
 _LOCATION_FIELDS = ("name", "out_dir", "num_threads", "tensorboard", "log_every")
-# model.* fields that only the transformer archs read (the encoder and its MoE; the MLP archs return zero MoE losses,
-# so the loss weights under model.moe change nothing for them either). The run key of an MLP arch leaves them out, so
-# tuning the encoder does not retrain the MLP baselines of a comparison.
-_ENCODER_FIELDS = (
-    "d_model",
-    "num_layers",
-    "num_heads",
-    "ffn_hidden",
-    "use_task_tokens",
-    "use_moe",
-    "item_interaction",
-    "dropout",
-    "moe",
-)
-_MLP_ARCHS = (Arch.SHARED_BOTTOM, Arch.MMOE, Arch.PLE, Arch.SINGLE_TASK)
+# What an arch reads of the config beyond the shared sections is its own model sections (config.ARCH_SECTIONS): a
+# run's key leaves out the other archs' sections, so tuning the encoder does not retrain the MLP baselines of a
+# comparison, nor the MLP widths the transformer archs. The MoE loss weights belong to the archs with a moe section
+# (the others return zero MoE losses, so the weights change nothing for them).
+_MOE_LOSS_FIELDS = ("balance_loss_weight", "z_loss_weight")
 # Environment of a launcher (torchrun, torchx); a compare run is always a world of one.
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -239,8 +239,9 @@ class RunSpec:
 
 def config_key(cfg: ExperimentConfig) -> str:
     """SHA-256 of the config's values that differ from the defaults, without the output-only ``train.*`` fields
-    (name, out_dir, num_threads, tensorboard, log_every) and, for the MLP archs (shared_bottom, mmoe, ple,
-    single_task), without the encoder's ``model.*`` fields.
+    (name, out_dir, num_threads, tensorboard, log_every) and without the ``model`` sections of other archs than
+    ``model.arch`` (:data:`~supermoe_rec.config.ARCH_SECTIONS`; without a ``moe`` section, the MoE loss weights
+    ``train.loss.balance_loss_weight`` / ``z_loss_weight`` go too).
 
     Hashing only what differs from :class:`ExperimentConfig`'s defaults keeps keys, and so finished runs, valid when
     a new option is added with a default that keeps the old behaviour. A finished run is matched by re-keying its
@@ -257,9 +258,13 @@ def config_key(cfg: ExperimentConfig) -> str:
     for tree in (values, defaults):
         for name in _LOCATION_FIELDS:
             tree["train"].pop(name)
-        if cfg.model.arch in _MLP_ARCHS:
-            for name in _ENCODER_FIELDS:
-                tree["model"].pop(name)
+        own = ARCH_SECTIONS[cfg.model.arch]
+        for section in ARCH_SPECIFIC_SECTIONS:
+            if section not in own:
+                tree["model"].pop(section)
+        if "moe" not in own:
+            for name in _MOE_LOSS_FIELDS:
+                tree["train"]["loss"].pop(name)
     return hashlib.sha256(json.dumps(_non_default(values, defaults), sort_keys=True).encode()).hexdigest()
 
 
@@ -279,7 +284,7 @@ def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
 def make_run(base: ExperimentConfig, arch: Arch, seed: int, tasks: tuple[str, ...], runs_dir: Path) -> RunSpec:
     """The run of ``arch`` on ``tasks`` with ``seed``, everything else as in ``base``.
 
-    ``train.task_weights`` keeps only the weights of the run's tasks: a single-task twin of a run that weighs
+    ``train.loss.task_weights`` keeps only the weights of the run's tasks: a single-task twin of a run that weighs
     ``watch`` 2 trains ``like`` exactly as a twin of an unweighted run does, and shares its key (and finished run).
 
     Args:
@@ -293,9 +298,8 @@ def make_run(base: ExperimentConfig, arch: Arch, seed: int, tasks: tuple[str, ..
         the run, named ``<arch>-<tasks>-seed<seed>-<key[:8]>``.
     """
     cfg = replace(base, model=replace(base.model, arch=arch), data=replace(base.data, tasks=tasks))
-    cfg = replace(
-        cfg, train=replace(cfg.train, seed=seed, out_dir=str(runs_dir), task_weights=cfg.trained_task_weights())
-    )
+    loss = replace(cfg.train.loss, task_weights=cfg.trained_task_weights())
+    cfg = replace(cfg, train=replace(cfg.train, seed=seed, out_dir=str(runs_dir), loss=loss))
     key = config_key(cfg)
     label = "+".join(tasks) if tasks else "all"
     cfg = replace(cfg, train=replace(cfg.train, name=f"{arch.value}-{label}-seed{seed}-{key[:8]}"))

@@ -6,8 +6,16 @@ dotted keys::
 
     supermoe-rec train --config configs/ml100k.yaml --train.lr=0.01 --model.moe.num_experts=16
 
-Override values are parsed as YAML scalars/flow collections (``--model.tower_hidden=[64,32]``) and then checked
+Override values are parsed as YAML scalars/flow collections (``--model.towers.hidden=[64,32]``) and then checked
 against the field's annotation exactly like file values.
+
+Sections, by concern::
+
+    data:   where samples come from and how they are built
+    model:  arch, embedding_dim, sequence_lookup,
+            encoder: (transformer archs), moe: (its MoE FFNs), mlp: (MLP archs), towers: (all archs)
+    train:  optimisation, loss: (task weights, regression loss, MoE loss weights), sharding, expert_parallel,
+            early stopping, checkpoints and outputs
 
 Example::
 
@@ -19,6 +27,10 @@ Example::
     Traceback (most recent call last):
     ...
     supermoe_rec.config.ConfigError: train.lrr: unknown key (known: ...)
+    >>> apply_overrides(cfg, ["--model.d_model=32"])  # a key of the earlier flat layout names its new place
+    Traceback (most recent call last):
+    ...
+    supermoe_rec.config.ConfigError: model.d_model: this key moved to model.encoder.d_model
 """
 
 from __future__ import annotations
@@ -101,8 +113,19 @@ class DataConfig:
     max_history: int = 50
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
+    # Instead of the fractions: each user's last rating is test and the one before it valid, equal timestamps in
+    # file order: RecBole's sequential next-item protocol (docs/protocol.md), for retrieval comparisons.
+    leave_one_out: bool = False
+    # Item-sequence files (source: amazon_beauty | amazon_sports read <sequences_dir>/Beauty.txt or
+    # Sports_and_Outdoors.txt; source: sequences reads data.table). See supermoe_rec/data/sequences.py.
+    sequences_dir: str = "data/amazon"
     # Empty: every task the schema defines. Otherwise a subset, e.g. ["watch"] for a single-task model.
     tasks: tuple[str, ...] = ()
+    # The future items of each sample, the positives of the next-items objective (train.objective): the next
+    # next_window items of the user (1: the next item; >1: PinnerFormer's future window), within the sample's split,
+    # and within next_horizon_days of the sample when that is > 0. 0 builds no future items.
+    next_window: int = 0
+    next_horizon_days: float = 0.0
     # Schema features to remove before samples are built, e.g. the user profile for a behaviour-only model.
     drop_features: tuple[str, ...] = ()
     # Bring-your-own data (source: table).
@@ -121,10 +144,32 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class MoEConfig:
-    """Sparse Mixture-of-Experts FFN (GShard/Switch style).
+class EncoderConfig:
+    """The transformer encoder of the transformer archs (``supermoe``, ``dense_transformer``).
 
-    Dimension letters: E experts, K top-k, H expert hidden width, C capacity per expert.
+    Dimension letters: D model dim (``d_model``), T tasks.
+    """
+
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    # Hidden width of the dense FFN (dense blocks and the dense_transformer arch).
+    ffn_hidden: int = 128
+    use_task_tokens: bool = True
+    # Add (task representation) ⊙ (item projected to the model dim) to every tower input of the transformer archs,
+    # so the towers see an explicit user-item match instead of having to learn one from a concatenation.
+    item_interaction: bool = True
+    # Residual and attention dropout of the encoder.
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse Mixture-of-Experts FFN (GShard/Switch style): its shape and its routing.
+
+    Dimension letters: E experts, K top-k, H expert hidden width, C capacity per expert. The auxiliary loss weights
+    are ``train.loss.balance_loss_weight`` / ``train.loss.z_loss_weight``; expert parallelism is
+    ``train.expert_parallel``.
     """
 
     num_experts: int = 8
@@ -136,48 +181,114 @@ class MoEConfig:
     # Training-only router perturbations: multiplicative input jitter (Switch) and additive logit noise.
     router_jitter: float = 0.0
     router_noise: float = 0.0
-    balance_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
-    # Every moe_every-th encoder block uses the MoE FFN (1: all blocks).
+    # Every moe_every-th encoder block uses the MoE FFN (1: all blocks). dense_transformer gives those blocks a dense
+    # FFN of the same active width, K * H.
     moe_every: int = 2
-    expert_parallel: bool = False
     # One router per token kind ([USER], each task token, history) on top of the shared one, so the task tokens can
     # choose their own experts; the extra routers start at zero, i.e. at shared routing.
     task_routers: bool = False
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Model shape. Dimension letters: D model dim, L sequence length, T tasks."""
+class MLPConfig:
+    """The MLP backbones (``shared_bottom``, ``mmoe``, ``ple``, ``single_task``): expert/bottom widths and counts."""
 
-    arch: Arch = Arch.SUPERMOE
-    embedding_dim: int = 32
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    # Hidden width of the dense FFN (dense blocks and the dense_transformer arch).
-    ffn_hidden: int = 128
-    use_task_tokens: bool = True
-    use_moe: bool = True
-    # Add (task representation) ⊙ (item projected to the model dim) to every tower input of the transformer archs,
-    # so the towers see an explicit user-item match instead of having to learn one from a concatenation.
-    item_interaction: bool = True
-    # Residual and attention dropout of the transformer encoder (supermoe, dense_transformer); MLP archs ignore it.
-    dropout: float = 0.0
-    tower_hidden: tuple[int, ...] = (64,)
-    sequence_lookup: SequenceLookup = SequenceLookup.AUTO
-    # MLP baselines (shared_bottom, mmoe, ple): expert/bottom widths and expert counts.
     bottom_hidden: tuple[int, ...] = (128, 64)
     mmoe_experts: int = 4
     ple_shared_experts: int = 2
     ple_task_experts: int = 1
     ple_levels: int = 2
+
+
+@dataclass(frozen=True)
+class TowersConfig:
+    """The per-task towers every arch ends in."""
+
+    hidden: tuple[int, ...] = (64,)
+    # Every tower also reads the [USER] vector next to its task token (transformer archs), so the supervised tasks
+    # shape the universal vector too.
+    read_user: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model shape, by concern: ``arch`` picks the model; ``encoder`` + ``moe`` are read by the transformer archs,
+    ``mlp`` by the MLP archs (:data:`ARCH_SECTIONS`), ``towers`` and the embeddings by all."""
+
+    arch: Arch = Arch.SUPERMOE
+    embedding_dim: int = 32
+    sequence_lookup: SequenceLookup = SequenceLookup.AUTO
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    towers: TowersConfig = field(default_factory=TowersConfig)
+
+
+# The arch-specific sections of ModelConfig each arch reads; the others change nothing for it.
+ARCH_SECTIONS: dict[Arch, tuple[str, ...]] = {
+    Arch.SUPERMOE: ("encoder", "moe"),
+    Arch.DENSE_TRANSFORMER: ("encoder", "moe"),  # moe: which blocks are the K * H wide ones
+    Arch.SHARED_BOTTOM: ("mlp",),
+    Arch.MMOE: ("mlp",),
+    Arch.PLE: ("mlp",),
+    Arch.SINGLE_TASK: ("mlp",),
+}
+ARCH_SPECIFIC_SECTIONS = ("encoder", "moe", "mlp")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The task-indicator loss: per-task weighting, the regression loss and the MoE auxiliary losses' weights."""
+
+    # Static per-task loss weights w_t (missing tasks weigh 1.0), or learned by uncertainty weighting.
+    task_weights: dict[str, float] = field(default_factory=dict)
+    uncertainty_weighting: bool = False
+    regression_loss: RegressionLoss = RegressionLoss.MSE
+    huber_delta: float = 1.0
+    # α and β: the MoE load-balancing loss and router z-loss (archs without MoE layers have none of either).
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+
+class Objective(str, enum.Enum):
+    """What trains the model (docs/design.md, "The universal vector").
+
+    ``supervised``: the task towers' task-indicator loss. ``joint``: that plus ``train.next_items.weight`` times
+    the next-items loss on the [USER] vector. ``next_items``: the next-items loss alone, self-supervised: no task
+    label is read, so it can pretrain on a raw log (then fine-tune with ``train.init_from``).
+    """
+
+    SUPERVISED = "supervised"
+    JOINT = "joint"
+    NEXT_ITEMS = "next_items"
+
+
+class NextItemsSoftmax(str, enum.Enum):
+    """``full``: over the whole catalogue; ``sampled``: sampled + in-batch negatives with logQ; ``auto``: full up to
+    ``train.next_items.full_softmax_max_items`` items."""
+
+    AUTO = "auto"
+    FULL = "full"
+    SAMPLED = "sampled"
+
+
+@dataclass(frozen=True)
+class NextItemsConfig:
+    """The next-items loss (supermoe_rec/next_items.py); its positives come from ``data.next_window``."""
+
+    weight: float = 1.0
+    softmax: NextItemsSoftmax = NextItemsSoftmax.AUTO
+    full_softmax_max_items: int = 200_000
+    # Sampled softmax: uniform draws per step (the same on every rank), in-batch negatives, logQ correction.
+    num_sampled: int = 1024
+    in_batch_negatives: bool = True
+    logq_correction: bool = True
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, loss weighting and run outputs."""
+    """Optimisation, loss, parallelism and run outputs."""
 
     name: str = "ml100k-supermoe"
     out_dir: str = "runs"
@@ -190,17 +301,21 @@ class TrainConfig:
     sparse_lr: float = 0.05
     weight_decay: float = 0.0
     early_stopping_patience: int = 2
-    # Static per-task loss weights w_t (missing tasks weigh 1.0), or learned by uncertainty weighting.
-    task_weights: dict[str, float] = field(default_factory=dict)
-    uncertainty_weighting: bool = False
-    regression_loss: RegressionLoss = RegressionLoss.MSE
-    huber_delta: float = 1.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    objective: Objective = Objective.SUPERVISED
+    next_items: NextItemsConfig = field(default_factory=NextItemsConfig)
+    # Pretrain, then fine-tune: a run dir whose latest checkpoint initialises the model's weights (not the
+    # optimizer, not the data position) before training starts.
+    init_from: str | None = None
     sparse_optimizer: SparseOptimizer = SparseOptimizer.ROWWISE_ADAGRAD
     # Per-table sharding constraints, e.g. {item: column_wise}; the planner chooses a sharded layout for unlisted
     # tables. CPU (gloo) supports data_parallel, table_wise, column_wise, table_column_wise. A data_parallel table
     # is replicated and trained by the dense optimizer (train.lr), not train.sparse_optimizer. TorchRec's column
     # shards are at least 128 wide, so column_wise splits only tables with embedding_dim >= 256.
     sharding: dict[str, str] = field(default_factory=dict)
+    # Split each MoE layer's E experts over the ranks (E/W each; supermoe_rec.distributed.expert_parallel) instead of
+    # replicating them.
+    expert_parallel: bool = False
     # "auto": CUDA when available, else CPU.
     device: str = "auto"
     # Intra-op CPU threads per process (0: torch's default). With several processes per host, 1 avoids
@@ -222,15 +337,67 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        transformer = self.model.arch in (Arch.SUPERMOE, Arch.DENSE_TRANSFORMER)
+        if self.train.objective is not Objective.SUPERVISED:
+            if self.data.next_window < 1:
+                raise ConfigError(
+                    f"data.next_window: train.objective={self.train.objective.value} trains on each sample's future "
+                    "items; set data.next_window >= 1 (1: the next item)"
+                )
+            if not transformer:
+                raise ConfigError(
+                    f"train.objective: {self.train.objective.value} trains the [USER] vector, which only the "
+                    "transformer archs (supermoe, dense_transformer) have"
+                )
+        if self.model.towers.read_user and not transformer:
+            raise ConfigError("model.towers.read_user: only the transformer archs (supermoe, dense_transformer) have [USER]")
+        if self.data.next_window < 0:
+            raise ConfigError(f"data.next_window: must be >= 0, got {self.data.next_window}")
+
     def trained_task_weights(self) -> dict[str, float]:
-        """``train.task_weights`` of the tasks this run trains: a config that weighs ``watch`` still trains
+        """``train.loss.task_weights`` of the tasks this run trains: a config that weighs ``watch`` still trains
         ``--data.tasks=[like]``. With every task selected (``data.tasks: []``) all weights are kept, and the loss
         rejects a name that is not a task."""
         tasks = self.data.tasks
-        return {name: w for name, w in self.train.task_weights.items() if not tasks or name in tasks}
+        return {name: w for name, w in self.train.loss.task_weights.items() if not tasks or name in tasks}
 
 
 C = TypeVar("C")
+
+
+# Keys of the earlier flat layout, and where each lives now: loading or overriding one is an error naming its new key.
+MOVED_KEYS: dict[str, str] = {
+    **{
+        f"model.{k}": f"model.encoder.{k}"
+        for k in ("d_model", "num_layers", "num_heads", "ffn_hidden", "use_task_tokens", "item_interaction", "dropout")
+    },
+    **{
+        f"model.{k}": f"model.mlp.{k}"
+        for k in ("bottom_hidden", "mmoe_experts", "ple_shared_experts", "ple_task_experts", "ple_levels")
+    },
+    "model.tower_hidden": "model.towers.hidden",
+    "model.moe.balance_loss_weight": "train.loss.balance_loss_weight",
+    "model.moe.z_loss_weight": "train.loss.z_loss_weight",
+    "model.moe.expert_parallel": "train.expert_parallel",
+    **{
+        f"train.{k}": f"train.loss.{k}"
+        for k in ("task_weights", "uncertainty_weighting", "regression_loss", "huber_delta")
+    },
+}
+# Keys that are gone: the error says what replaces them.
+REMOVED_KEYS: dict[str, str] = {
+    "model.use_moe": "model.arch is the only switch between MoE and dense (model.arch: dense_transformer is the dense "
+    "twin of supermoe)",
+}
+
+
+def _unknown_key(key: str, known: Sequence[str]) -> ConfigError:
+    if key in MOVED_KEYS:
+        return ConfigError(f"{key}: this key moved to {MOVED_KEYS[key]}")
+    if key in REMOVED_KEYS:
+        return ConfigError(f"{key}: this key was removed: {REMOVED_KEYS[key]}")
+    return ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -297,7 +464,7 @@ def _build(cls: type[C], values: Mapping[str, Any], prefix: str = "") -> C:
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
-            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(fields))})")
+            raise _unknown_key(key, sorted(fields))
         kwargs[name] = _convert(value, hints[name], key)
     return cls(**kwargs)
 
@@ -344,7 +511,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
         cfg: ExperimentConfig = from_dict(raw, ExperimentConfig)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    # source: table: task names against the schema, ml-mt-only keys warned about (docs/data.md). Imported here:
+    # the schema module imports this one.
+    from supermoe_rec.data.schema import check_table_config
+
+    check_table_config(cfg)
+    return cfg
 
 
 def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
@@ -363,8 +536,7 @@ def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
                 raise ConfigError(f"{'.'.join(parts[: depth + 1])}: unknown section")
             node = child
         if parts[-1] not in node:
-            known = ", ".join(sorted(node))
-            raise ConfigError(f"{dotted}: unknown key (known: {known})")
+            raise _unknown_key(dotted, sorted(node))
         try:
             node[parts[-1]] = yaml.safe_load(raw_value) if raw_value != "" else ""
         except yaml.YAMLError as exc:

@@ -38,17 +38,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
 from supermoe_rec import plots
-from supermoe_rec.checkpoint import CheckpointManager
+from supermoe_rec.checkpoint import CheckpointManager, TrainState
 from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, load_config
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.jagged import IntArray
-from supermoe_rec.data.splits import SplitData
+from supermoe_rec.data.loader import ShardedBatchLoader
+from supermoe_rec.data.splits import SplitData, load_run_data
+from supermoe_rec.distributed.sharding import build_train_module, shard
 from supermoe_rec.models.train_module import StepOutput
 from supermoe_rec.modules.transformer import token_kind_labels
-from supermoe_rec.train import Trainer, build_trainer, init_distributed
+from supermoe_rec.train import init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,23 @@ class UserRepresentations:
     user: FloatArray
     tasks: dict[str, FloatArray]
     source_split: npt.NDArray[np.str_]
+
+
+@dataclass
+class RestoredModel:
+    """A trained run's model restored for inference in a world of one: sharded by DMP, without optimizers.
+
+    Attributes:
+        cfg: the run's config (with the export's overrides).
+        data: the run's data.
+        dmp: the DMP-wrapped train module (model + loss), weights from the run's checkpoint.
+        loaders: one loader per split, batched as the trainer's evaluation (``train.eval_batch_size``, in order).
+    """
+
+    cfg: ExperimentConfig
+    data: SplitData
+    dmp: DistributedModelParallel
+    loaders: dict[str, ShardedBatchLoader] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,38 +162,38 @@ def latest_rows(data: SplitData) -> dict[str, tuple[npt.NDArray[Any], IntArray]]
 # --------------------------------------------------------------------------------------------------- inference
 
 
-def _forward(trainer: Trainer, batch: Any) -> StepOutput:
-    _, out = trainer.dmp(batch)
+def _forward(restored: RestoredModel, batch: Any) -> StepOutput:
+    _, out = restored.dmp(batch)
     assert isinstance(out, StepOutput)
     return out
 
 
-def user_representations(trainer: Trainer, batch_size: int | None = None) -> UserRepresentations:
+def user_representations(restored: RestoredModel, batch_size: int | None = None) -> UserRepresentations:
     """[USER] and task representations of every user at their latest history (model in eval mode, no grad).
 
     Args:
-        trainer: a world-of-one trainer whose weights are already restored.
+        restored: a world-of-one model whose weights are restored (:func:`restore_model`).
         batch_size: users per forward pass (default ``train.eval_batch_size``).
 
     Returns:
         :class:`UserRepresentations`, users in ascending key order.
     """
-    batch_size = batch_size or trainer.cfg.train.eval_batch_size
-    task_names = [t.name for t in trainer.data.tasks]
+    batch_size = batch_size or restored.cfg.train.eval_batch_size
+    task_names = [t.name for t in restored.data.tasks]
     keys_parts, split_parts, user_parts = [], [], []
     task_parts: dict[str, list[FloatArray]] = {name: [] for name in task_names}
-    chosen = latest_rows(trainer.data)
+    chosen = latest_rows(restored.data)
     total = sum(len(rows) for _, rows in chosen.values())
-    trainer.dmp.eval()
+    restored.dmp.eval()
     with torch.no_grad(), tqdm(total=total, desc="export users", unit="user", dynamic_ncols=True) as bar:
         for split, (keys, rows) in chosen.items():
-            ds = trainer.data.splits[split]
+            ds = restored.data.splits[split]
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
                 # Every row is its own group, so representation g belongs to chunk[g].
-                out = _forward(trainer, ds.batch(chunk)).model
+                out = _forward(restored, ds.batch(chunk)).model
                 if out.user is None or out.task_representations is None:
-                    raise ConfigError(f"model.arch: {trainer.cfg.model.arch.value} returned no user representation")
+                    raise ConfigError(f"model.arch: {restored.cfg.model.arch.value} returned no user representation")
                 user_parts.append(out.user.float().cpu().numpy())  # (G, M)
                 reps = out.task_representations.float().cpu().numpy()  # (G, T, M)
                 for t, name in enumerate(task_names):
@@ -181,7 +201,7 @@ def user_representations(trainer: Trainer, batch_size: int | None = None) -> Use
                 bar.update(len(chunk))
             keys_parts.append(keys)
             split_parts.append(np.full(len(keys), split))
-    trainer.dmp.train()
+    restored.dmp.train()
     keys = np.concatenate(keys_parts)
     order = np.argsort(keys, kind="stable")
     return UserRepresentations(
@@ -192,7 +212,7 @@ def user_representations(trainer: Trainer, batch_size: int | None = None) -> Use
     )
 
 
-def routing_statistics(trainer: Trainer, split: str = "valid") -> dict[str, Any] | None:
+def routing_statistics(restored: RestoredModel, split: str = "valid") -> dict[str, Any] | None:
     """MoE routing counts summed over ``split``, batched as in evaluation (whole groups, eval batch size).
 
     Returns:
@@ -200,17 +220,17 @@ def routing_statistics(trainer: Trainer, split: str = "valid") -> dict[str, Any]
         ``task_expert_counts`` [Λ, T+2, E] (assignments before capacity dropping), ``row_labels`` (T+2 token kinds),
         ``dropped_fraction`` (mean over batches, weighted by assignments), ``split``, ``samples``.
     """
-    loader = trainer.loaders[split]
+    loader = restored.loaders[split]
     loader.set_epoch(0)
     tokens: torch.Tensor | None = None
     kinds: torch.Tensor | None = None
     dropped, weight = 0.0, 0.0
-    trainer.dmp.eval()
+    restored.dmp.eval()
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"routing ({split})", unit="batch", dynamic_ncols=True):
-            out = _forward(trainer, batch).model
+            out = _forward(restored, batch).model
             if out.tokens_per_expert is None or out.task_expert_counts is None or out.tokens_per_expert.shape[0] == 0:
-                trainer.dmp.train()
+                restored.dmp.train()
                 return None
             tpe = out.tokens_per_expert.detach().cpu().long()  # (Λ, E)
             tokens = tpe if tokens is None else tokens + tpe
@@ -219,7 +239,7 @@ def routing_statistics(trainer: Trainer, split: str = "valid") -> dict[str, Any]
             assignments = float(tpe.sum())
             dropped += float(out.dropped_fraction) * assignments
             weight += assignments
-    trainer.dmp.train()
+    restored.dmp.train()
     if tokens is None or kinds is None:
         return None
     return {
@@ -227,7 +247,7 @@ def routing_statistics(trainer: Trainer, split: str = "valid") -> dict[str, Any]
         "samples": len(loader.dataset),
         "num_moe_layers": int(tokens.shape[0]),
         "num_experts": int(tokens.shape[1]),
-        "row_labels": token_kind_labels([t.name for t in trainer.data.tasks]),
+        "row_labels": token_kind_labels([t.name for t in restored.data.tasks]),
         "tokens_per_expert": tokens.tolist(),
         "task_expert_counts": kinds.tolist(),
         "dropped_fraction": dropped / max(weight, 1.0),
@@ -285,23 +305,33 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Exper
     return cfg
 
 
-def restore_trainer(run_dir: Path, cfg: ExperimentConfig, data: SplitData | None = None) -> tuple[Trainer, str]:
-    """A world-of-one trainer with the run's BEST weights, or LATEST when no epoch finished (no BEST yet).
+def restore_model(run_dir: Path, cfg: ExperimentConfig, data: SplitData | None = None) -> tuple[RestoredModel, str]:
+    """A world-of-one model with the run's BEST weights, or LATEST when no epoch finished (no BEST yet).
+
+    Built and sharded as the trainer builds it (:mod:`supermoe_rec.distributed.sharding`), but without optimizers;
+    only the weights are read from the checkpoint.
 
     Returns:
-        (the trainer, which checkpoint was restored: "best" or "latest").
+        (the model, which checkpoint was restored: "best" or "latest").
     """
     ctx = init_distributed(cfg.train.device)
     if ctx.world_size != 1:
         raise ConfigError(f"export runs in a single process, but the process group has {ctx.world_size} ranks")
-    trainer = build_trainer(cfg, ctx, data)
+    torch.manual_seed(cfg.train.seed)
+    data = data if data is not None else load_run_data(cfg.data, run_dir)  # the run's vocabularies, if any
+    module = build_train_module(cfg, data.schema, device=ctx.device, optimizers=False)
+    sharded = shard(module, cfg, data.schema, ctx.device)
+    loaders = {
+        split: ShardedBatchLoader(ds, cfg.train.eval_batch_size, shuffle=False) for split, ds in data.splits.items()
+    }
+    restored = RestoredModel(cfg, data, sharded.dmp, loaders)
     checkpoints = run_dir / "checkpoints"
     # BEST is written at the end of an improving epoch; a run stopped by max_steps mid-epoch only has LATEST.
     tag = "best" if (checkpoints / "BEST").is_file() else "latest"
     if tag == "latest":
         log.warning("%s has no BEST checkpoint: exporting the LATEST weights", checkpoints)
-    CheckpointManager(checkpoints, cfg).restore_weights(trainer, tag=tag)
-    return trainer, tag
+    CheckpointManager(checkpoints, cfg).restore_weights(TrainState(sharded.dmp, device=ctx.device), tag=tag)
+    return restored, tag
 
 
 def export_run(
@@ -327,12 +357,12 @@ def export_run(
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
-    trainer, tag = restore_trainer(run_dir, cfg, data)
-    reps = user_representations(trainer)
+    restored, tag = restore_model(run_dir, cfg, data)
+    reps = user_representations(restored)
     path = Path(out) if out is not None else run_dir / EMBEDDINGS_FILE
     write_embeddings(reps, path)
     log.info("wrote %s (%d users, M=%d)", path, len(reps.user_keys), reps.user.shape[1])
-    stats = routing_statistics(trainer) if routing and "valid" in trainer.loaders else None
+    stats = routing_statistics(restored) if routing and "valid" in restored.loaders else None
     files = [path]
     if stats is not None:
         stats["checkpoint"] = tag
@@ -360,11 +390,12 @@ def main(run: str, out: str | None, overrides: Sequence[str]) -> int:
 __all__ = [
     "REPRESENTATION_ARCHS",
     "ExportResult",
+    "RestoredModel",
     "UserRepresentations",
     "export_run",
     "latest_rows",
     "load_run_config",
-    "restore_trainer",
+    "restore_model",
     "routing_statistics",
     "user_representations",
     "write_embeddings",

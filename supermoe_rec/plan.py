@@ -7,20 +7,19 @@ Nothing is allocated and no GPU or process group is needed: the model (tables an
 ``torch.device("meta")`` from the config's schema (``data.source: synthetic`` sizes the tables with
 ``data.synthetic_users`` / ``synthetic_items``; ``table`` reads the schema YAML), and TorchRec's own
 :class:`EmbeddingShardingPlanner` plans it with ``plan()`` against ``Topology(world_size=W, compute_device="cuda",
-hbm_cap=...)``. The planning matches the trainer (:func:`supermoe_rec.train.build_trainer`):
+hbm_cap=...)``. The planning matches the trainer's: both build through :mod:`supermoe_rec.distributed.sharding`:
 
-- the same sharders (``EmbeddingBagCollectionSharder``, ``EmbeddingCollectionSharder``), the same module
-  (:class:`TrainModule`, so plan keys read ``model.sparse_arch...``) and the same constraints (``train.sharding``;
-  no ``data_parallel`` unless asked);
-- the sparse optimizer is fused with ``apply_optimizer_in_backward`` on the (meta) table weights exactly as the
-  trainer does, which is how the planner's storage estimator learns it (``tensor._optimizer_classes``): row-wise
-  Adagrad adds one float per row, Adagrad one per weight, Adam two;
+- the same sharders, the same module (:func:`~supermoe_rec.distributed.sharding.build_train_module`, so plan keys
+  read ``model.sparse_arch...``) and the same constraints (``train.sharding``; no ``data_parallel`` unless asked);
+- the sparse optimizer is fused into the (meta) table weights exactly as the trainer does, which is how the
+  planner's storage estimator learns it (``tensor._optimizer_classes``): row-wise Adagrad adds one float per row,
+  Adagrad one per weight, Adam two;
 - ``sequence_lookup: auto`` resolves for the simulated device (CUDA: the unpooled EmbeddingCollection).
 
 Where it differs, on purpose:
 
 - The planner's default storage reservation guesses dense memory as 6x every non-table parameter. Built without a
-  process group, the model holds all E experts of every MoE layer, while under ``model.moe.expert_parallel`` a rank
+  process group, the model holds all E experts of every MoE layer, while under ``train.expert_parallel`` a rank
   holds E/W; so the reservation is given our per-rank estimate instead (``dense_tensor_estimate``): replicated
   dense weights + Adam (2 states) + gradient + DDP bucket, and local expert weights + Adam + gradient.
 - The synthetic generator's pooling factors are passed as constraints (a row carries ``max_history / (2 * C)``
@@ -74,26 +73,19 @@ from typing import Any
 import torch
 from tabulate import tabulate
 from torch import nn
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.constants import DDR_CAP
 from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, Stats
-from torchrec.distributed.types import ModuleSharder
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from supermoe_rec.config import ConfigError, ExperimentConfig, SparseOptimizer, load_config
+from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, SparseOptimizer, load_config
 from supermoe_rec.data.schema import Schema
-from supermoe_rec.data.splits import SplitData
 from supermoe_rec.data.synthetic import CANDIDATES_PER_GROUP, synthetic_schema
-from supermoe_rec.loss import TaskIndicatorLoss
-from supermoe_rec.models.factory import build_model
+from supermoe_rec.distributed.sharding import build_train_module, sharders, sharding_constraints
 from supermoe_rec.models.train_module import TrainModule
 from supermoe_rec.modules.embeddings import SparseArch, resolve_sequence_lookup
 from supermoe_rec.modules.experts import BatchedExperts
-from supermoe_rec.train import _sparse_optimizer, sharding_constraints
 
 log = logging.getLogger(__name__)
 
@@ -205,25 +197,7 @@ def plan_schema(cfg: ExperimentConfig) -> Schema:
 def build_meta_module(cfg: ExperimentConfig, schema: Schema) -> TrainModule:
     """The trainer's module (model + loss), every parameter on meta, sparse optimizer fused as in training."""
     meta = torch.device("meta")
-    model = build_model(cfg.model, schema, device=meta, sparse_device=meta, max_history=cfg.data.max_history)
-    loss_fn = TaskIndicatorLoss(
-        schema.task_specs(),
-        task_weights=cfg.trained_task_weights(),
-        uncertainty_weighting=cfg.train.uncertainty_weighting,
-        regression_loss=cfg.train.regression_loss,
-        huber_delta=cfg.train.huber_delta,
-        device=meta,
-    )
-    module = TrainModule(model, loss_fn)
-    sparse_arch = model.sparse_arch
-    assert isinstance(sparse_arch, SparseArch)
-    # As in build_trainer: this tags each table weight with its optimizer class, which is what the planner's
-    # storage estimator reads to add the optimizer state to every shard.
-    kwargs: dict[str, Any] = {"lr": cfg.train.sparse_lr}
-    if cfg.train.sparse_optimizer is SparseOptimizer.ADAGRAD:
-        kwargs["eps"] = 1e-8
-    apply_optimizer_in_backward(_sparse_optimizer(cfg.train.sparse_optimizer), sparse_arch.parameters(), kwargs)
-    return module
+    return build_train_module(cfg, schema, device=meta, sparse_device=meta)
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -252,12 +226,10 @@ def optimizer_state_per_weight(kind: SparseOptimizer, dim: int) -> float:
 def plan_constraints(cfg: ExperimentConfig, schema: Schema) -> dict[str, ParameterConstraints]:
     """The trainer's constraints for a CUDA run, plus the synthetic data's pooling factors.
 
-    The trainer's :func:`~supermoe_rec.train.sharding_constraints` checks ``train.sharding`` and keeps unlisted
-    tables off ``data_parallel``; reusing it keeps this plan the one training would make.
+    The trainer's :func:`~supermoe_rec.distributed.sharding.sharding_constraints` checks ``train.sharding`` and
+    keeps unlisted tables off ``data_parallel``; reusing it keeps this plan the one training would make.
     """
-    constraints: dict[str, ParameterConstraints] = sharding_constraints(
-        cfg, SplitData(schema=schema, splits={}, info={}), torch.device(COMPUTE_DEVICE)
-    )
+    constraints = sharding_constraints(cfg.train.sharding, schema, torch.device(COMPUTE_DEVICE))
     if cfg.data.source == "synthetic":
         # One pooling factor per feature of the table, in the table's feature order (as SparseArch builds it).
         history_ids_per_row = cfg.data.max_history / 2 / CANDIDATES_PER_GROUP
@@ -409,10 +381,10 @@ def plan_config(cfg: ExperimentConfig, cluster: ClusterSpec, config_name: str = 
     cluster = cluster.validated()
     W = cluster.world_size
     moe = cfg.model.moe
-    expert_parallel = moe.expert_parallel and cfg.model.use_moe
+    expert_parallel = cfg.train.expert_parallel and cfg.model.arch is Arch.SUPERMOE
     if expert_parallel and moe.num_experts % W:
         raise PlanError(
-            f"{config_name}: model.moe.expert_parallel splits E/W experts per rank, but "
+            f"{config_name}: train.expert_parallel splits E/W experts per rank, but "
             f"model.moe.num_experts={moe.num_experts} is not a multiple of --world-size {W}"
         )
     lookup = resolve_sequence_lookup(cfg.model.sequence_lookup, torch.device(COMPUTE_DEVICE))
@@ -438,8 +410,6 @@ def plan_config(cfg: ExperimentConfig, cluster: ClusterSpec, config_name: str = 
         math.ceil(n * FP32_BYTES * optimizer_state_per_weight(optimizer, table_shapes[t][1]))
         for t, n in table_params.items()
     )
-
-    sharders: list[ModuleSharder[nn.Module]] = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
     def does_not_fit(reason: str) -> PlanError:
         hbm = cluster.hbm_gb * GIB
@@ -489,7 +459,7 @@ def plan_config(cfg: ExperimentConfig, cluster: ClusterSpec, config_name: str = 
             debug=False,
         )
         try:
-            planner.plan(module, sharders)
+            planner.plan(module, sharders())
         except PlannerError as exc:
             # The first line states the failure (no plan / negative HBM left after the reservation); the rest
             # is the planner's generic advice, which the message above makes concrete.
@@ -644,7 +614,7 @@ def explain(report: PlanReport) -> str:
                 f"{_gib(report.memory_per_rank_bytes['experts'])} with Adam states."
             )
         else:
-            text += f" {share}, {layout}, replicated on every rank (model.moe.expert_parallel is off)."
+            text += f" {share}, {layout}, replicated on every rank (train.expert_parallel is off)."
     text += (
         f" The remaining {_count(p['dense_replicated'])} dense parameters are replicated on all {W} ranks"
         f" ({100 * p['dense_replicated'] / total:.2f}%)."

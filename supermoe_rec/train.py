@@ -36,44 +36,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tabulate import tabulate
-from torch import nn
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from supermoe_rec.checkpoint import CheckpointError, CheckpointManager
-from supermoe_rec.config import (
-    ConfigError,
-    ExperimentConfig,
-    SparseOptimizer,
-    TaskType,
-    load_config,
-    save_config,
-    to_dict,
-)
+from supermoe_rec.checkpoint import CheckpointError, CheckpointManager, TrainState
+from supermoe_rec.config import ConfigError, ExperimentConfig, TaskType, load_config, save_config, to_dict
 from supermoe_rec.data.loader import ShardedBatchLoader
-from supermoe_rec.data.splits import SplitData, load_data
-from supermoe_rec.loss import TaskIndicatorLoss
+from supermoe_rec.data.splits import SplitData, load_data, load_run_data
+from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
+from supermoe_rec.data.vocab import save_vocabularies
+from supermoe_rec.distributed.sharding import build_train_module, dense_optimizer, shard, sharding_constraints
 from supermoe_rec.memory import release_freed_memory
 from supermoe_rec.metrics import MultiTaskEvaluator, primary_metric
 from supermoe_rec.models.factory import build_model, parameter_report
-from supermoe_rec.models.train_module import StepOutput, TrainModule
-from supermoe_rec.modules.embeddings import SparseArch
+from supermoe_rec.models.train_module import StepOutput
+from supermoe_rec.next_items import CandidateSource, resolve_softmax
 
 log = logging.getLogger("supermoe_rec.train")  # not __name__: that is "__main__" under python -m
 # Steps (and eval batches) between returns of freed heap memory to the OS (supermoe_rec.memory); the interval
 # trades peak RSS against speed, measured by benchmarks/train_memory.py.
 RELEASE_MEMORY_EVERY = 50
-
-CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
-ALL_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")
 
 
 # ----------------------------------------------------------------------------------------------- process group
@@ -118,43 +103,7 @@ def init_distributed(device_name: str) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-# --------------------------------------------------------------------------------------------------- planning
-
-
-def sharding_constraints(
-    cfg: ExperimentConfig, data: SplitData, device: torch.device
-) -> dict[str, ParameterConstraints]:
-    """Per-table constraints from ``train.sharding``; impossible requests fail here, before any work starts."""
-    tables = {t.name for t in data.schema.tables}
-    allowed = CPU_SHARDING_TYPES if device.type == "cpu" else ALL_SHARDING_TYPES
-    # Tables without a request are never data_parallel: DDP would replicate them and the dense Adam would train
-    # them instead of train.sparse_optimizer, and the planner picks data_parallel or not depending on the world
-    # size, so a run's optimizer semantics would change with it.
-    sharded = [t for t in allowed if t != "data_parallel"]
-    constraints = {t: ParameterConstraints(sharding_types=list(sharded)) for t in sorted(tables)}
-    for table, sharding_type in cfg.train.sharding.items():
-        if table not in tables:
-            raise ConfigError(f"train.sharding.{table}: unknown table (known: {sorted(tables)})")
-        if sharding_type not in allowed:
-            why = " (row_wise needs CUDA: fbgemm has no CPU row-wise kernel)" if device.type == "cpu" else ""
-            raise ConfigError(
-                f"train.sharding.{table}: {sharding_type!r} is not available on {device.type}{why}; "
-                f"choose one of {list(allowed)}"
-            )
-        constraints[table] = ParameterConstraints(sharding_types=[sharding_type])
-    return constraints
-
-
-def _sparse_optimizer(kind: SparseOptimizer) -> type[torch.optim.Optimizer]:
-    import torchrec.optim as trec_optim
-
-    optimizers: dict[SparseOptimizer, type[torch.optim.Optimizer]] = {
-        SparseOptimizer.ROWWISE_ADAGRAD: trec_optim.RowWiseAdagrad,
-        SparseOptimizer.ADAGRAD: torch.optim.Adagrad,
-        SparseOptimizer.ADAM: torch.optim.Adam,
-        SparseOptimizer.SGD: torch.optim.SGD,
-    }
-    return optimizers[kind]
+# --------------------------------------------------------------------------------------------------- building
 
 
 def label_means(data: SplitData) -> dict[str, float]:
@@ -166,6 +115,18 @@ def label_means(data: SplitData) -> dict[str, float]:
             labelled = train.task_mask[:, j] > 0
             means[task.name] = float(train.labels[labelled, j].mean()) if labelled.any() else 0.0
     return means
+
+
+def next_items_frequency(data: SplitData) -> torch.Tensor | None:
+    """Each item's share of the training split's future items (the next-items positives), for the logQ correction."""
+    schema = data.schema
+    table = schema.next_items_table()
+    if table is None or schema.next_items is None:
+        return None
+    ids = data.splits["train"].features[schema.next_items].values
+    counts = np.bincount(ids, minlength=table.num_embeddings)[: table.num_embeddings].astype(np.float64)
+    counts[0] = 0.0
+    return torch.from_numpy(counts / max(counts.sum(), 1.0)).float()
 
 
 @dataclass
@@ -182,88 +143,63 @@ class Trainer:
     params: dict[str, Any]
     loaders: dict[str, ShardedBatchLoader] = field(default_factory=dict)
 
+    @property
+    def state(self) -> TrainState:
+        """What a checkpoint saves and loads: the model, the optimizer and the train loader (a DCP Stateful)."""
+        if self._state is None:
+            self._state = TrainState(self.dmp, self.optimizer, self.ctx.device, self.loaders.get("train"))
+        return self._state
+
+    _state: TrainState | None = field(default=None, init=False, repr=False)
+
 
 def build_trainer(cfg: ExperimentConfig, ctx: DistContext, data: SplitData | None = None) -> Trainer:
-    """Data, model on meta, sharding plan, DMP, fused sparse + dense optimizers."""
+    """Data, model on meta, sharding plan, DMP, fused sparse + dense optimizers.
+
+    The building and sharding is :mod:`supermoe_rec.distributed.sharding`, shared with ``plan`` and ``export``.
+    """
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     data = data if data is not None else load_data(cfg.data)
     if "train" not in data.splits:
         raise ConfigError("data: a train split is required")
-    constraints = sharding_constraints(cfg, data, ctx.device)
-    meta = torch.device("meta")
+    constraints = sharding_constraints(cfg.train.sharding, data.schema, ctx.device)
     # Tables on meta: DMP allocates each rank's shards. Dense modules on the device, seeded identically on all ranks.
-    model = build_model(
-        cfg.model,
+    module = build_train_module(
+        cfg,
         data.schema,
         device=ctx.device,
-        sparse_device=meta,
-        max_history=cfg.data.max_history,
+        world_size=ctx.world_size,
         output_bias=label_means(data),
+        item_frequency=next_items_frequency(data),
     )
-    loss_fn = TaskIndicatorLoss(
-        data.tasks,
-        task_weights=cfg.trained_task_weights(),
-        uncertainty_weighting=cfg.train.uncertainty_weighting,
-        regression_loss=cfg.train.regression_loss,
-        huber_delta=cfg.train.huber_delta,
-        balance_loss_weight=cfg.model.moe.balance_loss_weight,
-        z_loss_weight=cfg.model.moe.z_loss_weight,
-        global_normalization=ctx.world_size > 1,
-    )
-    module = TrainModule(model, loss_fn)
-    sparse_arch = model.sparse_arch
-    assert isinstance(sparse_arch, SparseArch)
-    sparse_arch.grad_scale = 1.0 / ctx.world_size
-
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
-    sparse_kwargs: dict[str, Any] = {"lr": cfg.train.sparse_lr}
-    if cfg.train.sparse_optimizer is SparseOptimizer.ADAGRAD:
-        sparse_kwargs["eps"] = 1e-8
-    apply_optimizer_in_backward(_sparse_optimizer(cfg.train.sparse_optimizer), sparse_arch.parameters(), sparse_kwargs)
-    sharders: list[ModuleSharder[nn.Module]] = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]  # type: ignore[list-item]
-    pg = dist.group.WORLD
-    assert pg is not None
-    planner = EmbeddingShardingPlanner(
-        # Ranks per host: torchrun sets LOCAL_WORLD_SIZE; without it the planner would price cross-host traffic as
-        # if every rank shared one machine.
-        topology=Topology(
-            world_size=ctx.world_size,
-            compute_device=ctx.device.type,
-            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)),
-        ),
-        constraints=constraints,
-    )
-    plan = planner.collective_plan(module, sharders, pg)
-    ignore = []
-    if cfg.model.moe.expert_parallel:
-        from supermoe_rec.distributed.expert_parallel import expert_parallel_parameter_names
-
-        ignore = expert_parallel_parameter_names(module)
-    dmp = DistributedModelParallel(
-        module=module,
-        env=ShardingEnv.from_process_group(pg),
-        device=ctx.device,
-        plan=plan,
-        sharders=sharders,
-        data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=ignore),
-    )
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
-    )
-    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+    # Under train.expert_parallel, shard() first swaps every MoE layer's experts for this rank's share of them.
+    sharded = shard(module, cfg, data.schema, ctx.device, constraints=constraints)
+    optimizer = dense_optimizer(sharded.dmp, cfg.train)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     example = next(iter(ShardedBatchLoader(data.splits["train"], cfg.train.batch_size, shuffle=False)))
     # Counted on an unsharded twin built on meta (free): the DMP module holds only this rank's shards.
+    meta = torch.device("meta")
     params = parameter_report(build_model(cfg.model, data.schema, device=meta), cfg.model, example)
-    trainer = Trainer(cfg, ctx, data, dmp, optimizer, plan, run_dir, params)
+    trainer = Trainer(cfg, ctx, data, sharded.dmp, optimizer, sharded.plan, run_dir, params)
+    table = data.schema.next_items_table()
     for split, ds in data.splits.items():
         batch_size = cfg.train.batch_size if split == "train" else cfg.train.eval_batch_size
-        trainer.loaders[split] = ShardedBatchLoader(
-            ds, batch_size, ctx.rank, ctx.world_size, shuffle=split == "train", seed=cfg.train.seed
+        # Evaluation draws its candidates from another seed than training, the same at every evaluation.
+        candidates = (
+            CandidateSource(
+                resolve_softmax(cfg.train.next_items, table.num_embeddings),
+                table.num_embeddings,
+                cfg.train.next_items.num_sampled,
+                seed=cfg.train.seed + (0 if split == "train" else 1 + list(data.splits).index(split)),
+            )
+            if table is not None
+            else None
         )
+        trainer.loaders[split] = ShardedBatchLoader(
+            ds, batch_size, ctx.rank, ctx.world_size, shuffle=split == "train", seed=cfg.train.seed,
+            candidates=candidates,
+        )  # fmt: skip
     return trainer
 
 
@@ -283,7 +219,7 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
     loader = trainer.loaders[split]
     loader.set_epoch(0)
     evaluator = MultiTaskEvaluator(trainer.data.tasks)
-    loss_sum = torch.zeros(2, dtype=torch.float64)
+    loss_sum = torch.zeros(3, dtype=torch.float64)  # Σ rows·loss, Σ rows, Σ rows·next-items loss
     trainer.dmp.eval()
     iterator = iter(loader)
     batches = 0
@@ -294,7 +230,9 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
             except StopIteration:
                 break
             evaluator.update(out.model.predictions, out.labels, out.task_mask, out.user_index)
-            loss_sum += torch.tensor([float(out.loss.total) * out.labels.shape[0], out.labels.shape[0]])
+            rows = out.labels.shape[0]
+            next_items = float(out.loss.next_items) if out.loss.next_items is not None else 0.0
+            loss_sum += torch.tensor([float(out.loss.total) * rows, rows, next_items * rows])
             batches += 1
             if batches % RELEASE_MEMORY_EVERY == 0:
                 release_freed_memory()
@@ -302,6 +240,8 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
     trainer.dmp.train()
     dist.all_reduce(loss_sum)
     result: dict[str, Any] = {"loss": float(loss_sum[0] / max(1.0, float(loss_sum[1])))}
+    if trainer.data.schema.next_items is not None:
+        result["next_items_loss"] = float(loss_sum[2] / max(1.0, float(loss_sum[1])))
     result["tasks"] = evaluator.compute()
     return result
 
@@ -323,15 +263,20 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
         torch.set_num_threads(cfg.train.num_threads)
     ctx = init_distributed(cfg.train.device)
     start = time.monotonic()
+    if data is None and (cfg.train.resume or cfg.train.init_from):
+        # Ids map through the saved vocabularies of the run continued or fine-tuned from (docs/data.md).
+        data = load_run_data(cfg.data, cfg.train.init_from or Path(cfg.train.out_dir) / cfg.train.name)
     trainer = build_trainer(cfg, ctx, data)
     run_dir = trainer.run_dir
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if trainer.data.vocabularies:
+            save_vocabularies(trainer.data.vocabularies, run_dir / VOCAB_FILE)
         (run_dir / "plan.txt").write_text(str(trainer.plan) + "\n")
         log.info("sharding plan:\n%s", trainer.plan)
         log.info("parameters: %s", trainer.params)
-    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg, trainer.data.vocabularies)
     pipeline = TrainPipelineSparseDist(trainer.dmp, trainer.optimizer, ctx.device)
     writer = None
     if cfg.train.tensorboard and ctx.is_main:
@@ -342,8 +287,15 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
     state: dict[str, Any] = {"epoch": 0, "step": 0, "batches_done": 0, "best": None, "best_epoch": -1,
                              "bad_epochs": 0, "history": [], "train_seconds": 0.0, "train_samples": 0}  # fmt: skip
     if cfg.train.resume:
-        state = checkpoints.load(trainer, state)
+        state = checkpoints.load(trainer.state, state)
         log.info("resumed from step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batches_done"])
+    elif cfg.train.init_from:
+        # Pretrain, then fine-tune: the pretrained run's best weights; optimizer states and data position start fresh
+        # (its last one when it never validated, e.g. a run stopped by max_steps).
+        source = Path(cfg.train.init_from).expanduser() / "checkpoints"
+        tag = "best" if (source / "BEST").is_file() else "latest"
+        CheckpointManager(source, cfg).restore_weights(trainer.state, tag)
+        log.info("initialised the model from %s (%s checkpoint)", source, tag)
     train_loader = trainer.loaders["train"]
     recent_loss: deque[float] = deque(maxlen=50)  # for the report only; not part of the resumable state
     stop = False
@@ -383,6 +335,8 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
                 postfix = {k: f"{v.item():.3f}" for k, v in out.loss.per_task.items()}
                 postfix["bal"] = f"{out.loss.balance_loss.item():.3f}"
                 postfix["z"] = f"{out.loss.z_loss.item():.2f}"
+                if out.loss.next_items is not None:
+                    postfix["next"] = f"{out.loss.next_items.item():.3f}"
                 postfix["drop%"] = f"{100 * float(out.model.dropped_fraction):.1f}"
                 postfix["samples/s"] = f"{state['train_samples'] / max(state['train_seconds'], 1e-9):.0f}"
                 bar.set_postfix(postfix, refresh=False)
@@ -392,12 +346,14 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
                     writer.add_scalar(f"train/{k}", v.item(), state["step"])
                 writer.add_scalar("train/balance_loss", out.loss.balance_loss.item(), state["step"])
                 writer.add_scalar("train/z_loss", out.loss.z_loss.item(), state["step"])
+                if out.loss.next_items is not None:
+                    writer.add_scalar("train/next_items_loss", out.loss.next_items.item(), state["step"])
                 writer.add_scalar("train/dropped_fraction", float(out.model.dropped_fraction), state["step"])
             if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0:
-                checkpoints.save(trainer, state, tag=f"step{state['step']}")
+                checkpoints.save(trainer.state, state, tag=f"step{state['step']}")
         bar.close()
         if stop and state["batches_done"] < len(train_loader):
-            checkpoints.save(trainer, state, tag="last")
+            checkpoints.save(trainer.state, state, tag="last")
             break  # max_steps reached mid-epoch: no epoch-end evaluation
         valid = evaluate(trainer, "valid", pipeline) if "valid" in trainer.loaders else None
         state["epoch"] += 1
@@ -409,7 +365,7 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
             improved = state["best"] is None or (value > state["best"] if higher else value < state["best"])
             if improved:
                 state["best"], state["best_epoch"], state["bad_epochs"] = value, state["epoch"], 0
-                checkpoints.save(trainer, state, tag="best")
+                checkpoints.save(trainer.state, state, tag="best")
             else:
                 state["bad_epochs"] += 1
             if ctx.is_main:
@@ -422,10 +378,10 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
             if state["bad_epochs"] >= cfg.train.early_stopping_patience:
                 log.info("early stopping: no improvement in %d epoch(s)", state["bad_epochs"])
                 stop = True
-        checkpoints.save(trainer, state, tag="last")
+        checkpoints.save(trainer.state, state, tag="last")
 
     if state["best_epoch"] > 0 and state["best_epoch"] != state["epoch"]:
-        checkpoints.restore_weights(trainer, tag="best")
+        checkpoints.restore_weights(trainer.state, tag="best")
     result: dict[str, Any] = {
         "config": to_dict(cfg),
         "world_size": ctx.world_size,

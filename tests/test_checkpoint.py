@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ml100k.yaml"
 STEPS, EVERY, KILL_AT, MORE = 20, 4, 8, 4
 MODEL = [
-    "--model.num_layers=1",
-    "--model.d_model=32",
+    "--model.encoder.num_layers=1",
+    "--model.encoder.d_model=32",
     "--model.moe.moe_every=1",
-    "--model.moe.expert_parallel=true",
-    "--model.dropout=0.1",
+    "--train.expert_parallel=true",
+    "--model.encoder.dropout=0.1",
     "--model.moe.router_noise=0.1",
 ]
 TRAIN = [
@@ -224,7 +224,7 @@ def world(ml100k: Any, tmp_path_factory: pytest.TempPathFactory) -> World:
         b_resume = Run(out, "b", 2, f"--train.max_steps={STEPS}", "--train.resume=true", tag=".resume")
         started.append(b_resume)
         shutil.copytree(snapshot, out / "probe" / "checkpoints")
-        probe = Run(out, "probe", 1, "--model.moe.expert_parallel=false", "--train.resume=true",
+        probe = Run(out, "probe", 1, "--train.expert_parallel=false", "--train.resume=true",
                     f"--train.max_steps={killed_at + MORE}", probe=True)  # fmt: skip
         started.append(probe)
         corrupt = {}
@@ -351,6 +351,24 @@ def test_resaving_a_step_never_rewrites_the_checkpoint_a_pointer_names(tmp_path:
     assert manager._fresh_name("ckpt-000008-best") == "ckpt-000008-best"
 
 
+def test_the_manager_saves_a_dcp_stateful_not_a_trainer() -> None:
+    import inspect
+
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    from supermoe_rec.checkpoint import CheckpointManager, TrainState
+
+    model = torch.nn.Linear(3, 2)
+    state = TrainState(model)
+    assert isinstance(state, Stateful)
+    assert state.state_dict().keys() == {"model"}  # no optimizer: the weights alone
+    other = TrainState(torch.nn.Linear(3, 2))
+    other.load_state_dict(state.state_dict())
+    assert torch.equal(other.model.weight, model.weight)
+    for method in (CheckpointManager.save, CheckpointManager.load, CheckpointManager.restore_weights):
+        assert "train_state" in inspect.signature(method).parameters, method
+
+
 # ------------------------------------------------------------------------------------------------------ probe
 
 
@@ -389,14 +407,14 @@ def probe(argv: list[str]) -> int:
     try:
         trainer = build_trainer(cfg, ctx)
         manager = CheckpointManager(trainer.run_dir / "checkpoints", cfg)
-        state = manager.load(trainer, {})
+        state = manager.load(trainer.state, {})
         dump = {"model": _full(trainer.dmp.state_dict()), "optim": _full(trainer.optimizer.state_dict())}
         dump["state"] = state
         with torch.no_grad():
             for value in trainer.dmp.state_dict().values():
                 for t in [s.tensor for s in value.local_shards()] if hasattr(value, "local_shards") else [value]:
                     t.zero_()
-        manager.restore_weights(trainer, tag="latest")
+        manager.restore_weights(trainer.state, tag="latest")
         dump["restored"] = _full(trainer.dmp.state_dict())
         torch.save(dump, trainer.run_dir / "loaded.pt")
         del trainer

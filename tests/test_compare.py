@@ -42,8 +42,8 @@ TINY = [
     "--train.batch_size=256",
     "--train.eval_batch_size=8192",
     "--train.tensorboard=false",
-    "--model.num_layers=1",
-    "--model.d_model=32",
+    "--model.encoder.num_layers=1",
+    "--model.encoder.d_model=32",
     "--model.embedding_dim=16",
     # One binary and one regression task cover both gain directions with three runs per arch and seed.
     "--data.tasks=[watch,rating]",
@@ -177,33 +177,49 @@ def test_a_run_stored_before_an_option_existed_is_still_reused(tmp_path: Path) -
 
 
 def test_single_task_runs_keep_only_their_tasks_weights(tmp_path: Path) -> None:
-    weighted = apply_overrides(ExperimentConfig(), ["--train.task_weights={watch: 2, rating: 0.5}"])
+    weighted = apply_overrides(ExperimentConfig(), ["--train.loss.task_weights={watch: 2, rating: 0.5}"])
     plain = ExperimentConfig()
     like_w = make_run(weighted, Arch.SUPERMOE, 0, ("like",), tmp_path)
     like = make_run(plain, Arch.SUPERMOE, 0, ("like",), tmp_path)
     # like trains the same either way: no weight of another task (its loss would refuse it), same key and run.
-    assert like_w.cfg.train.task_weights == {} and like_w.key == like.key and like_w.name == like.name
+    assert like_w.cfg.train.loss.task_weights == {} and like_w.key == like.key and like_w.name == like.name
     watch_w = make_run(weighted, Arch.SUPERMOE, 0, ("watch",), tmp_path)
-    assert watch_w.cfg.train.task_weights == {"watch": 2.0}
+    assert watch_w.cfg.train.loss.task_weights == {"watch": 2.0}
     assert watch_w.key != make_run(plain, Arch.SUPERMOE, 0, ("watch",), tmp_path).key
     multi = make_run(weighted, Arch.SUPERMOE, 0, (), tmp_path)  # every task: every weight
-    assert multi.cfg.train.task_weights == {"watch": 2.0, "rating": 0.5}
+    assert multi.cfg.train.loss.task_weights == {"watch": 2.0, "rating": 0.5}
 
 
 @pytest.mark.parametrize("arch", ["shared_bottom", "mmoe", "ple", "single_task"])
 def test_mlp_arch_keys_ignore_encoder_settings(arch: str) -> None:
     cfg = apply_overrides(ExperimentConfig(), [f"--model.arch={arch}"])
-    encoder_tuned = apply_overrides(cfg, ["--model.moe.num_experts=16", "--model.dropout=0.3", "--model.d_model=128"])
+    encoder_tuned = apply_overrides(
+        cfg,
+        [
+            "--model.moe.num_experts=16",
+            "--model.encoder.dropout=0.3",
+            "--model.encoder.d_model=128",
+            "--train.loss.balance_loss_weight=0.5",
+            "--train.loss.z_loss_weight=0",
+        ],
+    )
     assert config_key(encoder_tuned) == config_key(cfg)
-    assert config_key(apply_overrides(cfg, ["--model.bottom_hidden=[64]"])) != config_key(cfg)
+    assert config_key(apply_overrides(cfg, ["--model.mlp.bottom_hidden=[64]"])) != config_key(cfg)
     assert config_key(apply_overrides(cfg, ["--model.embedding_dim=8"])) != config_key(cfg)
 
 
 @pytest.mark.parametrize("arch", ["supermoe", "dense_transformer"])
 def test_transformer_arch_keys_follow_encoder_settings(arch: str) -> None:
     cfg = apply_overrides(ExperimentConfig(), [f"--model.arch={arch}"])
-    for override in ["--model.moe.num_experts=16", "--model.dropout=0.3", "--model.item_interaction=false"]:
+    for override in [
+        "--model.moe.num_experts=16",
+        "--model.encoder.dropout=0.3",
+        "--model.encoder.item_interaction=false",
+        "--train.loss.balance_loss_weight=0.5",
+    ]:
         assert config_key(apply_overrides(cfg, [override])) != config_key(cfg), override
+    # The MLP archs' section changes nothing for a transformer arch.
+    assert config_key(apply_overrides(cfg, ["--model.mlp.bottom_hidden=[64]"])) == config_key(cfg)
 
 
 def test_finished_metrics_needs_same_config(tmp_path: Path) -> None:
@@ -422,7 +438,7 @@ def test_ablate_reuses_the_comparisons_default_run_and_extends_report_md(
     (out / "findings.md").write_text("## Findings\n\nwritten by hand\n")
     default_metrics = next((out / "runs").glob("supermoe-watch+rating-seed0-*/metrics.json"))
     mtime = default_metrics.stat().st_mtime_ns
-    variants = {"default": (), "no_task_tokens": ("--model.use_task_tokens=false",)}
+    variants = {"default": (), "no_task_tokens": ("--model.encoder.use_task_tokens=false",)}
 
     summary = ablate(CONFIG, seeds=1, out=out, overrides=TINY, progress=False, variants=variants)
 
@@ -434,9 +450,9 @@ def test_ablate_reuses_the_comparisons_default_run_and_extends_report_md(
     assert summary["default"]["tasks"]["watch"]["test"] == stored["test"]["tasks"]["watch"]["auc"]
     assert summary["default"]["tasks"]["rating"]["test"] == stored["test"]["tasks"]["rating"]["rmse"]
     ablated = summary["no_task_tokens"]
-    assert ablated["overrides"] == ["--model.use_task_tokens=false"]
+    assert ablated["overrides"] == ["--model.encoder.use_task_tokens=false"]
     ablated_config = json.loads((out / "runs" / ablated["runs"][0] / "metrics.json").read_text())["config"]
-    assert ablated_config["model"]["use_task_tokens"] is False
+    assert ablated_config["model"]["encoder"]["use_task_tokens"] is False
     assert json.loads((out / "ablations.json").read_text()) == summary
     assert "--variants no_task_tokens --train.max_steps=3" in (out / "ablations.md").read_text()
     report_md = (out / "report.md").read_text()

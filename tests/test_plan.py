@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from supermoe_rec import cli
-from supermoe_rec.config import ExperimentConfig, apply_overrides, load_config
+from supermoe_rec.config import Arch, ExperimentConfig, apply_overrides, load_config
 from supermoe_rec.data.synthetic import USER_SEGMENTS, synthetic_schema
 from supermoe_rec.models.factory import build_model
 from supermoe_rec.plan import REPORT_KEYS, ClusterSpec, PlanError, PlanReport, count_params, plan_command
@@ -78,8 +78,9 @@ def _hand_count(cfg: ExperimentConfig) -> tuple[int, int]:
     """(table params, expert params) from the config alone: rows x dim per table, E x (2DH + H + D) per MoE layer."""
     d, m = cfg.data, cfg.model
     tables = (d.synthetic_users + USER_SEGMENTS + d.synthetic_items) * m.embedding_dim
-    moe_layers = sum(1 for i in range(m.num_layers) if m.use_moe and (i + 1) % m.moe.moe_every == 0)
-    D, H = m.d_model, m.moe.expert_hidden
+    moe = m.arch is Arch.SUPERMOE
+    moe_layers = sum(1 for i in range(m.encoder.num_layers) if moe and (i + 1) % m.moe.moe_every == 0)
+    D, H = m.encoder.d_model, m.moe.expert_hidden
     experts = moe_layers * m.moe.num_experts * (2 * D * H + H + D)
     return tables, experts
 

@@ -44,20 +44,20 @@ through it (a rank with no tokens passes an empty ``[0, D]`` input). Collectives
 ``all_reduce`` (counts, capacity), one ``all_reduce`` of ``E+1`` floats, two ``all_to_all`` of ``E*C*D``; the same
 ``all_to_all`` and the ``E+1`` all-reduce again in backward.
 
-**Wiring.** :class:`~supermoe_rec.modules.moe.MoELayer` builds :class:`ExpertParallelExperts` instead of
-``BatchedExperts`` when ``config.expert_parallel`` is set and a process group is available (its ``expert_group``
-argument, else the default group once ``torch.distributed`` is initialised); without one it stays single-process.
-A trainer must keep the expert parameters out of DDP: pass :func:`expert_parallel_parameter_names` of the unwrapped
-model to ``DefaultDataParallelWrapper(params_to_ignore=...)`` for DMP, or call :func:`exclude_experts_from_ddp`
-before ``DistributedDataParallel(model)``. Checkpoints hold each rank's expert slice: convert with
-:func:`shard_experts_state` / :func:`unshard_experts_state`.
+**Wiring.** :class:`~supermoe_rec.modules.moe.MoELayer` always builds all E experts; expert parallelism is applied
+from outside, to a built model (as torchtitan does): :func:`parallelize_experts` swaps every MoE layer's experts for
+an :class:`ExpertParallelExperts` holding this rank's slice of the same weights, whose
+:meth:`~ExpertParallelExperts.globalize` and :meth:`~ExpertParallelExperts.reduce_statistic` make the layer's losses
+and statistics global. The trainer calls it when ``train.expert_parallel`` is set. A trainer must keep the expert
+parameters out of DDP: pass :func:`expert_parallel_parameter_names` of the unwrapped model to
+``DefaultDataParallelWrapper(params_to_ignore=...)`` (:func:`supermoe_rec.distributed.sharding.shard` does).
+Checkpoints save each rank's expert slice as a ``DTensor`` sharded on dim 0 (:mod:`supermoe_rec.checkpoint`), so
+they reshard on load.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Collection, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -65,27 +65,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from supermoe_rec.modules.embeddings import scale_grad
 from supermoe_rec.modules.experts import BatchedExperts, ExpertImpl
 from supermoe_rec.modules.gating import DispatchPlan, RouterOutput
+from supermoe_rec.modules.moe import MoELayer
 
 __all__ = [
     "ExpertParallelExperts",
     "all_reduce_sum",
     "all_reduce_sum_no_grad",
     "all_to_all",
-    "exclude_experts_from_ddp",
     "expert_parallel_parameter_names",
     "globalize_router_output",
     "local_expert_range",
-    "scale_grad",
-    "shard_experts_state",
-    "unshard_experts_state",
+    "parallelize_experts",
 ]
 
 ProcessGroup = dist.ProcessGroup
-
-# State-dict keys of expert weights: ``...experts.{w1,b1,w2,b2}`` (BatchedExperts / ExpertParallelExperts params).
-_EXPERT_KEY = re.compile(r"(?:^|\.)experts\.(?:w1|b1|w2|b2)$")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,17 +117,6 @@ class _AllReduceSum(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         # out = sum_s x_s on every rank, so d(sum_s L_s)/dx_r = sum_s dL_s/dout_s: an all-reduce of the gradients.
         return all_reduce_sum(grad, ctx.group), None
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.scale, None
 
 
 def all_to_all(x: Tensor, group: ProcessGroup | None = None) -> Tensor:
@@ -175,19 +160,6 @@ def all_reduce_sum_no_grad(x: Tensor, group: ProcessGroup | None = None) -> Tens
     return out
 
 
-def scale_grad(x: Tensor, scale: float) -> Tensor:
-    """Identity in forward; multiplies the gradient by ``scale`` in backward.
-
-    Args:
-        x: any tensor.
-        scale: gradient factor.
-
-    Returns:
-        a view of ``x``.
-    """
-    return cast(Tensor, _ScaleGrad.apply(x, scale))  # type: ignore[no-untyped-call]
-
-
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -224,8 +196,8 @@ class ExpertParallelExperts(BatchedExperts):
 
     A :class:`~supermoe_rec.modules.experts.BatchedExperts` whose parameters hold only the local experts
     (``w1 [E_l, D, H]``, ``b1 [E_l, H]``, ``w2 [E_l, H, D]``, ``b2 [E_l, D]``), under the same names, so a
-    single-process state dict maps onto it by slicing dim 0 (:func:`shard_experts_state`). ``num_experts`` is E_l;
-    ``global_num_experts`` is E; ``expert_offset`` is the global id of local expert 0.
+    single-process state dict maps onto it by slicing dim 0 (:meth:`from_experts` does exactly that).
+    ``num_experts`` is E_l; ``global_num_experts`` is E; ``expert_offset`` is the global id of local expert 0.
 
     Init draws the full ``[E, ...]`` weights and keeps this rank's slice, so with the same seed the W-rank layer
     holds exactly the experts of the 1-rank layer (and ranks seeded alike do not hold copies of each other's
@@ -285,6 +257,33 @@ class ExpertParallelExperts(BatchedExperts):
                 weight.copy_(full[lo:hi])
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
+
+    @classmethod
+    def from_experts(cls, experts: BatchedExperts, group: ProcessGroup | None = None) -> ExpertParallelExperts:
+        """This rank's share of ``experts`` (all E of a single-process layer): the same weights, sliced on dim 0.
+
+        Draws no random numbers, so a model parallelized after it was built holds exactly the experts it was built
+        with, and the RNG stream continues as in a single-process run.
+        """
+        if isinstance(experts, ExpertParallelExperts):
+            raise ValueError("these experts are already expert-parallel")
+        device = experts.w1.device
+        local = cls(experts.d_model, experts.hidden, experts.num_experts, group, experts.impl, torch.device("meta"))
+        local = local.to_empty(device=device)
+        lo, hi = local.expert_offset, local.expert_offset + local.num_experts
+        with torch.no_grad():
+            for name in ("w1", "b1", "w2", "b2"):
+                getattr(local, name).copy_(getattr(experts, name)[lo:hi])
+        return local
+
+    def globalize(self, route: RouterOutput) -> RouterOutput:
+        """One capacity agreed by the group, and losses and statistics over its global batch
+        (:func:`globalize_router_output`)."""
+        return globalize_router_output(route, self.group)
+
+    def reduce_statistic(self, counts: Tensor) -> Tensor:
+        """``counts`` summed over the group (detached)."""
+        return all_reduce_sum_no_grad(counts, self.group)
 
     def compute(self, buf: Tensor) -> Tensor:
         """Run the local experts; their parameter gradients are scaled by ``1/W``.
@@ -376,10 +375,9 @@ def expert_parallel_parameter_names(model: nn.Module) -> list[str]:
     Pass them to DDP as parameters to ignore, so DDP neither broadcasts them at construction (that would overwrite
     every rank's experts with rank 0's) nor averages their gradients:
 
-    - DMP: ``DistributedModelParallel(model, ..., data_parallel_wrapper=DefaultDataParallelWrapper(
-      params_to_ignore=expert_parallel_parameter_names(model)))`` (DMP overwrites any ignore list set on the model
-      beforehand, so it must go through the wrapper);
-    - plain DDP: :func:`exclude_experts_from_ddp` before ``DistributedDataParallel(model)``.
+    ``DistributedModelParallel(model, ..., data_parallel_wrapper=DefaultDataParallelWrapper(
+    params_to_ignore=expert_parallel_parameter_names(model)))`` (DMP overwrites any ignore list set on the model
+    beforehand, so it must go through the wrapper).
 
     Args:
         model: the unwrapped module (names are relative to it, as DDP/DMP see them).
@@ -395,75 +393,21 @@ def expert_parallel_parameter_names(model: nn.Module) -> list[str]:
     return names
 
 
-def exclude_experts_from_ddp(model: nn.Module) -> list[str]:
-    """Add :func:`expert_parallel_parameter_names` to DDP's ignore list of ``model`` (keeping names already there).
+def parallelize_experts(model: nn.Module, group: ProcessGroup | None = None) -> nn.Module:
+    """Split the experts of every :class:`~supermoe_rec.modules.moe.MoELayer` in ``model`` over ``group``'s ranks.
 
-    Call before ``torch.nn.parallel.DistributedDataParallel(model, ...)``.
-
-    Args:
-        model: the module that will be wrapped.
-
-    Returns:
-        the full ignore list now set on ``model``.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    names = sorted(
-        set(getattr(model, "_ddp_params_and_buffers_to_ignore", [])) | set(expert_parallel_parameter_names(model))
-    )
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)  # type: ignore[no-untyped-call]
-    return names
-
-
-def _is_expert_key(key: str, expert_keys: Collection[str] | None) -> bool:
-    return key in expert_keys if expert_keys is not None else _EXPERT_KEY.search(key) is not None
-
-
-def shard_experts_state(
-    full_state: Mapping[str, Tensor], rank: int, world_size: int, expert_keys: Collection[str] | None = None
-) -> dict[str, Tensor]:
-    """Slice a single-process state dict into rank ``rank``'s state for a W-rank expert-parallel model.
-
-    Expert tensors (dim 0 = E) keep rows :func:`local_expert_range`; every other entry is returned as is.
+    Each layer's ``experts`` (all E) is replaced, in place, by :meth:`ExpertParallelExperts.from_experts`: this
+    rank's E/W of the same weights. Call it on the built model before DMP/DDP wraps it; models without MoE layers
+    are returned unchanged.
 
     Args:
-        full_state: state dict of the single-process (all experts) model.
-        rank: r.
-        world_size: W.
-        expert_keys: which keys are expert tensors; default every key ending in ``experts.{w1,b1,w2,b2}``
-            (or pass :func:`expert_parallel_parameter_names` of the sharded model).
+        model: a built model (every rank built it alike, e.g. from the same seed).
+        group: the expert process group (``None``: the default group); it must be the data-parallel group.
 
     Returns:
-        a new dict, loadable with ``load_state_dict`` into rank r's expert-parallel model.
-
-    Raises:
-        ValueError: an expert tensor's dim 0 is not divisible by W.
+        ``model``.
     """
-    out: dict[str, Tensor] = {}
-    for key, value in full_state.items():
-        if _is_expert_key(key, expert_keys):
-            experts = local_expert_range(value.shape[0], rank, world_size)
-            out[key] = value[experts.start : experts.stop].clone()
-        else:
-            out[key] = value
-    return out
-
-
-def unshard_experts_state(
-    shards: Sequence[Mapping[str, Tensor]], expert_keys: Collection[str] | None = None
-) -> dict[str, Tensor]:
-    """Inverse of :func:`shard_experts_state`: concatenate the ranks' expert slices into a single-process state.
-
-    Args:
-        shards: the W ranks' state dicts, in rank order (e.g. gathered with ``all_gather_object``).
-        expert_keys: which keys are expert tensors (default as in :func:`shard_experts_state`).
-
-    Returns:
-        a state dict of the all-experts model; non-expert entries are taken from rank 0.
-    """
-    if not shards:
-        raise ValueError("unshard_experts_state needs at least one shard")
-    return {
-        key: torch.cat([s[key] for s in shards]) if _is_expert_key(key, expert_keys) else value
-        for key, value in shards[0].items()
-    }
+    for module in model.modules():
+        if isinstance(module, MoELayer) and not isinstance(module.experts, ExpertParallelExperts):
+            module.experts = ExpertParallelExperts.from_experts(module.experts, group)
+    return model

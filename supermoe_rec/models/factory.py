@@ -11,7 +11,6 @@ only in what sits between the embeddings and the towers:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,9 +75,8 @@ def build_model(
 
     if cfg.arch in (Arch.SUPERMOE, Arch.DENSE_TRANSFORMER):
         dense = cfg.arch is Arch.DENSE_TRANSFORMER
-        enc_cfg = dataclasses.replace(cfg, use_moe=False) if dense else cfg
         encoder = MoETransformerEncoder(
-            enc_cfg,
+            cfg,
             num_tasks=len(tasks),
             input_dim=history_dims.pop() if history_dims else cfg.embedding_dim,
             dense_hidden_for_moe_blocks=cfg.moe.top_k * cfg.moe.expert_hidden if dense else None,
@@ -87,34 +85,53 @@ def build_model(
         )
         towers = MultiTaskTowers(
             tasks,
-            SuperMoERec.tower_input_dim(cfg.d_model, item_dim, profile_dim, layout.num_dense, cfg.item_interaction),
-            cfg.tower_hidden,
+            SuperMoERec.tower_input_dim(
+                cfg.encoder.d_model,
+                item_dim,
+                profile_dim,
+                layout.num_dense,
+                cfg.encoder.item_interaction,
+                cfg.towers.read_user,
+            ),
+            cfg.towers.hidden,
             output_bias=output_bias,
             device=device,
         )
+        next_items_table = schema.next_items_table()
         return SuperMoERec(
-            sparse_arch, encoder, towers, layout, profile_dim, item_dim, cfg.item_interaction, device=device
+            sparse_arch,
+            encoder,
+            towers,
+            layout,
+            profile_dim,
+            item_dim,
+            cfg.encoder.item_interaction,
+            read_user=cfg.towers.read_user,
+            # A schema with future items gets the next-items head (the [USER] -> item-table projection).
+            item_table_dim=(next_items_table.embedding_dim or cfg.embedding_dim) if next_items_table else 0,
+            device=device,
         )
 
     in_features = cfg.embedding_dim + item_dim + profile_dim + layout.num_dense
+    mlp = cfg.mlp
     backbone: nn.Module
     if cfg.arch in (Arch.SHARED_BOTTOM, Arch.SINGLE_TASK):
-        backbone = SharedBottom(in_features, cfg.bottom_hidden, tasks, device=device)
+        backbone = SharedBottom(in_features, mlp.bottom_hidden, tasks, device=device)
     elif cfg.arch is Arch.MMOE:
-        backbone = MMoE(in_features, cfg.mmoe_experts, cfg.bottom_hidden, tasks, device=device)
+        backbone = MMoE(in_features, mlp.mmoe_experts, mlp.bottom_hidden, tasks, device=device)
     elif cfg.arch is Arch.PLE:
         backbone = PLE(
             in_features,
-            cfg.ple_shared_experts,
-            cfg.ple_task_experts,
-            cfg.bottom_hidden,
+            mlp.ple_shared_experts,
+            mlp.ple_task_experts,
+            mlp.bottom_hidden,
             tasks,
-            num_levels=cfg.ple_levels,
+            num_levels=mlp.ple_levels,
             device=device,
         )
     else:  # pragma: no cover - every Arch member is handled above
         raise ConfigError(f"model.arch: {cfg.arch} has no builder")
-    towers = MultiTaskTowers(tasks, int(backbone.output_dim), cfg.tower_hidden, output_bias=output_bias, device=device)
+    towers = MultiTaskTowers(tasks, int(backbone.output_dim), cfg.towers.hidden, output_bias=output_bias, device=device)
     return MultiTaskMLPRec(sparse_arch, backbone, towers, layout)
 
 

@@ -75,9 +75,10 @@ def encode_jagged(
 
     Example::
 
-        >>> from supermoe_rec.config import ModelConfig, MoEConfig
+        >>> from supermoe_rec.config import EncoderConfig, ModelConfig, MoEConfig
         >>> _ = torch.manual_seed(0)
-        >>> cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, moe=MoEConfig(num_experts=4, moe_every=1))
+        >>> encoder = EncoderConfig(d_model=16, num_layers=1, num_heads=2)
+        >>> cfg = ModelConfig(encoder=encoder, moe=MoEConfig(num_experts=4, moe_every=1))
         >>> enc = MoETransformerEncoder(cfg, num_tasks=2, input_dim=8)
         >>> jt = JaggedTensor(values=torch.randn(5, 8), lengths=torch.tensor([3, 0, 2]))
         >>> out = encode_jagged(enc, jt)

@@ -9,15 +9,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from supermoe_rec.config import MoEConfig
-from supermoe_rec.distributed.expert_parallel import (
-    ExpertParallelExperts,
-    all_reduce_sum_no_grad,
-    globalize_router_output,
-)
 from supermoe_rec.modules.experts import BatchedExperts, ExpertImpl
 from supermoe_rec.modules.gating import TopKRouter
 
@@ -52,8 +46,12 @@ class MoELayer(nn.Module):
     Per token the layer runs K experts of width H, so compute per token depends on K and not on E; parameters grow
     with E. Routing (:class:`~supermoe_rec.modules.gating.TopKRouter`, producing a dispatch plan) is kept apart from
     expert compute (:class:`~supermoe_rec.modules.experts.BatchedExperts`) so that expert parallelism can replace
-    the dispatch/combine with all-to-alls. The losses are returned unweighted; ``config.balance_loss_weight`` and
-    ``config.z_loss_weight`` are applied by the loss module.
+    the dispatch/combine with all-to-alls. The losses are returned unweighted; ``train.loss.balance_loss_weight`` and
+    ``train.loss.z_loss_weight`` are applied by the loss module.
+
+    The layer always holds all E experts. Expert parallelism is applied from outside, to a built model:
+    :func:`supermoe_rec.distributed.expert_parallel.parallelize_experts` swaps ``experts`` for this rank's share,
+    whose :meth:`~supermoe_rec.modules.experts.BatchedExperts.globalize` makes the losses and statistics global.
 
     Args:
         d_model: D.
@@ -63,11 +61,6 @@ class MoELayer(nn.Module):
         device: where to allocate parameters (``meta`` for deferred init; then ``to_empty`` +
             ``reset_parameters``).
         impl: :class:`~supermoe_rec.modules.experts.ExpertImpl`, fast batched path or the reference loop.
-        expert_group: process group for expert parallelism, used only when ``config.expert_parallel`` is set
-            (``None``: the default group if ``torch.distributed`` is initialised, else the layer stays
-            single-process). The experts are then split over the group
-            (:class:`~supermoe_rec.distributed.expert_parallel.ExpertParallelExperts`), and the losses and
-            statistics are computed over the group's global batch; see :mod:`supermoe_rec.distributed.expert_parallel`.
 
     Example::
 
@@ -89,7 +82,6 @@ class MoELayer(nn.Module):
         num_tasks: int = 0,
         device: torch.device | None = None,
         impl: ExpertImpl = ExpertImpl.FAST,
-        expert_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if num_tasks < 0:
@@ -100,13 +92,7 @@ class MoELayer(nn.Module):
         if config.task_routers and num_tasks == 0:
             raise ValueError("moe.task_routers needs the token kinds: num_tasks > 0")
         self.router = TopKRouter(d_model, config, device=device, num_kinds=num_tasks if config.task_routers else 0)
-        self.experts: BatchedExperts
-        if config.expert_parallel and (expert_group is not None or (dist.is_available() and dist.is_initialized())):
-            self.experts = ExpertParallelExperts(
-                d_model, config.expert_hidden, config.num_experts, group=expert_group, impl=impl, device=device
-            )
-        else:
-            self.experts = BatchedExperts(d_model, config.expert_hidden, config.num_experts, impl=impl, device=device)
+        self.experts = BatchedExperts(d_model, config.expert_hidden, config.num_experts, impl=impl, device=device)
 
     def reset_parameters(self) -> None:
         """Re-initialise router and experts (e.g. after ``to_empty`` on a meta-built layer)."""
@@ -138,15 +124,12 @@ class MoELayer(nn.Module):
         """
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"x must be [N, D={self.d_model}], got {list(x.shape)}")
-        route = self.router(x, task_ids)
-        experts = self.experts
-        if isinstance(experts, ExpertParallelExperts):
-            # Global losses/statistics and one agreed capacity; see supermoe_rec.distributed.expert_parallel.
-            route = globalize_router_output(route, experts.group)
-        hidden = experts(x, route.plan)  # (N, D)
+        # Expert-parallel experts agree one capacity and make the losses and statistics global here.
+        route = self.experts.globalize(self.router(x, task_ids))
+        hidden = self.experts(x, route.plan)  # (N, D)
         task_expert_counts = self._task_expert_counts(task_ids, route.plan.expert_index.detach())
-        if isinstance(experts, ExpertParallelExperts) and task_expert_counts is not None:
-            task_expert_counts = all_reduce_sum_no_grad(task_expert_counts, experts.group)
+        if task_expert_counts is not None:
+            task_expert_counts = self.experts.reduce_statistic(task_expert_counts)
         return MoEOutput(
             hidden=hidden,
             balance_loss=route.balance_loss,

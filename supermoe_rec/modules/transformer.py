@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from supermoe_rec.config import ModelConfig
+from supermoe_rec.config import Arch, ModelConfig
 from supermoe_rec.modules.experts import DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer, MoEOutput
 
@@ -271,30 +271,32 @@ class MoETransformerEncoder(nn.Module):
     D model dim, E experts, K top-k, N real tokens (``sum_g 1 + T + lengths[g]``), M MoE layers.
 
     Input per sequence: a learned ``[USER]`` token, one learned indicator token per task (if
-    ``config.use_task_tokens``), then the history items projected from ``input_dim`` to D (a Linear, only when they
-    differ). ``context`` (e.g. a projection of profile features) is added to the ``[USER]`` and task tokens.
+    ``config.encoder.use_task_tokens``), then the history items projected from ``input_dim`` to D (a Linear, only
+    when they differ). ``context`` (e.g. a projection of profile features) is added to the ``[USER]`` and task tokens.
 
     - Positions: learned, for history items only, right-aligned: the most recent item has position 0, so a
       position means recency whatever the history length. Special tokens have their own embeddings instead.
     - Histories longer than ``max_history`` keep only their ``max_history`` most recent items.
     - Blocks: :class:`EncoderBlock` (pre-LayerNorm, bidirectional attention with a key-padding mask), then a final
-      LayerNorm. Block i (0-based) is an MoE block when ``config.use_moe`` and ``(i + 1) % config.moe.moe_every == 0``
-      (a :class:`~supermoe_rec.modules.moe.MoELayer` with ``num_tasks = T + 2`` token kinds). The other blocks use a
-      :class:`~supermoe_rec.modules.experts.DenseFFN` of width ``config.ffn_hidden``; with ``use_moe=False`` and
-      ``dense_hidden_for_moe_blocks`` given, the blocks that would be MoE blocks use that width instead (pass
-      ``K * expert_hidden`` for a dense model of the same active size per token).
+      LayerNorm. Block i (0-based) is an MoE block when ``config.arch`` is ``supermoe`` and
+      ``(i + 1) % config.moe.moe_every == 0`` (a :class:`~supermoe_rec.modules.moe.MoELayer` with
+      ``num_tasks = T + 2`` token kinds). The other blocks use a :class:`~supermoe_rec.modules.experts.DenseFFN` of
+      width ``config.encoder.ffn_hidden``; for ``dense_transformer`` with ``dense_hidden_for_moe_blocks`` given,
+      the blocks that would be MoE blocks use that width instead (pass ``K * expert_hidden`` for a dense model of
+      the same active size per token).
     - FFNs run on the N real tokens only; padding never reaches the outputs or the MoE statistics.
     - Token kinds for the MoE's ``task_expert_counts``: 0 = ``[USER]``, 1..T = task tokens, T + 1 = history.
 
     Init: ``[USER]``, task and position embeddings N(0, 0.02); linear layers LeCun-normal with zero biases.
 
     Args:
-        config: :class:`~supermoe_rec.config.ModelConfig` (``d_model``, ``num_layers``, ``num_heads``,
-            ``ffn_hidden``, ``use_task_tokens``, ``use_moe``, ``dropout``, ``moe``).
+        config: :class:`~supermoe_rec.config.ModelConfig`: ``arch`` (``supermoe``: MoE blocks;
+            ``dense_transformer``: none), ``encoder`` (``d_model``, ``num_layers``, ``num_heads``, ``ffn_hidden``,
+            ``use_task_tokens``, ``dropout``) and ``moe``.
         num_tasks: T.
         input_dim: width of the history item vectors (the sequence embedding dim).
-        dense_hidden_for_moe_blocks: FFN width of the would-be MoE blocks when they are dense (``use_moe=False``);
-            ``None``: ``config.ffn_hidden``.
+        dense_hidden_for_moe_blocks: FFN width of the would-be MoE blocks when they are dense
+            (``dense_transformer``); ``None``: ``config.encoder.ffn_hidden``.
         device: where to allocate parameters (``meta`` for deferred init; then ``to_empty`` +
             ``reset_parameters``).
         expert_impl: :class:`~supermoe_rec.modules.experts.ExpertImpl` of the MoE layers.
@@ -303,10 +305,10 @@ class MoETransformerEncoder(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import ModelConfig, MoEConfig
+        >>> from supermoe_rec.config import EncoderConfig, ModelConfig, MoEConfig
         >>> _ = torch.manual_seed(0)
         >>> moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=8, moe_every=2)
-        >>> cfg = ModelConfig(d_model=16, num_layers=2, num_heads=2, ffn_hidden=32, moe=moe)
+        >>> cfg = ModelConfig(encoder=EncoderConfig(d_model=16, num_layers=2, num_heads=2, ffn_hidden=32), moe=moe)
         >>> enc = MoETransformerEncoder(cfg, num_tasks=3, input_dim=8, max_history=10)
         >>> history = torch.randn(2, 5, 8)  # (G, L, input_dim), left-aligned, row 1 padded after 2 items
         >>> out = enc(history, lengths=torch.tensor([5, 2]))
@@ -332,23 +334,26 @@ class MoETransformerEncoder(nn.Module):
         super().__init__()
         if num_tasks < 0:
             raise ValueError(f"num_tasks must be >= 0, got {num_tasks}")
-        if input_dim < 1 or max_history < 1 or config.num_layers < 1:
+        enc = config.encoder
+        if config.arch not in (Arch.SUPERMOE, Arch.DENSE_TRANSFORMER):
+            raise ValueError(f"the encoder belongs to the transformer archs, not model.arch={config.arch.value}")
+        if input_dim < 1 or max_history < 1 or enc.num_layers < 1:
             raise ValueError(
-                f"input_dim, max_history and num_layers must be >= 1, got {input_dim}, {max_history}, "
-                f"{config.num_layers}"
+                f"input_dim, max_history and num_layers must be >= 1, got {input_dim}, {max_history}, {enc.num_layers}"
             )
         if config.moe.moe_every < 1:
             raise ValueError(f"moe.moe_every must be >= 1, got {config.moe.moe_every}")
-        D = config.d_model
+        D = enc.d_model
         self.config = config
         self.d_model = D
         self.num_tasks = num_tasks
         self.input_dim = input_dim
         self.max_history = max_history
-        self.use_task_tokens = config.use_task_tokens
-        self.num_task_tokens = num_tasks if config.use_task_tokens else 0
+        self.use_task_tokens = enc.use_task_tokens
+        self.num_task_tokens = num_tasks if enc.use_task_tokens else 0
         self.num_experts = config.moe.num_experts
-        self.dropout = config.dropout
+        self.dropout = enc.dropout
+        use_moe = config.arch is Arch.SUPERMOE
 
         self.user_token = nn.Parameter(torch.empty(D, device=device))  # (D,)
         self.task_tokens = nn.Parameter(torch.empty(self.num_task_tokens, D, device=device))  # (T', D)
@@ -356,16 +361,16 @@ class MoETransformerEncoder(nn.Module):
         self.input_proj: nn.Linear | None = nn.Linear(input_dim, D, device=device) if input_dim != D else None
 
         blocks: list[EncoderBlock] = []
-        for i in range(config.num_layers):
+        for i in range(enc.num_layers):
             moe_slot = (i + 1) % config.moe.moe_every == 0
             ffn: DenseFFN | MoELayer
-            if config.use_moe and moe_slot:
+            if use_moe and moe_slot:
                 ffn = MoELayer(D, config.moe, num_tasks=num_tasks + 2, device=device, impl=expert_impl)
             elif moe_slot and dense_hidden_for_moe_blocks is not None:
                 ffn = DenseFFN(D, dense_hidden_for_moe_blocks, device=device)
             else:
-                ffn = DenseFFN(D, config.ffn_hidden, device=device)
-            blocks.append(EncoderBlock(D, config.num_heads, ffn, config.dropout, attention_impl, device=device))
+                ffn = DenseFFN(D, enc.ffn_hidden, device=device)
+            blocks.append(EncoderBlock(D, enc.num_heads, ffn, enc.dropout, attention_impl, device=device))
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(D, device=device)
         self._reset_own_parameters()

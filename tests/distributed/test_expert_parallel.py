@@ -30,11 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 from supermoe_rec.config import MoEConfig
 from supermoe_rec.distributed.expert_parallel import (
     ExpertParallelExperts,
-    exclude_experts_from_ddp,
     expert_parallel_parameter_names,
     local_expert_range,
-    shard_experts_state,
-    unshard_experts_state,
+    parallelize_experts,
 )
 from supermoe_rec.modules.experts import BatchedExperts
 from supermoe_rec.modules.moe import MoELayer
@@ -48,7 +46,7 @@ CASES = list(itertools.product([1, 2], ["dropless", "capacity"], list(SPLITS)))
 TOL = 1e-5  # atol and rtol
 
 
-def _config(top_k: int, mode: str, expert_parallel: bool, num_experts: int = E) -> MoEConfig:
+def _config(top_k: int, mode: str, num_experts: int = E) -> MoEConfig:
     # Capacity factor E gives C = min(ceil(E * N * K / E), N) = N: nothing can drop.
     cf = float(num_experts) if mode == "capacity" else 1.0
     return MoEConfig(
@@ -57,7 +55,6 @@ def _config(top_k: int, mode: str, expert_parallel: bool, num_experts: int = E) 
         expert_hidden=H,
         capacity_factor_train=cf,
         dropless=mode == "dropless",
-        expert_parallel=expert_parallel,
     )
 
 
@@ -75,8 +72,12 @@ def _rank_slice(rank: int, split: str, n: int = N_G) -> slice:
 
 
 def _full_layer(top_k: int, mode: str) -> MoELayer:
-    torch.manual_seed(1234)  # not the workers' build seed: the weights must arrive through shard_experts_state
-    return MoELayer(D, _config(top_k, mode, expert_parallel=False), num_tasks=T)
+    torch.manual_seed(1234)
+    return MoELayer(D, _config(top_k, mode), num_tasks=T)
+
+
+def _expert_grads(layer: MoELayer) -> dict[str, Tensor | None]:
+    return {f"experts.{n}": p.grad for n, p in layer.experts.named_parameters()}
 
 
 def _reference(top_k: int, mode: str, seed: int) -> dict[str, Any]:
@@ -97,17 +98,18 @@ def _reference(top_k: int, mode: str, seed: int) -> dict[str, Any]:
         "hidden": out.hidden.detach(),
         "x_grad": x.grad,
         "router_grad": layer.router.weight.grad,
-        "expert_grads": {f"experts.{n}": p.grad for n, p in layer.experts.named_parameters()},
+        "expert_grads": _expert_grads(layer),
     }
 
 
 def _ep_case(rank: int, top_k: int, mode: str, split: str, seed: int) -> dict[str, Any]:
-    torch.manual_seed(0)
-    layer = MoELayer(D, _config(top_k, mode, expert_parallel=True), num_tasks=T)
-    assert isinstance(layer.experts, ExpertParallelExperts)
-    full = _full_layer(top_k, mode).state_dict()
-    layer.load_state_dict(shard_experts_state(full, rank, W))
-    exclude_experts_from_ddp(layer)
+    # The trainer's path: every rank builds the whole layer alike, then parallelize_experts keeps its slice.
+    layer = parallelize_experts(_full_layer(top_k, mode))
+    assert isinstance(layer, MoELayer) and isinstance(layer.experts, ExpertParallelExperts)
+    # What DMP's DefaultDataParallelWrapper(params_to_ignore=...) does with the trainer's list.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(  # type: ignore[no-untyped-call]
+        layer, expert_parallel_parameter_names(layer)
+    )
     ddp = DistributedDataParallel(layer)  # broadcasts the router from rank 0, must leave the experts alone
     x, target, task_ids = _data(seed)
     sl = _rank_slice(rank, split)
@@ -126,17 +128,17 @@ def _ep_case(rank: int, top_k: int, mode: str, split: str, seed: int) -> dict[st
         "hidden": out.hidden.detach(),
         "x_grad": x_r.grad,
         "router_grad": layer.router.weight.grad,
-        "expert_grads": {f"experts.{n}": p.grad for n, p in layer.experts.named_parameters()},
+        "expert_grads": _expert_grads(layer),
     }
 
 
 def _drop_case(rank: int, top_k: int) -> dict[str, Any]:
     """Capacity factor 0.5 (tokens drop): compare with the 1-process layer on this rank's tokens only."""
-    cfg = dataclasses.replace(_config(top_k, "capacity", expert_parallel=True), capacity_factor_train=0.5)
+    cfg = dataclasses.replace(_config(top_k, "capacity"), capacity_factor_train=0.5)
     torch.manual_seed(0)
-    layer = MoELayer(D, cfg, num_tasks=T)
+    layer = parallelize_experts(MoELayer(D, cfg, num_tasks=T))
     torch.manual_seed(0)
-    local = MoELayer(D, dataclasses.replace(cfg, expert_parallel=False), num_tasks=T)
+    local = MoELayer(D, cfg, num_tasks=T)
     x, _, _ = _data(7)
     sl = _rank_slice(rank, "uneven")
     out, ref = layer(x[sl]), local(x[sl])
@@ -153,23 +155,29 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
     torch.manual_seed(0)
     results: dict[str, Any] = {"cases": {c: _ep_case(rank, *c, seed=i) for i, c in enumerate(CASES)}}
     results["drop"] = {k: _drop_case(rank, k) for k in (1, 2)}
-    # Init: same seed -> this rank's experts are its slice of the 1-process layer's; also after a meta build.
+    # Init: same seed -> this rank's experts are its slice of the 1-process layer's, and parallelizing draws no
+    # random numbers (the RNG stream goes on as in a 1-process run); also after a meta build and reset.
     torch.manual_seed(0)
-    results["init"] = MoELayer(D, _config(2, "dropless", True), num_tasks=T).state_dict()
-    meta = MoELayer(D, _config(2, "dropless", True), num_tasks=T, device=torch.device("meta"))
+    layer = MoELayer(D, _config(2, "dropless"), num_tasks=T)
+    rng = torch.get_rng_state()
+    parallelize_experts(layer)
+    results["rng_untouched"] = torch.equal(rng, torch.get_rng_state())
+    results["init"] = layer.state_dict()
+    meta = parallelize_experts(MoELayer(D, _config(2, "dropless"), num_tasks=T, device=torch.device("meta")))
     meta.to_empty(device="cpu")
     torch.manual_seed(0)
     meta.reset_parameters()
     results["meta_init"] = meta.state_dict()
     results["param_names"] = expert_parallel_parameter_names(torch.nn.ModuleDict({"ffn": meta}))
     try:
-        MoELayer(D, _config(2, "dropless", True, num_experts=3))
+        parallelize_experts(MoELayer(D, _config(2, "dropless", num_experts=3)))
         results["indivisible"] = None
     except ValueError as e:
         results["indivisible"] = str(e)
     # An explicit group (here a new group over both ranks) is honoured.
     group = dist.new_group([0, 1])
-    results["group_ok"] = MoELayer(D, _config(1, "dropless", True), expert_group=group).experts.num_experts
+    ep = parallelize_experts(MoELayer(D, _config(1, "dropless")), group)
+    results["group_ok"] = ep.experts.num_experts  # type: ignore[union-attr]
     return results
 
 
@@ -193,10 +201,10 @@ def test_two_ranks_match_one_process(dist_results: list[dict[str, Any]], top_k: 
         torch.testing.assert_close(r["router_grad"], ref["router_grad"], atol=TOL, rtol=TOL)  # DDP-averaged
     torch.testing.assert_close(torch.cat([r["hidden"] for r in ranks]), ref["hidden"], atol=TOL, rtol=TOL)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), W * ref["x_grad"], atol=TOL, rtol=TOL)
-    gathered = unshard_experts_state([r["expert_grads"] for r in ranks])
-    assert gathered.keys() == ref["expert_grads"].keys()
+    assert all(r["expert_grads"].keys() == ref["expert_grads"].keys() for r in ranks)
     for name, grad in ref["expert_grads"].items():
-        assert torch.allclose(gathered[name], grad, atol=TOL, rtol=TOL), name
+        gathered = torch.cat([r["expert_grads"][name] for r in ranks])  # rank r holds experts [r*E/W, (r+1)*E/W)
+        assert torch.allclose(gathered, grad, atol=TOL, rtol=TOL), name
     if split == "empty":
         assert ranks[1]["hidden"].shape == (0, D) and ranks[1]["x_grad"].shape == (0, D)
 
@@ -215,14 +223,16 @@ def test_capacity_drops_are_decided_per_rank(dist_results: list[dict[str, Any]],
 
 def test_same_seed_gives_the_sharded_one_process_init(dist_results: list[dict[str, Any]]) -> None:
     torch.manual_seed(0)
-    full = MoELayer(D, _config(2, "dropless", False), num_tasks=T).state_dict()
+    full = MoELayer(D, _config(2, "dropless"), num_tasks=T).state_dict()
     for rank, r in enumerate(dist_results):
+        assert r["rng_untouched"]
+        mine = local_expert_range(E, rank, W)
         for key in ("init", "meta_init"):
             state = r[key]
-            expected = shard_experts_state(full, rank, W)
-            assert state.keys() == expected.keys()
-            for name, value in expected.items():
-                assert torch.equal(state[name], value), (key, name)
+            assert state.keys() == full.keys()
+            for name, value in full.items():
+                expected = value[mine.start : mine.stop] if name.startswith("experts.") else value
+                assert torch.equal(state[name], expected), (key, name)
     assert dist_results[0]["param_names"] == [f"ffn.experts.{n}" for n in ("w1", "b1", "w2", "b2")]
 
 
@@ -243,28 +253,11 @@ def test_local_expert_range() -> None:
         local_expert_range(4, 2, 2)
 
 
-def test_shard_unshard_round_trip() -> None:
-    torch.manual_seed(0)
-    full = MoELayer(D, _config(2, "dropless", False)).state_dict()
-    shards = [shard_experts_state(full, r, W) for r in range(W)]
-    assert shards[1]["experts.w1"].shape == (E // W, D, H) and shards[1]["router.weight"].shape == (E, D)
-    assert torch.equal(shards[1]["experts.b2"], full["experts.b2"][E // W :])
-    back = unshard_experts_state(shards)
-    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
-    with pytest.raises(ValueError, match="divisible"):
-        shard_experts_state(full, 0, 3)
-
-
-def test_without_process_group_the_layer_stays_single_process() -> None:
+def test_the_layer_always_holds_every_expert_and_parallelizing_needs_a_group() -> None:
     assert not dist.is_initialized()
-    torch.manual_seed(0)
-    plain = MoELayer(D, _config(2, "capacity", False), num_tasks=T)
-    torch.manual_seed(0)
-    flagged = MoELayer(D, _config(2, "capacity", True), num_tasks=T)
-    assert type(flagged.experts) is BatchedExperts
-    x, _, task_ids = _data(0)
-    a, b = plain(x, task_ids=task_ids), flagged(x, task_ids=task_ids)
-    for u, v in zip(a, b, strict=True):
-        assert (u is None and v is None) or torch.equal(u, v)
+    layer = MoELayer(D, _config(2, "capacity"), num_tasks=T)
+    assert type(layer.experts) is BatchedExperts and layer.experts.num_experts == E
+    with pytest.raises(RuntimeError, match="initialised"):
+        parallelize_experts(layer)
     with pytest.raises(RuntimeError, match="initialised"):
         ExpertParallelExperts(D, H, E)

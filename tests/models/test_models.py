@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from supermoe_rec.config import Arch, ConfigError, ModelConfig, MoEConfig
+from supermoe_rec.config import Arch, ConfigError, EncoderConfig, ModelConfig, MoEConfig
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData
 from supermoe_rec.loss import TaskIndicatorLoss
@@ -16,7 +16,11 @@ from supermoe_rec.models.factory import build_model, parameter_report
 from supermoe_rec.models.layout import concat_pooled
 from supermoe_rec.models.train_module import TrainModule, train_step
 
-SMALL = ModelConfig(embedding_dim=16, d_model=32, ffn_hidden=64, moe=MoEConfig(num_experts=4, expert_hidden=32))
+SMALL = ModelConfig(
+    embedding_dim=16,
+    encoder=EncoderConfig(d_model=32, ffn_hidden=64),
+    moe=MoEConfig(num_experts=4, expert_hidden=32),
+)
 
 
 def make(data: SplitData, cfg: ModelConfig, seed: int = 0) -> TrainModule:
@@ -121,7 +125,7 @@ def test_parameter_report(ml100k_data: SplitData) -> None:
 def test_item_interaction_feeds_the_towers_task_rep_times_projected_item(
     ml100k_data: SplitData, interaction: bool
 ) -> None:
-    cfg = dataclasses.replace(SMALL, item_interaction=interaction)
+    cfg = dataclasses.replace(SMALL, encoder=dataclasses.replace(SMALL.encoder, item_interaction=interaction))
     model = make(ml100k_data, cfg).model.eval()
     batch = first_batches(ml100k_data, 1, batch_size=32)[0]
     over = model.over_arch
@@ -135,7 +139,7 @@ def test_item_interaction_feeds_the_towers_task_rep_times_projected_item(
         out = over(emb, batch)
     for h in hooks:
         h.remove()
-    M = cfg.d_model
+    M = cfg.encoder.d_model
     items = concat_pooled(emb, over.layout.item, batch.batch_size, batch.labels)
     for t, name in enumerate(over.task_names):
         rep = out.task_representations[batch.group_index, t]

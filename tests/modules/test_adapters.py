@@ -10,14 +10,15 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from supermoe_rec import EncoderOutput, MoETransformerEncoder, encode_jagged, jagged_to_padded
-from supermoe_rec.config import ModelConfig, MoEConfig
+from supermoe_rec.config import EncoderConfig, ModelConfig, MoEConfig
 
 IN, D, T = 8, 16, 3
 
 
 def _encoder() -> MoETransformerEncoder:
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=D, num_layers=2, num_heads=2, ffn_hidden=32, moe=MoEConfig(num_experts=4, moe_every=1))
+    encoder = EncoderConfig(d_model=D, num_layers=2, num_heads=2, ffn_hidden=32)
+    cfg = ModelConfig(encoder=encoder, moe=MoEConfig(num_experts=4, moe_every=1))
     return MoETransformerEncoder(cfg, num_tasks=T, input_dim=IN, max_history=6)
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from supermoe_rec.config import ModelConfig, MoEConfig
+from supermoe_rec.config import Arch, EncoderConfig, ModelConfig, MoEConfig
 from supermoe_rec.modules.experts import DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer
 from supermoe_rec.modules.transformer import AttentionImpl, EncoderOutput, MoETransformerEncoder
@@ -19,13 +19,18 @@ from supermoe_rec.modules.transformer import AttentionImpl, EncoderOutput, MoETr
 D, IN, T, E, K = 16, 8, 3, 4, 2
 
 
-def _cfg(moe_overrides: dict[str, object] | None = None, **overrides: object) -> ModelConfig:
+def _cfg(moe_overrides: dict[str, object] | None = None, use_moe: bool = True, **overrides: object) -> ModelConfig:
+    """``overrides`` are encoder fields; ``use_moe=False`` is the dense_transformer arch."""
     moe = dataclasses.replace(
         MoEConfig(num_experts=E, top_k=K, expert_hidden=8, moe_every=1),
         **(moe_overrides or {}),  # type: ignore[arg-type]
     )
-    base = ModelConfig(d_model=D, num_layers=2, num_heads=2, ffn_hidden=32, moe=moe)
-    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+    encoder = dataclasses.replace(
+        EncoderConfig(d_model=D, num_layers=2, num_heads=2, ffn_hidden=32),
+        **overrides,  # type: ignore[arg-type]
+    )
+    arch = Arch.SUPERMOE if use_moe else Arch.DENSE_TRANSFORMER
+    return ModelConfig(arch=arch, encoder=encoder, moe=moe)
 
 
 def _encoder(cfg: ModelConfig | None = None, seed: int = 0, **kwargs: object) -> MoETransformerEncoder:
@@ -253,9 +258,9 @@ def test_dense_hidden_for_moe_blocks() -> None:
     assert enc.active_parameters_per_token() == enc.num_parameters()
     out = enc(*_batch([2, 3]))
     assert out.tokens_per_expert.shape == (0, E) and out.task_expert_counts.shape == (0, T + 2, E)
-    # Without the argument every dense block has ffn_hidden; with use_moe the MoE blocks stay MoE.
+    # Without the argument every dense block has ffn_hidden; with arch supermoe the MoE blocks stay MoE.
     assert [b.ffn.hidden for b in _encoder(cfg).blocks] == [32] * 4
-    moe_enc = _encoder(dataclasses.replace(cfg, use_moe=True), dense_hidden_for_moe_blocks=16)
+    moe_enc = _encoder(dataclasses.replace(cfg, arch=Arch.SUPERMOE), dense_hidden_for_moe_blocks=16)
     assert [type(b.ffn) for b in moe_enc.blocks] == [DenseFFN, MoELayer, DenseFFN, MoELayer]
 
 
@@ -323,7 +328,8 @@ def test_runs_under_bf16_autocast() -> None:
     from supermoe_rec.modules.transformer import MoETransformerEncoder
 
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=16, num_layers=2, num_heads=2, ffn_hidden=32, moe=MoEConfig(num_experts=2, moe_every=1))
+    encoder = EncoderConfig(d_model=16, num_layers=2, num_heads=2, ffn_hidden=32)
+    cfg = ModelConfig(encoder=encoder, moe=MoEConfig(num_experts=2, moe_every=1))
     encoder = MoETransformerEncoder(cfg, num_tasks=2, input_dim=16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = encoder(torch.randn(3, 4, 16), torch.tensor([4, 0, 2]))
