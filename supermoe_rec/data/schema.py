@@ -315,7 +315,16 @@ class Schema:
 
 
 # DataConfig keys that only the ml-mt protocol (and the synthetic stream) read: ignored with data.source: table.
-ML_MT_ONLY_KEYS = ("seed", "valid_fraction", "test_fraction", "cache_dir", "try_url", "url_timeout_s")
+ML_MT_ONLY_KEYS = (
+    "seed",
+    "valid_fraction",
+    "test_fraction",
+    "leave_one_out",
+    "cache_dir",
+    "try_url",
+    "url_timeout_s",
+    "sequences_dir",
+)
 
 
 def check_table_config(cfg: ExperimentConfig) -> list[str]:

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,9 @@ from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.movielens import MovieLens, fetch_movielens
 from supermoe_rec.data.protocol import SPLITS, build_ml_mt
 from supermoe_rec.data.schema import Schema
-from supermoe_rec.data.vocab import Vocabulary
+from supermoe_rec.data.sequences import SEQUENCE_FILES, build_sequences, read_sequences, sequence_file
+from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
+from supermoe_rec.data.vocab import Vocabulary, load_vocabularies
 from supermoe_rec.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,17 @@ def load_data(cfg: DataConfig, vocabularies: Mapping[str, Vocabulary] | None = N
         return from_movielens(ml, cfg)
     if cfg.source == "table":
         return from_tables(cfg, vocabularies)
-    raise ConfigError(f"data.source: {cfg.source!r} has no train/valid/test splits (known: ml100k, ml1m, table)")
+    if cfg.source in SEQUENCE_FILES or cfg.source == "sequences":
+        return from_sequences(cfg)
+    known = ", ".join(["ml100k", "ml1m", "table", *SEQUENCE_FILES, "sequences"])
+    raise ConfigError(f"data.source: {cfg.source!r} has no train/valid/test splits (known: {known})")
+
+
+def load_run_data(cfg: DataConfig, run_dir: str | Path) -> SplitData:
+    """The data of a trained run: its saved vocabularies (``<run_dir>/vocab.json``, when it has vocab tables) map
+    the ids as in training, whatever the train file holds now (export, resume, serving)."""
+    vocab_file = Path(run_dir) / VOCAB_FILE
+    return load_data(cfg, load_vocabularies(vocab_file) if vocab_file.is_file() else None)
 
 
 def drop_features(schema: Schema, names: Sequence[str]) -> Schema:
@@ -116,6 +129,28 @@ def drop_features(schema: Schema, names: Sequence[str]) -> Schema:
     except ConfigError as exc:
         raise ConfigError(f"data.drop_features: {exc}") from exc
     return out
+
+
+def from_sequences(cfg: DataConfig) -> SplitData:
+    """Leave-one-out next-item samples from an item-sequence file (:mod:`supermoe_rec.data.sequences`)."""
+    path = sequence_file(cfg)
+    users, seqs = read_sequences(path)
+    name = cfg.source if cfg.source != "sequences" else path.stem
+    out = build_sequences(users, seqs, cfg, name)
+    schema = drop_features(out["schema"].select_tasks(cfg.tasks), cfg.drop_features)  # type: ignore[attr-defined]
+    frames: dict[str, pd.DataFrame] = out["frames"]  # type: ignore[assignment]
+    splits = {
+        split: TabularDataset(frame, schema, f"{path}/{split}", cfg.max_history)
+        for split, frame in tqdm(frames.items(), desc="validating splits", leave=False, disable=None)
+    }
+    info: dict[str, Any] = {
+        "dataset": name,
+        "source": str(path),
+        "users": len(users),
+        "items": out["num_items"],
+        "interactions": int(sum(len(s) for s in seqs)),
+    }
+    return SplitData(schema=schema, splits=splits, info=info, split_info=out["split_counts"])  # type: ignore[arg-type]
 
 
 def from_movielens(ml: MovieLens, cfg: DataConfig) -> SplitData:
@@ -160,4 +195,4 @@ def from_tables(cfg: DataConfig, vocabularies: Mapping[str, Vocabulary] | None =
     return SplitData(schema=train.schema, splits=splits, info=info, vocabularies=dict(train.vocabularies))
 
 
-__all__ = ["DataError", "SplitData", "drop_features", "from_movielens", "from_tables", "load_data"]
+__all__ = ["DataError", "SplitData", "drop_features", "from_movielens", "from_tables", "load_data", "load_run_data"]

@@ -17,6 +17,8 @@ from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.splits import load_data
 from supermoe_rec.data.vocab import Vocabulary, load_vocabularies, save_vocabularies
 
+ROOT = Path(__file__).resolve().parents[2]
+
 SCHEMA = """
 user_column: user
 group_column: request
@@ -231,3 +233,16 @@ def test_table_config_checked_at_load(tmp_path: Path, caplog: pytest.LogCaptureF
     assert warnings[0] in caplog.text
     # the ml-mt defaults of a MovieLens config are no reason to warn, and a MovieLens config is not checked
     assert check_table_config(apply_overrides(ExperimentConfig(), ["--data.seed=3"])) == []
+
+
+def test_load_config_refuses_unknown_task_weights(tmp_path: Path) -> None:
+    """The issue's case: configs/ml100k.yaml's task weight on 'watch' with a schema that has no watch task fails at
+    load, naming the key, instead of after the data has loaded."""
+    from supermoe_rec.config import load_config
+
+    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    table = ["--data.source=table", f"--data.schema={tmp_path / 'schema.yaml'}", "--data.table=t.parquet"]
+    with pytest.raises(ConfigError, match=r"^train.loss.task_weights: unknown task\(s\) \['watch'\]"):
+        load_config(ROOT / "configs" / "ml100k.yaml", table)
+    cfg = load_config(ROOT / "configs" / "byo.yaml", table)  # the template has no task weights
+    assert cfg.data.source == "table" and cfg.train.loss.task_weights == {}
