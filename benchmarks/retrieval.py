@@ -88,7 +88,7 @@ def bench_case(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--items", type=float, nargs="+", default=[1e4, 1e6], help="catalog sizes (default 1e4 1e6)")
+    parser.add_argument("--items", type=float, nargs="*", default=[1e4, 1e6], help="catalog sizes (default 1e4 1e6)")
     parser.add_argument("--dim", type=int, default=64, help="vector width M (default 64)")
     parser.add_argument("--queries", type=int, default=1024, help="queries per measurement (default 1024)")
     parser.add_argument("--k", type=int, default=10, help="results per query (default 10)")
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
         enc = UserEncoder.load(args.artifact)
         items = enc.item_vectors()[enc.known_items()].numpy()
-        _, queries = read_vectors(args.vectors)
+        _, users = read_vectors(args.vectors)
+        queries = enc.queries(users).numpy()
         rows.append(bench_case(f"artifact ({Path(args.artifact).name})", items, queries, args.k, args.nprobe, repeats))
         print(json.dumps(rows[-1]), flush=True)
     result = {

@@ -348,3 +348,83 @@ def test_faiss_recall_against_exact() -> None:
 
 def test_manifest_is_json(artifact: Path) -> None:
     assert json.loads((artifact / MANIFEST).read_text())["format"] == "supermoe_rec.artifact/1"
+
+
+def test_benchmarks_run_in_quick_mode(artifact: Path, tmp_path: Path) -> None:
+    """benchmarks/serving.py and benchmarks/retrieval.py run and write their JSON (no timing asserted)."""
+    runs = {
+        "serving.py": ["--artifact", str(artifact), "--quick", "--batches", "1", "4", "--threads", "1"],
+        "retrieval.py": ["--items", "2000", "--queries", "16", "--nprobe", "4", "--quick"],
+    }
+    for script, args in runs.items():
+        out = tmp_path / f"{script}.json"
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(out.read_text())
+        assert result["benchmark"] == script.removesuffix(".py") and result["rows"]
+    serving = json.loads((tmp_path / "serving.py.json").read_text())
+    assert serving["artifact_bytes"] == artifact_bytes(artifact)
+    assert {(r["threads"], r["users"]) for r in serving["rows"]} == {(1, 1), (1, 4)}
+    retrieval = json.loads((tmp_path / "retrieval.py.json").read_text())
+    assert 0.0 <= retrieval["rows"][0]["faiss"][0]["recall@10"] <= 1.0
+
+
+# ------------------------------------------------------------------------------ the next-items [USER] vector
+
+
+def test_next_items_run_serves_its_trained_pairing(tmp_path: Path) -> None:
+    """A joint run (next-items head, towers reading [USER]): the artifact reproduces its vectors, and retrieval
+    scores items exactly as the model's ``score_items`` does."""
+    from supermoe_rec.train import train
+
+    saved_env = {k: os.environ.get(k) for k in DIST_ENV}
+    overrides = [
+        *TINY,
+        "--train.objective=joint",
+        "--data.next_window=1",
+        "--model.towers.read_user=true",
+        "--model.moe.task_routers=true",
+        f"--train.out_dir={tmp_path}",
+        "--train.name=joint",
+    ]
+    cfg = load_config(ROOT / "configs" / "ml100k.yaml", overrides)
+    train(cfg)
+    try:
+        artifact = export_artifact(tmp_path / "joint", tmp_path / "artifact")  # self-checks vectors and scores
+        enc = UserEncoder.load(artifact)
+        manifest = read_manifest(artifact)
+        assert manifest["model"]["retrieval"] == "score_items" and enc.retrieval == "score_items"
+        assert manifest["schema"]["features"]["history"] == ["history"]  # the future items are a label, not input
+        ref = export_run(tmp_path / "joint", tmp_path / "ref.parquet", ["--model.moe.dropless=true"], routing=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    frames = build_ml_mt_frames(cfg)
+    out = enc.encode(frames)
+    want = ref.representations.user[np.searchsorted(ref.representations.user_keys, out.user_keys)]
+    assert np.abs(out.user - want).max() <= ATOL
+    items = enc.item_vectors()
+    assert items.shape == enc.tables["item"].shape  # the item table the next-items loss scores
+    scores = enc.queries(out.user) @ items.T
+    assert torch.allclose(scores, enc.over_arch.score_items(torch.from_numpy(out.user), items))
+
+
+def build_ml_mt_frames(cfg: object) -> pd.DataFrame:
+    """Each user's first valid sample row of the run's protocol (export's latest history), as per-user rows."""
+    from supermoe_rec.data.movielens import fetch_movielens
+
+    data_cfg = cfg.data  # type: ignore[attr-defined]
+    ml = fetch_movielens("ml100k", data_cfg.cache_dir, try_url=False)
+    valid = build_ml_mt(ml, data_cfg).frames["valid"]
+    return valid.groupby("user_id").head(1).reset_index(drop=True)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from supermoe_rec.config import Arch, ModelConfig, from_dict
 from supermoe_rec.data.errors import DataError, first_true
-from supermoe_rec.data.schema import FeatureSide, FeatureSpec, Schema
+from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSide, FeatureSpec, Schema
 from supermoe_rec.models.layout import FeatureLayout
 from supermoe_rec.models.supermoe import SuperMoEOverArch
 from supermoe_rec.modules.gating import TopKRouter
@@ -91,13 +91,27 @@ def build_over_arch(model: ModelConfig, schema: Schema, max_history: int) -> Sup
         dense_hidden_for_moe_blocks=model.moe.top_k * model.moe.expert_hidden if dense else None,
         max_history=max_history,
     )
+    read_user = bool(getattr(model.towers, "read_user", False))
     towers = MultiTaskTowers(
         tasks,
-        SuperMoEOverArch.tower_input_dim(enc.d_model, item_dim, profile_dim, layout.num_dense, enc.item_interaction),
+        SuperMoEOverArch.tower_input_dim(
+            enc.d_model, item_dim, profile_dim, layout.num_dense, enc.item_interaction, read_user
+        ),
         model.towers.hidden,
     )
+    next_items_table = schema.next_items_table()
     # SuperMoERec passes SparseArch.embedding_dim, the model's default width.
-    return SuperMoEOverArch(encoder, towers, layout, profile_dim, model.embedding_dim, item_dim, enc.item_interaction)
+    return SuperMoEOverArch(
+        encoder,
+        towers,
+        layout,
+        profile_dim,
+        model.embedding_dim,
+        item_dim,
+        enc.item_interaction,
+        read_user=read_user,
+        item_table_dim=(next_items_table.embedding_dim or model.embedding_dim) if next_items_table else 0,
+    )
 
 
 def make_dropless(module: torch.nn.Module) -> int:
@@ -118,12 +132,26 @@ class _Embeddings:
 
 
 @dataclass
+class _NoIds:
+    """An empty ``KeyedJaggedTensor`` entry over B rows: the next-items label features, absent at inference."""
+
+    rows: int
+
+    def to_padded_dense(self, desired_length: int, padding_value: int = 0) -> torch.Tensor:
+        return torch.full((self.rows, desired_length), padding_value, dtype=torch.long)
+
+    def values(self) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.long)
+
+
+@dataclass
 class _Rows:
     """The fields of :class:`supermoe_rec.data.batch.Batch` the over-arch reads (no labels at inference)."""
 
     group_index: torch.Tensor
     dense_features: torch.Tensor
     labels: torch.Tensor
+    sequence_features: dict[str, _NoIds] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -229,7 +257,8 @@ class UserEncoder:
         self.max_history = int(manifest["schema"]["max_history"])
         self.task_names = [t.name for t in schema.tasks]
         self.layout = FeatureLayout.from_schema(schema)
-        history = [f for f in schema.sequence_features if f.per_group]
+        # The next-items feature is per group too, but it is a training label (future items), never an input.
+        history = [f for f in schema.sequence_features if f.per_group and f.name != schema.next_items]
         self.history_features = history
         candidate = [f for f in schema.sequence_features if not f.per_group and history and f.table == history[0].table]
         # The per-row feature that names the candidate item (the target item); absent in history-only schemas.
@@ -479,7 +508,10 @@ class UserEncoder:
                 pooled[spec.name] = self._pool(spec, self._catalog(spec.name, flat))
         for spec in s.sequence_features:
             table = self.tables[spec.table]
-            if spec.per_group:
+            if spec.name == s.next_items:  # a label: no future items at inference
+                sequences[spec.name] = table.new_zeros(B, 0, table.shape[1])
+                lengths[spec.name] = torch.zeros(B, dtype=torch.long)
+            elif spec.per_group:
                 ids = users.history[spec.name]
                 rows = _padded(F.embedding(ids.values, table), ids.lengths)  # (G, L, D)
                 full = rows.new_zeros(B, rows.shape[1], rows.shape[2])  # history on each user's first row only
@@ -500,6 +532,12 @@ class UserEncoder:
         rows_ = _Rows(
             group_index=group_index, dense_features=users.dense[group_index], labels=torch.zeros(B, len(s.tasks))
         )
+        next_table = s.next_items_table()
+        if next_table is not None:  # the next-items head reads its candidates too: none at inference
+            width = self.tables[next_table.name].shape[1]
+            sequences[ITEM_CANDIDATES] = torch.zeros(B, 0, width)
+            lengths[ITEM_CANDIDATES] = torch.zeros(B, dtype=torch.long)
+            rows_.sequence_features = {name: _NoIds(B) for name in (ITEM_CANDIDATES, s.next_items or "")}
         out = self.over_arch(cast(Any, _Embeddings(pooled, sequences, lengths)), cast(Any, rows_))
         assert out.user is not None and out.task_representations is not None
         predictions = {name: out.predictions[name].reshape(G, K) for name in self.task_names}
@@ -577,17 +615,42 @@ class UserEncoder:
 
     # -------------------------------------------------------------------------------------------- items
 
+    @property
+    def retrieval(self) -> str:
+        """How items are scored against [USER] vectors: ``score_items`` (the next-items head the model trained),
+        ``item_proj`` (the towers' projection of the item features) or ``table`` (the raw candidate table)."""
+        if self.over_arch.item_table_dim:
+            return "score_items"
+        return "item_proj" if self.over_arch.item_proj is not None else "table"
+
+    @torch.no_grad()
+    def queries(self, user: torch.Tensor | npt.NDArray[np.float32]) -> torch.Tensor:
+        """[U, M] [USER] vectors -> [U, D'] retrieval queries against :meth:`item_vectors` (inner product).
+
+        With the next-items head this is the model's own ``user_query`` (the learned projection to the item table),
+        so ``queries(u) @ item_vectors().T`` equals the model's ``score_items``; otherwise the vectors themselves.
+        """
+        user = torch.as_tensor(user, dtype=torch.float32)
+        if self.over_arch.item_table_dim:
+            out: torch.Tensor = self.over_arch.user_query(user)
+            return out
+        return user
+
     @torch.no_grad()
     def item_vectors(self) -> torch.Tensor:
-        """[N, M] a vector per candidate item row, in the space of the [USER] vector, for retrieval.
+        """[N, D'] a vector per candidate item row, paired with :meth:`queries` by inner product, for retrieval.
 
-        With ``item_interaction`` the model has a projection of the candidate's item features into the model space
-        (the towers' match term); it is applied to every catalog item. Otherwise the candidate table's rows are
-        used, when their width equals M.
+        - With the next-items objective: the rows of the item table it scores (``score_items``).
+        - Else, with ``item_interaction``: the model's projection of each item's features into the [USER] space
+          (the towers' match term), applied to every catalog item.
+        - Else the candidate table's rows, when their width equals M.
         """
         spec = self.candidate_feature
         if spec is None:
             raise ValueError("this model has no candidate item feature: nothing to retrieve")
+        next_table = self.schema.next_items_table()
+        if self.over_arch.item_table_dim and next_table is not None:
+            return self.tables[next_table.name]
         n = self.schema.table(spec.table).num_embeddings
         proj = self.over_arch.item_proj
         if proj is None:

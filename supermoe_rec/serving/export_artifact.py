@@ -168,7 +168,7 @@ def _dataset_users(ds: TabularDataset, rows: np.ndarray, schema: Schema) -> Mapp
         return Jagged(torch.from_numpy(values), torch.from_numpy(lengths))
 
     profile = {f.name: jagged(f.name) for f in schema.sparse_features if f.side is FeatureSide.USER}
-    history = {f.name: jagged(f.name) for f in schema.sequence_features if f.per_group}
+    history = {f.name: jagged(f.name) for f in schema.sequence_features if f.per_group and f.name != schema.next_items}
     return MappedUsers(len(rows), profile, history, torch.from_numpy(ds.dense[rows]))
 
 
@@ -248,7 +248,7 @@ def export_artifact(run_dir: str | Path, out: str | Path, overrides: Sequence[st
     files = [art.TABLES, art.OVER_ARCH, art.ITEM_CATALOG]
     art.save_tensors(gather_tables(trainer.dmp, schema), tmp / art.TABLES)
     art.save_tensors(over_arch.state_dict(), tmp / art.OVER_ARCH)
-    history = [f for f in schema.sequence_features if f.per_group]
+    history = [f for f in schema.sequence_features if f.per_group and f.name != schema.next_items]
     candidate = [f for f in schema.sequence_features if not f.per_group and history and f.table == history[0].table]
     catalog: dict[str, torch.Tensor] = {}
     if candidate:
@@ -277,6 +277,7 @@ def export_artifact(run_dir: str | Path, out: str | Path, overrides: Sequence[st
                 "history": [f.name for f in history],
                 "candidate": candidate[0].name if candidate else None,
                 "dense": [d.name for d in schema.dense_features],
+                "next_items": schema.next_items,
             },
             "tables": {
                 t.name: {
@@ -296,6 +297,9 @@ def export_artifact(run_dir: str | Path, out: str | Path, overrides: Sequence[st
             ),
             "routing": "dropless",
             "user_vector": "ModelOutput.user (the encoder's [USER] output)",
+            "retrieval": "score_items"
+            if over_arch.item_table_dim
+            else ("item_proj" if over_arch.item_proj is not None else "table"),
         },
     }
     art.write_manifest(tmp, manifest, files)

@@ -228,7 +228,8 @@ def retrieve(
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     encoder = UserEncoder.load(artifact)
-    frame, queries = read_vectors(vectors, column)
+    frame, vectors_ = read_vectors(vectors, column)
+    queries = encoder.queries(vectors_).numpy()
     items = encoder.item_vectors()
     if queries.shape[1] != items.shape[1]:
         raise DataError(
