@@ -32,6 +32,7 @@ from supermoe_rec.compare import (
     make_run,
     mean_std,
     read_test_metric,
+    runs_dir_of,
     write_report_markdown,
 )
 from supermoe_rec.config import Arch, ConfigError, load_config
@@ -210,8 +211,9 @@ def ablate(
     if "default" not in variants:
         raise ConfigError("ablations need a 'default' variant to compare against")
     out_dir = Path(out) if out is not None else Path("reports") / Path(config).stem
-    tasks = load_data(load_config(config, overrides).data).tasks
-    plan = plan_variants(config, overrides, variants, seeds, out_dir / "runs")
+    base = load_config(config, overrides)
+    tasks = load_data(base.data).tasks
+    plan = plan_variants(config, overrides, variants, seeds, runs_dir_of(base, out_dir))
     unique = list({s.key: s for specs in plan.values() for s in specs}.values())
     results = execute(unique, force=force, progress=progress, jobs=jobs)
     summary = summarize(plan, results, tasks, variants)

@@ -9,6 +9,7 @@ helped; it is computed per seed and averaged. An architecture is *seesaw-free* w
 
 Every run is a plain :func:`supermoe_rec.train.train` call in a fresh ``spawn`` subprocess (a world of one), so no
 process-group, RNG or fused-optimizer state carries from one run to the next. Runs live in ``<out>/runs/<name>/``
+(``<train.out_dir>/<name>/`` when the config sets ``train.out_dir`` to anything but ``runs``)
 where the name ends with a hash of the resolved config; a run whose ``metrics.json`` holds the same config is reused
 unless ``force``. Outputs next to them: ``report.json``, ``report.md`` and ``mtl_gain.png``.
 
@@ -41,6 +42,7 @@ from supermoe_rec.config import (
     ConfigError,
     ExperimentConfig,
     TaskType,
+    TrainConfig,
     from_dict,
     load_config,
     to_dict,
@@ -799,6 +801,22 @@ def compare_command(
     return shlex.join(argv)
 
 
+def runs_dir_of(cfg: ExperimentConfig, out_dir: Path) -> Path:
+    """Where compare and ablate write their runs: ``train.out_dir`` when it is set to anything but the default
+    (``runs``), else ``<out_dir>/runs`` next to the report.
+
+    Example::
+
+        >>> from supermoe_rec.config import apply_overrides
+        >>> runs_dir_of(ExperimentConfig(), Path("reports/x")).as_posix()
+        'reports/x/runs'
+        >>> runs_dir_of(apply_overrides(ExperimentConfig(), ["--train.out_dir=/scratch/runs"]), Path("r")).as_posix()
+        '/scratch/runs'
+    """
+    default = TrainConfig().out_dir
+    return out_dir / "runs" if cfg.train.out_dir == default else Path(cfg.train.out_dir)
+
+
 def compare(
     config: str | Path,
     archs: Sequence[str | Arch] = COMPARABLE_ARCHS,
@@ -816,7 +834,8 @@ def compare(
             run, ``data.tasks`` is the multi-task model's task set (empty: every task).
         archs: architectures to compare (names or :class:`Arch`); ``single_task`` is the baseline, not an arch.
         seeds: number of seeds: ``train.seed``, ``train.seed + 1``, ...
-        out: report directory (default ``reports/<config file stem>``); runs go to ``<out>/runs/``.
+        out: report directory (default ``reports/<config file stem>``); runs go to ``<out>/runs/``, or to
+            ``train.out_dir`` when the config or an override sets it (:func:`runs_dir_of`).
         force: retrain runs that already finished with the same config.
         overrides: ``--section.key=value`` config overrides applied to every run.
         progress: show a progress bar over the runs.
@@ -850,7 +869,7 @@ def compare(
             "single-task runs of the other tasks do not have; use 'loss'"
         )
     seed_list = [base.train.seed + i for i in range(seeds)]
-    plans, runs = plan_runs(base, arch_list, seed_list, [t.name for t in tasks], out_dir / "runs")
+    plans, runs = plan_runs(base, arch_list, seed_list, [t.name for t in tasks], runs_dir_of(base, out_dir))
     results = execute(runs, force=force, progress=progress, jobs=jobs)
     report = build_report(plans, tasks, seed_list, results, base, command)
     out_dir.mkdir(parents=True, exist_ok=True)

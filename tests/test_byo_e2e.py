@@ -184,3 +184,16 @@ def test_walkthrough_on_a_raw_table(workdir: Path, capsys: pytest.CaptureFixture
     run(export, capsys)
     table = pq.read_table(run_dir / "user_embeddings.parquet")
     assert table.num_rows == 12
+
+
+def test_compare_honours_train_out_dir(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``compare`` writes its runs to ``train.out_dir`` when that is set (issue 16 item 5), the report to --out."""
+    run(walkthrough_commands()[1], capsys)  # schema infer
+    args = ["compare", "--config", "configs/byo.yaml", "--archs", "shared_bottom", "--seeds", "1"]
+    args += ["--out", "reports/byo", "--train.out_dir=elsewhere", "--data.tasks=[watch,like]", *TINY]
+    assert cli.main(args) == 0, capsys.readouterr().err[-3000:]
+    runs = sorted(p.parent.name for p in Path("elsewhere").glob("*/metrics.json"))
+    assert len(runs) == 3 and all(r.startswith("shared_bottom-") for r in runs), runs  # multi + 2 single-task
+    assert not Path("reports/byo/runs").exists()
+    report = json.loads(Path("reports/byo/report.json").read_text())
+    assert sorted(r["name"] for r in report["runs"]) == runs
