@@ -75,7 +75,7 @@ class RegressionLoss(str, enum.Enum):
 
 
 class SequenceLookup(str, enum.Enum):
-    """How sequence ids are looked up (DESIGN.md §5).
+    """How sequence ids are looked up (docs/design.md#embedding-lookup-speed-on-cpu).
 
     ``embedding_collection``: an unpooled TorchRec EmbeddingCollection.
     ``bags_of_one``: an EmbeddingBagCollection where every sequence position is a bag of length 1; on CPU its
@@ -251,7 +251,7 @@ class LossConfig:
 
 
 class Objective(str, enum.Enum):
-    """What trains the model (docs/design.md, "The universal vector").
+    """What trains the model (docs/design.md#the-universal-vector).
 
     ``supervised``: the task towers' task-indicator loss. ``joint``: that plus ``train.next_items.weight`` times
     the next-items loss on the [USER] vector. ``next_items``: the next-items loss alone, self-supervised: no task
