@@ -19,10 +19,13 @@ cheap commands of their ```bash blocks, by the rule and in the way tests/test_re
 
 from __future__ import annotations
 
+import ast
+import io
 import os
 import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,7 @@ SCANNED = (
     ("docs", "**/*.md"),
     ("reports", "**/*.md"),
     (".", "*.md"),
+    ("requirements", "*.txt"),
     (".", "Makefile"),
     (".", "pyproject.toml"),
     (".", "setup.cfg"),
@@ -90,6 +94,37 @@ def scanned_files(root: Path) -> list[Path]:
     return sorted(p for p in files if not GENERATED.match(p.relative_to(root).as_posix()))
 
 
+def _python_prose(source: str) -> list[tuple[int, int]]:
+    """Character spans of a Python file's comments and docstrings, doctest lines left out: where a ``reports/``
+    path is a citation. Elsewhere in code it is a value (an output directory), which need not exist."""
+    starts = [0]
+    for line in source.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+
+    def offset(row: int, col: int) -> int:
+        return starts[row - 1] + col
+
+    spans = []
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        tree = ast.parse(source)
+    except (SyntaxError, tokenize.TokenError):
+        return [(0, len(source))]  # not parseable: everything counts
+    spans += [(offset(*t.start), offset(*t.end)) for t in tokens if t.type == tokenize.COMMENT]
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            doc = body[0].value
+            if isinstance(doc, ast.Constant) and isinstance(doc.value, str) and doc.end_lineno is not None:
+                start, end = offset(doc.lineno, doc.col_offset), offset(doc.end_lineno, doc.end_col_offset or 0)
+                cut = start
+                for line in source[start:end].splitlines(keepends=True):
+                    if not line.lstrip().startswith((">>>", "...")):
+                        spans.append((cut, cut + len(line)))
+                    cut += len(line)
+    return spans
+
+
 def _check_target(target: Path, anchor: str | None, root: Path) -> str | None:
     """Why ``target[#anchor]`` does not resolve, or None when it does."""
     try:
@@ -118,12 +153,15 @@ def citation_errors(path: Path, root: Path) -> list[str]:
     for word in FORBIDDEN:
         for m in re.finditer(re.escape(word), text):
             errors.append(f"{where(m.start())}: mentions {word}, which is not in the repository: cite docs/ instead")
+    prose = _python_prose(text) if path.suffix == ".py" else None
     for m in PATH_CITATION.finditer(text):
         cited = m[1]
         file_part, _, anchor = cited.partition("#")
         file_part = file_part.rstrip(".")
         if GENERATED.match(file_part):
             continue
+        if prose is not None and cited.startswith("reports/") and not any(a <= m.start() < b for a, b in prose):
+            continue  # a path value in code (an output directory, a doctest), not a citation
         why = _check_target(root / file_part, anchor or None, root)
         if why:
             errors.append(f"{where(m.start())}: {cited}: {why}")
@@ -189,6 +227,72 @@ def test_doc_cheap_command_runs(where: str, command: str, tmp_path: Path) -> Non
     assert proc.stdout.strip(), f"{where}: {command} printed nothing"
 
 
+def package_layers(design: str) -> dict[str, int]:
+    """Top-level module or folder of ``supermoe_rec`` -> its row in design.md's package table (0 = top row)."""
+    section = design.split("## Package layout", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    layers: dict[str, int] = {}
+    for i, row in enumerate(rows[: next(i for i, r in enumerate(rows) if r.startswith("| `configs/`"))]):
+        for name in re.findall(r"`([\w]+)(?:\.py|/)`", row.split("|")[1]):
+            layers[name] = i
+    return layers
+
+
+def upward_imports(layers: dict[str, int], package: Path) -> list[str]:
+    """Imports of a ``supermoe_rec`` module from a lower row of the table (``if TYPE_CHECKING:`` imports excepted),
+    and modules the table does not list."""
+    problems = []
+    for path in sorted(package.rglob("*.py")):
+        top = path.relative_to(package).with_suffix("").parts[0]
+        if top == "__init__":
+            continue
+        if top not in layers:
+            problems.append(f"{path.relative_to(package.parent)}: not in docs/design.md's package table")
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "supermoe_rec" and len(parts) > 1 and layers.get(parts[1], -1) > layers[top]:
+                    problems.append(f"{path.relative_to(package.parent)}:{node.lineno}: imports {name}, a lower row")
+    return problems
+
+
+def test_package_table_matches_the_imports() -> None:
+    layers = package_layers((ROOT / "docs" / "design.md").read_text(encoding="utf-8"))
+    assert {"config", "data", "modules", "models", "distributed", "train", "cli"} <= set(layers), layers
+    problems = upward_imports(layers, ROOT / "supermoe_rec")
+    assert not problems, "docs/design.md#package-layout does not match the code:\n" + "\n".join(problems)
+
+
+def test_package_table_check_can_fail(tmp_path: Path) -> None:
+    package = tmp_path / "supermoe_rec"
+    (package / "modules").mkdir(parents=True)
+    (package / "modules" / "moe.py").write_text("from supermoe_rec.train import x\n")
+    (package / "train.py").write_text("from supermoe_rec.modules.moe import y\n")
+    (package / "extra.py").write_text("")
+    layers = package_layers("## Package layout\n| `modules/` | a |\n| `train.py` | b |\n| `configs/` | c |\n## Next\n")
+    assert layers == {"modules": 0, "train": 1}
+    assert upward_imports(layers, package) == [
+        "supermoe_rec/extra.py: not in docs/design.md's package table",
+        "supermoe_rec/modules/moe.py:1: imports supermoe_rec.train, a lower row",
+    ]
+
+
 def test_docs_cover_the_manual() -> None:
     assert any(w.startswith("docs/api.md") for w, _ in DOC_PYTHON_BLOCKS), "docs/api.md lost its Python examples"
     commands = [c for _, c in DOC_COMMANDS]
@@ -220,6 +324,8 @@ def test_checker_accepts_good_citations(repo: Path) -> None:
     code = (
         '"""See docs/a.md, docs/a.md#the-loss-l--a--b and reports/study/report.md (BENCHMARKS.md#1-speed)."""\n'
         "# outputs go to reports/study/runs/<key>/, written at run time\n"
+        'OUT = "reports/new"  # a path value, not a citation\n'
+        'def f():\n    """Example::\n\n        >>> f("reports/other/x.md")\n    """\n'
     )
     assert _errors_of(repo, "pkg/mod.py", code) == []
     markdown = "# Doc\n[a](a.md#title), [top](#doc), [readme](../BENCHMARKS.md), [web](https://x.org/y.md)\n"
@@ -232,6 +338,7 @@ def test_checker_accepts_good_citations(repo: Path) -> None:
         ("pkg/mod.py", "# see docs/missing.md\n", "docs/missing.md: no such file"),
         ("pkg/mod.py", "x = 1  # docs/a.md#no-such-heading\n", "docs/a.md#no-such-heading: no heading"),
         ("pkg/mod.py", "# reports/study/gone.md\n", "reports/study/gone.md: no such file"),
+        ("pkg/mod.py", 'def f():\n    """Writes reports/study/gone.md."""\n', "pkg/mod.py:2: reports/study/gone.md"),
         ("pkg/mod.py", "# BENCHMARKS.md#2-memory\n", "BENCHMARKS.md#2-memory: no heading"),
         ("pkg/mod.py", "# the split (" + "DESIGN" + ".md §4)\n", "pkg/mod.py:1: mentions DESIGN"),
         ("cfg.yaml", "seed: 0  # ../" + "shared/notes\n", "mentions ../shared"),
