@@ -163,6 +163,21 @@ class EncoderConfig:
     dropout: float = 0.0
 
 
+class ScoreFunc(str, enum.Enum):
+    """How the MoE router scores experts (``model.moe.score_func``)."""
+
+    SOFTMAX = "softmax"  # probabilities over the E experts
+    SIGMOID = "sigmoid"  # an independent score per expert; the top-k weights are normalised to sum to 1
+
+
+class LoadBalance(str, enum.Enum):
+    """How the MoE router keeps the experts' load even (``model.moe.load_balance``)."""
+
+    AUX_LOSS = "aux_loss"  # the load-balancing loss, weighted by train.loss.balance_loss_weight
+    BIAS = "bias"  # auxiliary-loss-free: a per-expert selection bias moved by ±bias_update_rate after each step
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Sparse Mixture-of-Experts FFN (GShard/Switch style): its shape and its routing.
@@ -187,6 +202,14 @@ class MoEConfig:
     # One router per token kind ([USER], each task token, history) on top of the shared one, so the task tokens can
     # choose their own experts; the extra routers start at zero, i.e. at shared routing.
     task_routers: bool = False
+    # Always-active experts of width expert_hidden, added to the routed output (DeepSeekMoE). 0 keeps the plain MoE.
+    num_shared_experts: int = 0
+    # softmax, or sigmoid per expert with the top-k weights normalised (supermoe_rec.modules.gating).
+    score_func: ScoreFunc = ScoreFunc.SOFTMAX
+    # aux_loss | bias (auxiliary-loss-free: a per-expert bias added to the scores for the top-k choice only, moved by
+    # ±bias_update_rate after every optimizer step towards even load; saved in checkpoints) | none.
+    load_balance: LoadBalance = LoadBalance.AUX_LOSS
+    bias_update_rate: float = 0.001
 
 
 @dataclass(frozen=True)

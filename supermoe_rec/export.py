@@ -50,6 +50,7 @@ from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData, load_run_data
 from supermoe_rec.distributed.sharding import build_train_module, shard
 from supermoe_rec.models.train_module import StepOutput
+from supermoe_rec.modules.moe_stats import read_stats, reset_stats, set_collect_stats
 from supermoe_rec.modules.transformer import token_kind_labels
 from supermoe_rec.train import init_distributed
 
@@ -218,7 +219,9 @@ def routing_statistics(restored: RestoredModel, split: str = "valid") -> dict[st
     Returns:
         ``None`` when the model has no MoE layer, else a JSON-ready dict: ``tokens_per_expert`` [Λ, E] and
         ``task_expert_counts`` [Λ, T+2, E] (assignments before capacity dropping), ``row_labels`` (T+2 token kinds),
-        ``dropped_fraction`` (mean over batches, weighted by assignments), ``split``, ``samples``.
+        ``dropped_fraction`` (mean over batches, weighted by assignments), ``split``, ``samples``, and
+        ``diagnostics``: per MoE layer the load, dead experts, zero-activation fraction and routing entropy per
+        token kind (:func:`supermoe_rec.modules.moe_stats.read_stats`).
     """
     loader = restored.loaders[split]
     loader.set_epoch(0)
@@ -226,10 +229,14 @@ def routing_statistics(restored: RestoredModel, split: str = "valid") -> dict[st
     kinds: torch.Tensor | None = None
     dropped, weight = 0.0, 0.0
     restored.dmp.eval()
+    labels = token_kind_labels([t.name for t in restored.data.tasks])
+    set_collect_stats(restored.dmp, True)
+    reset_stats(restored.dmp)
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"routing ({split})", unit="batch", dynamic_ncols=True):
             out = _forward(restored, batch).model
             if out.tokens_per_expert is None or out.task_expert_counts is None or out.tokens_per_expert.shape[0] == 0:
+                set_collect_stats(restored.dmp, False)
                 restored.dmp.train()
                 return None
             tpe = out.tokens_per_expert.detach().cpu().long()  # (Λ, E)
@@ -239,6 +246,8 @@ def routing_statistics(restored: RestoredModel, split: str = "valid") -> dict[st
             assignments = float(tpe.sum())
             dropped += float(out.dropped_fraction) * assignments
             weight += assignments
+    set_collect_stats(restored.dmp, False)
+    diagnostics = read_stats(restored.dmp, labels)
     restored.dmp.train()
     if tokens is None or kinds is None:
         return None
@@ -247,10 +256,11 @@ def routing_statistics(restored: RestoredModel, split: str = "valid") -> dict[st
         "samples": len(loader.dataset),
         "num_moe_layers": int(tokens.shape[0]),
         "num_experts": int(tokens.shape[1]),
-        "row_labels": token_kind_labels([t.name for t in restored.data.tasks]),
+        "row_labels": labels,
         "tokens_per_expert": tokens.tolist(),
         "task_expert_counts": kinds.tolist(),
         "dropped_fraction": dropped / max(weight, 1.0),
+        "diagnostics": diagnostics,
     }
 
 

@@ -53,6 +53,9 @@ from supermoe_rec.memory import release_freed_memory
 from supermoe_rec.metrics import MultiTaskEvaluator, primary_metric
 from supermoe_rec.models.factory import build_model, parameter_report
 from supermoe_rec.models.train_module import StepOutput
+from supermoe_rec.modules.gating import bias_routers, update_router_biases
+from supermoe_rec.modules.moe_stats import read_stats, set_collect_stats, tensorboard_scalars
+from supermoe_rec.modules.transformer import token_kind_labels
 from supermoe_rec.next_items import CandidateSource, resolve_softmax
 
 log = logging.getLogger("supermoe_rec.train")  # not __name__: that is "__main__" under python -m
@@ -311,15 +314,24 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
             dynamic_ncols=True,
         )
         tick = time.monotonic()
+        balance_by_bias = bool(bias_routers(trainer.dmp))
+        collecting = False
         while True:
             if cfg.train.max_steps is not None and state["step"] >= cfg.train.max_steps:
                 stop = True
                 pipeline.reset()  # drop prefetched batches, so evaluation starts clean
                 break
+            # MoE diagnostics (expert load, dead experts, inactive units, routing entropy) on the logged steps only.
+            moe_stats_step = writer is not None and (state["step"] + 1) % cfg.train.log_every == 0
+            if moe_stats_step != collecting:
+                set_collect_stats(trainer.dmp, moe_stats_step)
+                collecting = moe_stats_step
             try:
                 out: StepOutput = pipeline.progress(iterator)
             except StopIteration:
                 break
+            if balance_by_bias:
+                update_router_biases(trainer.dmp)  # load all-reduced over every rank: the biases stay replicated
             state["step"] += 1
             state["batches_done"] += 1
             if state["step"] % RELEASE_MEMORY_EVERY == 0:
@@ -349,9 +361,15 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
                 if out.loss.next_items is not None:
                     writer.add_scalar("train/next_items_loss", out.loss.next_items.item(), state["step"])
                 writer.add_scalar("train/dropped_fraction", float(out.model.dropped_fraction), state["step"])
+                if moe_stats_step:
+                    labels = token_kind_labels([t.name for t in trainer.data.tasks])
+                    for name, value in tensorboard_scalars(read_stats(trainer.dmp, labels)).items():
+                        writer.add_scalar(f"train/{name}", value, state["step"])
             if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0:
                 checkpoints.save(trainer.state, state, tag=f"step{state['step']}")
         bar.close()
+        if collecting:
+            set_collect_stats(trainer.dmp, False)
         if stop and state["batches_done"] < len(train_loader):
             checkpoints.save(trainer.state, state, tag="last")
             break  # max_steps reached mid-epoch: no epoch-end evaluation

@@ -366,6 +366,7 @@ def globalize_router_output(route: RouterOutput, group: ProcessGroup | None = No
         z_loss=z_loss,
         tokens_per_expert=tokens_per_expert,
         dropped_fraction=dropped,
+        entropy=route.entropy,  # per local token: diagnostics only
     )
 
 

@@ -15,7 +15,7 @@ Capacity priority (when an expert receives more than C assignments): all top-1 c
 choices, and within the same choice rank earlier tokens win (GShard). So a token loses its second expert before any
 other token loses its first.
 
-The recipe options (``model.moe``; docs/moe.md):
+The recipe options (``model.moe``):
 
 - ``score_func``: ``softmax`` (probabilities over E) or ``sigmoid`` (an independent score per expert in (0, 1)); with
   sigmoid the top-k weights are normalised to sum to 1 (for K = 1 the raw score is kept, so the task loss still
@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from supermoe_rec.config import MoEConfig
+from supermoe_rec.config import LoadBalance, MoEConfig, ScoreFunc
 
 
 class DispatchPlan(NamedTuple):
@@ -164,11 +164,6 @@ def make_dispatch_plan(
     return plan, tokens_per_expert
 
 
-def _enum_value(config: MoEConfig, name: str, default: str) -> str:
-    value = getattr(config, name, default)
-    return str(getattr(value, "value", value))
-
-
 class TopKRouter(nn.Module):
     """Top-k router with capacity, Switch (K=1) / GShard (K=2) style, with the recipe's scoring and balancing options.
 
@@ -231,13 +226,11 @@ class TopKRouter(nn.Module):
         self.dropless = config.dropless
         self.router_jitter = config.router_jitter
         self.router_noise = config.router_noise
-        self.score_func = _enum_value(config, "score_func", "softmax")
-        self.load_balance = _enum_value(config, "load_balance", "aux_loss")
-        if self.score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"score_func must be softmax or sigmoid, got {self.score_func!r}")
-        if self.load_balance not in ("aux_loss", "bias", "none"):
-            raise ValueError(f"load_balance must be aux_loss, bias or none, got {self.load_balance!r}")
-        self.bias_update_rate = float(getattr(config, "bias_update_rate", 1e-3))
+        self.score_func = ScoreFunc(config.score_func).value  # ValueError for an unknown name
+        self.load_balance = LoadBalance(config.load_balance).value
+        if config.bias_update_rate <= 0:
+            raise ValueError(f"bias_update_rate must be > 0, got {config.bias_update_rate}")
+        self.bias_update_rate = float(config.bias_update_rate)
         self.weight = nn.Parameter(torch.empty(config.num_experts, d_model, device=device))  # (E, D)
         self.expert_bias: Tensor | None
         if self.load_balance == "bias":

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from supermoe_rec.config import MoEConfig
-from supermoe_rec.modules.experts import BatchedExperts, ExpertImpl
+from supermoe_rec.modules.experts import BatchedExperts, DenseFFN, ExpertImpl
 from supermoe_rec.modules.gating import TopKRouter
+from supermoe_rec.modules.moe_stats import MoEStatsAccumulator
 
 
 class MoEOutput(NamedTuple):
@@ -22,7 +23,8 @@ class MoEOutput(NamedTuple):
     Attributes:
         hidden: ``[N, D]`` FFN output only; the caller adds the residual. A token whose assignments were all
             dropped gets exactly 0, so it passes through the residual unchanged.
-        balance_loss: scalar load-balancing loss ``E * sum_e f_e * P_e`` (unweighted; 1.0 when uniform).
+        balance_loss: scalar load-balancing loss ``E * sum_e f_e * P_e`` (unweighted; 1.0 when uniform); a constant
+            0 unless ``config.load_balance`` is ``aux_loss``.
         z_loss: scalar router z-loss ``mean logsumexp(logits)^2`` (unweighted).
         tokens_per_expert: ``[E]`` int64 assignments per expert before dropping (sums to N*K), detached.
         dropped_fraction: scalar, fraction of the N*K assignments dropped by capacity, detached.
@@ -91,13 +93,23 @@ class MoELayer(nn.Module):
         self.num_tasks = num_tasks
         if config.task_routers and num_tasks == 0:
             raise ValueError("moe.task_routers needs the token kinds: num_tasks > 0")
+        if config.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {config.num_shared_experts}")
         self.router = TopKRouter(d_model, config, device=device, num_kinds=num_tasks if config.task_routers else 0)
         self.experts = BatchedExperts(d_model, config.expert_hidden, config.num_experts, impl=impl, device=device)
+        # S shared experts of width H, always active: one dense FFN of width S * H is exactly their sum.
+        S = config.num_shared_experts
+        self.shared = DenseFFN(d_model, S * config.expert_hidden, device=device) if S > 0 else None
+        # Diagnostics (supermoe_rec.modules.moe_stats.set_collect_stats): off unless asked for.
+        self.collect_stats = False
+        self.stats = MoEStatsAccumulator(config.num_experts, num_tasks)
 
     def reset_parameters(self) -> None:
-        """Re-initialise router and experts (e.g. after ``to_empty`` on a meta-built layer)."""
+        """Re-initialise router, experts and shared experts (e.g. after ``to_empty`` on a meta-built layer)."""
         self.router.reset_parameters()
         self.experts.reset_parameters()
+        if self.shared is not None:
+            self.shared.reset_parameters()
 
     def _task_expert_counts(self, task_ids: Tensor | None, expert_index: Tensor) -> Tensor | None:
         if task_ids is None or self.num_tasks == 0:
@@ -126,10 +138,17 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must be [N, D={self.d_model}], got {list(x.shape)}")
         # Expert-parallel experts agree one capacity and make the losses and statistics global here.
         route = self.experts.globalize(self.router(x, task_ids))
+        if self.router.load_balance != "aux_loss":  # expert-parallel globalize recomputes it: keep it a constant 0
+            route = route._replace(balance_loss=torch.zeros((), device=x.device))
         hidden = self.experts(x, route.plan)  # (N, D)
+        if self.shared is not None:
+            hidden = hidden + self.shared(x)  # (N, D) every token, dropped or not
         task_expert_counts = self._task_expert_counts(task_ids, route.plan.expert_index.detach())
         if task_expert_counts is not None:
             task_expert_counts = self.experts.reduce_statistic(task_expert_counts)
+        if self.collect_stats:
+            self.stats.add(route.tokens_per_expert, route.entropy, task_ids, self.experts.last_activity)
+            self.experts.last_activity = None
         return MoEOutput(
             hidden=hidden,
             balance_loss=route.balance_loss,

@@ -235,3 +235,102 @@ def test_task_routers_need_token_kinds() -> None:
     layer = MoELayer(8, MoEConfig(num_experts=4, task_routers=True), num_tasks=3)
     with pytest.raises(ValueError, match="needs kinds"):
         layer(torch.randn(5, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe: score_func, load_balance (aux_loss | bias | none).
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sigmoid_scores_normalise_the_top_k_weights(k: int) -> None:
+    torch.manual_seed(0)
+    router = _router(8, num_experts=6, top_k=k, score_func="sigmoid", dropless=True)
+    x = torch.randn(40, 8)
+    out = router(x)
+    scores = torch.sigmoid(x @ router.weight.T)  # hand-computed
+    idx = out.plan.expert_index
+    assert torch.equal(idx, torch.topk(scores, k, dim=-1).indices)
+    chosen = scores.gather(1, idx)
+    expected = chosen if k == 1 else chosen / chosen.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(out.plan.gates, expected)
+    torch.testing.assert_close(out.probs, scores / scores.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(out.probs.sum(dim=1), torch.ones(40))
+
+
+def test_bias_moves_selection_but_not_the_gate_weights() -> None:
+    torch.manual_seed(0)
+    plain = _router(8, num_experts=5, top_k=2, dropless=True)
+    biased = _router(8, num_experts=5, top_k=2, dropless=True, load_balance="bias")
+    biased.load_state_dict(plain.state_dict(), strict=False)
+    assert biased.expert_bias is not None and "expert_bias" in biased.state_dict()
+    assert "expert_bias" not in plain.state_dict()  # default checkpoints keep their keys
+    x = torch.randn(30, 8)
+    with torch.no_grad():
+        biased.expert_bias[3] = 10.0  # far above any probability: expert 3 is always chosen
+    out, ref = biased(x), plain(x)
+    assert bool((out.plan.expert_index == 3).any(dim=1).all())
+    probs = torch.softmax(x @ plain.weight.T, dim=-1)
+    torch.testing.assert_close(out.probs, probs)  # scores are unbiased
+    chosen = probs.gather(1, out.plan.expert_index)
+    torch.testing.assert_close(out.plan.gates, chosen / chosen.sum(dim=1, keepdim=True))
+    assert not torch.equal(out.plan.expert_index, ref.plan.expert_index)
+
+
+@pytest.mark.parametrize("mode", ["bias", "none"])
+def test_balance_loss_is_zero_without_aux_loss_and_the_task_loss_still_trains_the_router(mode: str) -> None:
+    router = _router(8, num_experts=4, top_k=2, load_balance=mode)
+    out = router(torch.randn(16, 8))
+    assert out.balance_loss.item() == 0.0 and not out.balance_loss.requires_grad
+    out.plan.gates.pow(2).sum().backward()
+    assert router.weight.grad is not None and float(router.weight.grad.abs().sum()) > 0
+
+
+def test_update_bias_moves_by_rate_towards_the_mean_load() -> None:
+    router = _router(4, num_experts=4, top_k=1, load_balance="bias", bias_update_rate=0.01)
+    router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))
+    assert router.expert_bias is not None
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.01, 0.01, 0.0, 0.0]))
+
+
+def test_pending_load_is_training_only_and_update_router_biases_consumes_it() -> None:
+    from supermoe_rec.modules.gating import update_router_biases
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([_router(8, num_experts=4, top_k=2, load_balance="bias"), _router(8, num_experts=4)])
+    biased = model[0]
+    assert isinstance(biased, TopKRouter)
+    biased.eval()
+    biased(torch.randn(10, 8))
+    assert biased.pending_load is None
+    biased.train()
+    out1, out2 = biased(torch.randn(10, 8)), biased(torch.randn(6, 8))
+    assert biased.pending_load is not None
+    torch.testing.assert_close(biased.pending_load, (out1.tokens_per_expert + out2.tokens_per_expert).float())
+    assert update_router_biases(model) == 1  # the aux_loss router has no bias
+    assert biased.pending_load is None
+    assert biased.expert_bias is not None and float(biased.expert_bias.abs().sum()) > 0
+
+
+def test_bias_balancing_evens_out_a_skewed_router() -> None:
+    """Frozen router weights skewed towards expert 0: the bias alone must flatten the load (DeepSeek-V3's claim)."""
+    from supermoe_rec.modules.gating import update_router_biases
+
+    torch.manual_seed(0)
+    e, d = 8, 16
+    router = _router(d, num_experts=e, top_k=2, load_balance="bias", bias_update_rate=0.002, dropless=True)
+    with torch.no_grad():
+        router.weight[0] += 0.3  # with positive-mean inputs, expert 0 is everyone's favourite
+    x = torch.randn(512, d) + 0.5
+
+    def imbalance() -> float:
+        counts = router(x).tokens_per_expert.float()
+        return float(counts.max() / counts.mean())
+
+    before = imbalance()
+    router.pending_load = None
+    for _ in range(300):
+        router(x)
+        update_router_biases(router)
+    after = imbalance()
+    assert before > 2.0, before
+    assert after < 1.3, after
