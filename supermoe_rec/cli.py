@@ -14,6 +14,8 @@
     supermoe-rec plan --config configs/scale_1t.yaml --world-size 1024 --hbm-gb 80 [--local-world-size 8] [--json F]
     supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe --seeds 3 [--out DIR] [--force] [--jobs N]
     supermoe-rec ablate --config configs/ml100k.yaml [--seeds 1] [--out DIR] [--force] [--jobs N] [--variants A,B]
+    supermoe-rec scale --config configs/ml100k.yaml [--seeds 2] [--out reports] [--jobs N] [--experts 4 16 64]
+                       [--shared 0 1] [--balance aux_loss bias]
 
 Arguments after the known flags are ``--section.key=value`` config overrides, checked strictly.
 
@@ -153,6 +155,18 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated variant names to run besides 'default' (default: all; see supermoe_rec/ablate.py)",
     )
+    scl = sub.add_parser(
+        "scale",
+        help="MoE scaling study: dense vs fine-grained MoE (E, shared experts, balancing) at fixed active parameters",
+    )
+    scl.add_argument("--config", required=True, help="YAML config file, e.g. configs/ml100k.yaml")
+    scl.add_argument("--seeds", type=int, default=2, help="seeds per arm (default 2)")
+    scl.add_argument("--out", default="reports", help="writes moe_scaling.md/json/png here (default: reports)")
+    scl.add_argument("--force", action="store_true", help="retrain runs that already finished with the same config")
+    scl.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
+    scl.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64], help="routed experts E (default 4 16 64)")
+    scl.add_argument("--shared", type=int, nargs="+", default=[0, 1], help="shared experts S (default 0 1)")
+    scl.add_argument("--balance", nargs="+", default=["aux_loss", "bias"], help="load_balance (default aux_loss bias)")
     plan = sub.add_parser(
         "plan",
         help="plan the tables' sharding on a simulated GPU cluster (no GPU needed): parameters, memory per rank",
@@ -264,6 +278,12 @@ def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if args.command == "compare":
         archs = [a for a in args.archs.split(",") if a.strip()]
         compare(args.config, archs, args.seeds, args.out, args.force, overrides, jobs=args.jobs)
+        return 0
+    if args.command == "scale":
+        from supermoe_rec.scale import scale
+
+        scale(args.config, args.seeds, args.out, args.force, overrides, args.jobs, True, args.experts, args.shared,
+              args.balance)  # fmt: skip
         return 0
     if args.command == "ablate":
         from supermoe_rec.ablate import VARIANTS, ablate, select_variants
