@@ -10,6 +10,11 @@ the layer. Hence, compared with the 1-process run on the concatenated batch:
 - the input gradient on rank r is ``W x`` the 1-process gradient of its tokens (the same factor plain data
   parallelism gives activations under this loss convention).
 
+The recipe cases (:data:`RECIPE_CASES`) run the same checks with one shared expert, sigmoid scores and bias
+balancing (a nonzero bias, so it changes the choices): the shared expert's gradient (replicated, DDP-averaged)
+equals the 1-process one, and after :func:`~supermoe_rec.modules.gating.update_router_biases` (one all-reduce of
+the ranks' loads) every rank holds the bias the 1-process layer moves to.
+
 All to 1e-5. The equivalence cases never drop (dropless, or capacity factor E so that C = N): with a capacity, the
 drop decisions are made per rank from the rank's *local* token count, so once tokens drop, the 2-rank layer equals
 the 1-process layer applied to each rank's tokens separately, not to the global batch (checked separately).
@@ -35,6 +40,7 @@ from supermoe_rec.distributed.expert_parallel import (
     parallelize_experts,
 )
 from supermoe_rec.modules.experts import BatchedExperts
+from supermoe_rec.modules.gating import update_router_biases
 from supermoe_rec.modules.moe import MoELayer
 
 from ..dist_utils import run_distributed
@@ -44,17 +50,26 @@ BALANCE_W, Z_W = 0.5, 0.1
 SPLITS = {"even": 10, "uneven": 7, "empty": 0}  # tokens on rank 1; rank 0 gets the rest
 CASES = list(itertools.product([1, 2], ["dropless", "capacity"], list(SPLITS)))
 TOL = 1e-5  # atol and rtol
+# (top_k, mode, split) run with the recipe: one shared expert, sigmoid scores, bias balancing.
+RECIPE_CASES = [(2, "dropless", "uneven"), (2, "capacity", "even"), (1, "dropless", "empty")]
+START_BIAS = torch.tensor([0.05, -0.05, 0.02, 0.0])  # large enough to change some sigmoid top-k choices
 
 
-def _config(top_k: int, mode: str, num_experts: int = E) -> MoEConfig:
+def _config(top_k: int, mode: str, num_experts: int = E, recipe: bool = False) -> MoEConfig:
     # Capacity factor E gives C = min(ceil(E * N * K / E), N) = N: nothing can drop.
     cf = float(num_experts) if mode == "capacity" else 1.0
+    extra: dict[str, Any] = (
+        {"num_shared_experts": 1, "score_func": "sigmoid", "load_balance": "bias", "bias_update_rate": 0.01}
+        if recipe
+        else {}
+    )
     return MoEConfig(
         num_experts=num_experts,
         top_k=top_k,
         expert_hidden=H,
         capacity_factor_train=cf,
         dropless=mode == "dropless",
+        **extra,
     )
 
 
@@ -71,18 +86,32 @@ def _rank_slice(rank: int, split: str, n: int = N_G) -> slice:
     return slice(0, n - n1) if rank == 0 else slice(n - n1, n)
 
 
-def _full_layer(top_k: int, mode: str) -> MoELayer:
+def _full_layer(top_k: int, mode: str, recipe: bool = False) -> MoELayer:
     torch.manual_seed(1234)
-    return MoELayer(D, _config(top_k, mode), num_tasks=T)
+    layer = MoELayer(D, _config(top_k, mode, recipe=recipe), num_tasks=T)
+    if recipe:
+        assert layer.router.expert_bias is not None
+        layer.router.expert_bias.copy_(START_BIAS)
+    return layer
 
 
 def _expert_grads(layer: MoELayer) -> dict[str, Tensor | None]:
     return {f"experts.{n}": p.grad for n, p in layer.experts.named_parameters()}
 
 
-def _reference(top_k: int, mode: str, seed: int) -> dict[str, Any]:
+def _recipe_state(layer: MoELayer) -> dict[str, Any]:
+    """After backward: the shared expert's gradients, then one bias update (a collective under EP)."""
+    if layer.shared is None:
+        return {}
+    shared = {n: None if p.grad is None else p.grad.clone() for n, p in layer.shared.named_parameters()}
+    assert update_router_biases(layer) == 1
+    assert layer.router.expert_bias is not None
+    return {"shared_grads": shared, "bias_after": layer.router.expert_bias.clone()}
+
+
+def _reference(top_k: int, mode: str, seed: int, recipe: bool = False) -> dict[str, Any]:
     """1-process run on the whole batch."""
-    layer = _full_layer(top_k, mode)
+    layer = _full_layer(top_k, mode, recipe)
     x, target, task_ids = _data(seed)
     x.requires_grad_(True)
     out = layer(x, task_ids=task_ids)
@@ -99,12 +128,13 @@ def _reference(top_k: int, mode: str, seed: int) -> dict[str, Any]:
         "x_grad": x.grad,
         "router_grad": layer.router.weight.grad,
         "expert_grads": _expert_grads(layer),
+        **_recipe_state(layer),
     }
 
 
-def _ep_case(rank: int, top_k: int, mode: str, split: str, seed: int) -> dict[str, Any]:
+def _ep_case(rank: int, top_k: int, mode: str, split: str, seed: int, recipe: bool = False) -> dict[str, Any]:
     # The trainer's path: every rank builds the whole layer alike, then parallelize_experts keeps its slice.
-    layer = parallelize_experts(_full_layer(top_k, mode))
+    layer = parallelize_experts(_full_layer(top_k, mode, recipe))
     assert isinstance(layer, MoELayer) and isinstance(layer.experts, ExpertParallelExperts)
     # What DMP's DefaultDataParallelWrapper(params_to_ignore=...) does with the trainer's list.
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(  # type: ignore[no-untyped-call]
@@ -129,6 +159,7 @@ def _ep_case(rank: int, top_k: int, mode: str, split: str, seed: int) -> dict[st
         "x_grad": x_r.grad,
         "router_grad": layer.router.weight.grad,
         "expert_grads": _expert_grads(layer),
+        **_recipe_state(layer),
     }
 
 
@@ -154,6 +185,7 @@ def _drop_case(rank: int, top_k: int) -> dict[str, Any]:
 def _worker(rank: int, world_size: int) -> dict[str, Any]:
     torch.manual_seed(0)
     results: dict[str, Any] = {"cases": {c: _ep_case(rank, *c, seed=i) for i, c in enumerate(CASES)}}
+    results["recipe"] = {c: _ep_case(rank, *c, seed=100 + i, recipe=True) for i, c in enumerate(RECIPE_CASES)}
     results["drop"] = {k: _drop_case(rank, k) for k in (1, 2)}
     # Init: same seed -> this rank's experts are its slice of the 1-process layer's, and parallelizing draws no
     # random numbers (the RNG stream goes on as in a 1-process run); also after a meta build and reset.
@@ -191,6 +223,26 @@ def test_two_ranks_match_one_process(dist_results: list[dict[str, Any]], top_k: 
     seed = CASES.index((top_k, mode, split))
     ref = _reference(top_k, mode, seed)
     ranks = [r["cases"][(top_k, mode, split)] for r in dist_results]
+    _check_equivalence(ref, ranks, split)
+
+
+@pytest.mark.parametrize(("top_k", "mode", "split"), RECIPE_CASES)
+def test_two_ranks_match_one_process_with_shared_experts_and_bias(
+    dist_results: list[dict[str, Any]], top_k: int, mode: str, split: str
+) -> None:
+    ref = _reference(top_k, mode, 100 + RECIPE_CASES.index((top_k, mode, split)), recipe=True)
+    ranks = [r["recipe"][(top_k, mode, split)] for r in dist_results]
+    _check_equivalence(ref, ranks, split)
+    assert float(ref["balance"]) == 0.0  # bias balancing: no auxiliary loss
+    assert not torch.equal(ref["bias_after"], START_BIAS)  # the update moved it
+    for r in ranks:
+        torch.testing.assert_close(r["bias_after"], ref["bias_after"], atol=TOL, rtol=TOL)  # global load, replicated
+        assert r["shared_grads"].keys() == ref["shared_grads"].keys()
+        for name, grad in ref["shared_grads"].items():
+            torch.testing.assert_close(r["shared_grads"][name], grad, atol=TOL, rtol=TOL, msg=name)  # DDP-averaged
+
+
+def _check_equivalence(ref: dict[str, Any], ranks: list[dict[str, Any]], split: str) -> None:
     torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), ref["loss"], atol=TOL, rtol=TOL)
     for r in ranks:
         torch.testing.assert_close(r["balance"], ref["balance"], atol=TOL, rtol=TOL)
