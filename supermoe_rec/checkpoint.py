@@ -42,7 +42,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.device_mesh import DeviceMesh
@@ -341,8 +343,21 @@ class CheckpointManager:
     def _dcp_load(self, target: dict[str, Any], path: Path) -> None:
         try:  # DCP gathers every rank's failure and raises on all of them
             dcp_load(target, checkpoint_id=str(path))
-        except Exception as exc:  # many types for unreadable files or mismatched models
-            raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
+        # DCP's CheckpointException (a mismatched model, for one) is a BaseException, not an Exception.
+        except (Exception, CheckpointException) as exc:  # many types for unreadable files or mismatched models
+            message = " ".join(str(exc).split())[:2000]
+            raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {message})") from exc
+
+    def saved_config(self) -> tuple[dict[str, Any], str]:
+        """The config LATEST's checkpoint was saved with (a plain mapping) and its file; reads only, on this rank."""
+        path = self._resolve("LATEST") / "config.yaml"
+        try:
+            values = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise CheckpointError(f"{path}: cannot read the checkpoint's config ({type(exc).__name__})") from exc
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{path}: the checkpoint's config is not a mapping")
+        return values, str(path)
 
     def load(self, train_state: TrainState, state: dict[str, Any]) -> dict[str, Any]:
         """Restore weights, optimizer states, data position and RNG from LATEST; returns the training state.

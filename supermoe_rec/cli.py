@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from pathlib import Path
 from supermoe_rec.compare import COMPARABLE_ARCHS, compare
 from supermoe_rec.config import load_config, save_config
 from supermoe_rec.confighelp import add_config_help
-from supermoe_rec.errors import run_reporting
+from supermoe_rec.errors import DEBUG_ENV, run_reporting
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -235,7 +236,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line: overrides always have a dot and a value
     args, overrides = _parser().parse_known_args([a for a in argv if a != "--debug"])
-    return run_reporting(lambda: _dispatch(args, overrides), debug)
+    previous = os.environ.get(DEBUG_ENV)
+    if debug:  # train's own entry point and the runs compare/ablate start read it too
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        return run_reporting(lambda: _dispatch(args, overrides), debug)
+    finally:
+        if previous is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = previous
 
 
 def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> int:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -350,6 +351,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     # Continue from the run dir's latest checkpoint; an absent or unreadable checkpoint is an error.
     resume: bool = False
+    # On resume, the hyper-parameters that may differ from the checkpoint's config: comma-separated dotted keys, e.g.
+    # "train.lr,model.moe.top_k" (supermoe_rec/resume.py). Any other change to the config is refused.
+    resume_allow_changes: str = ""
     tensorboard: bool = True
     log_every: int = 50
 
@@ -377,6 +381,7 @@ class ExperimentConfig:
             raise ConfigError("model.towers.read_user: only the transformer archs (supermoe, dense_transformer) have [USER]")
         if self.data.next_window < 0:
             raise ConfigError(f"data.next_window: must be >= 0, got {self.data.next_window}")
+        check_values(self)
 
     def trained_task_weights(self) -> dict[str, float]:
         """``train.loss.task_weights`` of the tasks this run trains: a config that weighs ``watch`` still trains
@@ -384,6 +389,73 @@ class ExperimentConfig:
         rejects a name that is not a task."""
         tasks = self.data.tasks
         return {name: w for name, w in self.train.loss.task_weights.items() if not tasks or name in tasks}
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
+_MAX_NAME_BYTES = 255
+
+
+def check_run_name(name: str, key: str = "train.name") -> None:
+    """``name`` must be one path component of safe characters, so ``<out_dir>/<name>`` stays inside ``out_dir``.
+
+    Example::
+
+        >>> check_run_name("ml100k-supermoe")
+        >>> check_run_name("../escape")
+        Traceback (most recent call last):
+        ...
+        supermoe_rec.config.ConfigError: train.name: '../escape' must be one path component ...
+    """
+    if not _SAFE_NAME.fullmatch(name) or len(name.encode()) > _MAX_NAME_BYTES:
+        raise ConfigError(
+            f"{key}: {name!r} must be one path component of letters, digits and . _ + = @ - (not starting with "
+            f". or -, at most {_MAX_NAME_BYTES} bytes), so the run stays inside train.out_dir"
+        )
+
+
+def check_values(cfg: ExperimentConfig) -> None:
+    """Values that would otherwise fail late, after data loading and model build, as errors naming the dotted key:
+    sizes and counts below 1, ``model.moe.top_k`` above ``num_experts``, ``num_heads`` not dividing ``d_model``,
+    an unsafe ``train.name``."""
+    enc, moe, train = cfg.model.encoder, cfg.model.moe, cfg.train
+    at_least_one = {
+        "model.embedding_dim": cfg.model.embedding_dim,
+        "model.encoder.d_model": enc.d_model,
+        "model.encoder.num_layers": enc.num_layers,
+        "model.encoder.num_heads": enc.num_heads,
+        "model.encoder.ffn_hidden": enc.ffn_hidden,
+        "model.moe.num_experts": moe.num_experts,
+        "model.moe.top_k": moe.top_k,
+        "model.moe.expert_hidden": moe.expert_hidden,
+        "model.moe.moe_every": moe.moe_every,
+        "data.max_history": cfg.data.max_history,
+        "train.batch_size": train.batch_size,
+        "train.eval_batch_size": train.eval_batch_size,
+        "train.log_every": train.log_every,
+        **{f"model.towers.hidden[{i}]": h for i, h in enumerate(cfg.model.towers.hidden)},
+        **{f"model.mlp.bottom_hidden[{i}]": h for i, h in enumerate(cfg.model.mlp.bottom_hidden)},
+    }
+    at_least_zero = {
+        "train.epochs": train.epochs,
+        "train.max_steps": train.max_steps if train.max_steps is not None else 0,
+        "train.checkpoint_every": train.checkpoint_every,
+        "train.num_threads": train.num_threads,
+    }
+    for key, value in at_least_one.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be at least 0, got {value}")
+    if moe.top_k > moe.num_experts:
+        raise ConfigError(f"model.moe.top_k: {moe.top_k} is more than model.moe.num_experts ({moe.num_experts})")
+    if enc.d_model % enc.num_heads:
+        raise ConfigError(
+            f"model.encoder.num_heads: {enc.num_heads} does not divide model.encoder.d_model ({enc.d_model})"
+        )
+    if not 0.0 <= enc.dropout < 1.0:
+        raise ConfigError(f"model.encoder.dropout: must be in [0, 1), got {enc.dropout}")
+    check_run_name(train.name)
 
 
 C = TypeVar("C")

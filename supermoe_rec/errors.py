@@ -4,7 +4,7 @@
 exit code  meaning
 =========  =====================================================================================================
 0          success
-1          a run of ``compare`` / ``ablate`` failed (:class:`~supermoe_rec.compare.CompareError`)
+1          a run of ``compare`` / ``ablate`` failed (:class:`~supermoe_rec.executor.RunError`)
 2          bad config, bad input data, or a refused request (:class:`~supermoe_rec.config.ConfigError`,
            :class:`~supermoe_rec.data.errors.DataError`): changed-shape resume, a locked run dir, an unsafe name
 3          an unusable checkpoint (:class:`~supermoe_rec.checkpoint.CheckpointError`): missing, incomplete, corrupt
@@ -38,6 +38,12 @@ DEBUG_ENV = "SUPERMOE_REC_DEBUG"
 EXIT_FAILED_RUN = 1
 EXIT_BAD_INPUT = 2
 EXIT_CHECKPOINT = 3
+# (module, class, exit code) of the errors of modules that import torch.
+_LAZY_ERRORS = (
+    ("supermoe_rec.checkpoint", "CheckpointError", EXIT_CHECKPOINT),
+    ("supermoe_rec.executor", "RunError", EXIT_FAILED_RUN),
+    ("supermoe_rec.compare", "CompareError", EXIT_FAILED_RUN),  # its name before the executor had its own module
+)
 
 
 def debug_enabled(flag: bool = False) -> bool:
@@ -50,12 +56,10 @@ def exit_code(exc: BaseException) -> int | None:
     if isinstance(exc, (ConfigError, DataError)):
         return EXIT_BAD_INPUT
     # Only modules already imported can have raised their errors; importing them here would load torch for nothing.
-    checkpoint = sys.modules.get("supermoe_rec.checkpoint")
-    if checkpoint is not None and isinstance(exc, checkpoint.CheckpointError):
-        return EXIT_CHECKPOINT
-    compare = sys.modules.get("supermoe_rec.compare")
-    if compare is not None and isinstance(exc, compare.CompareError):
-        return EXIT_FAILED_RUN
+    for module, name, code in _LAZY_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return code
     return None
 
 

@@ -44,6 +44,7 @@ FREE_KEYS = frozenset(
         "train.max_steps",
         "train.out_dir",
         "train.name",
+        "train.init_from",
         "train.num_threads",
         "train.device",
         "train.tensorboard",
@@ -79,6 +80,12 @@ HYPER_KEYS = frozenset(
         "model.moe.dropless",
         "model.moe.router_jitter",
         "model.moe.router_noise",
+        "model.moe.bias_update_rate",
+        "train.next_items.weight",
+        "train.next_items.temperature",
+        "train.next_items.num_sampled",
+        "train.next_items.in_batch_negatives",
+        "train.next_items.logq_correction",
     }
 )
 HYPER_PREFIXES = ("train.loss.task_weights.",)

@@ -22,31 +22,23 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from supermoe_rec.config import ConfigError
+from supermoe_rec.config import ConfigError, ExperimentConfig, check_run_name, to_dict
+from supermoe_rec.resume import Change, check_resume
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "LOCK"
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
-_MAX_NAME_BYTES = 255
 
 
 class RunDirLocked(ConfigError):
     """Another live process holds the run dir's lock (exit code 2, like every refused request)."""
-
-
-def check_run_name(name: str, key: str = "train.name") -> None:
-    """``name`` must be one path component of safe characters, so ``<out_dir>/<name>`` stays inside ``out_dir``."""
-    if not _SAFE_NAME.fullmatch(name) or len(name.encode()) > _MAX_NAME_BYTES:
-        raise ConfigError(
-            f"{key}: {name!r} must be one path component of letters, digits and . _ + = @ - (not starting with "
-            f". or -, at most {_MAX_NAME_BYTES} bytes), so the run stays inside train.out_dir"
-        )
 
 
 def _read_holder(fd: int) -> str:
@@ -149,4 +141,66 @@ class RunDirLock:
         self.release()
 
 
-__all__ = ["LOCK_FILE", "RunDirLock", "RunDirLocked", "check_run_name"]
+@dataclass
+class RunGuard:
+    """What :func:`guard_run` holds for a run: rank 0's lock, and the hyper-parameter changes a resume accepted."""
+
+    lock: RunDirLock | None
+    changes: list[Change] = field(default_factory=list)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> RunGuard:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def guard_run(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    is_main: bool,
+    saved_config: Callable[[], tuple[Mapping[str, Any], str]],
+) -> RunGuard:
+    """Before a run writes anything: rank 0 locks ``run_dir`` and, on resume, checks the config against the one the
+    checkpoint was saved with (``saved_config()``: that mapping and the file it came from).
+
+    Collective when a process group is up: every rank raises the same error (a :class:`ConfigError`, or the
+    checkpoint module's ``CheckpointError`` for a checkpoint that cannot be read), so no rank runs on alone.
+    """
+    import torch.distributed as dist
+
+    from supermoe_rec.checkpoint import CheckpointError
+
+    guard = RunGuard(lock=None)
+    error: tuple[str, str] | None = None
+    if is_main:
+        try:
+            guard.lock = RunDirLock(run_dir).acquire()
+            if cfg.train.resume:
+                old, source = saved_config()
+                guard.changes = check_resume(old, to_dict(cfg), cfg.train.resume_allow_changes, source)
+                for change in guard.changes:
+                    log.warning("resume: accepted change %s", change.text())
+        except ConfigError as exc:
+            error = ("config", str(exc))
+        except CheckpointError as exc:
+            error = ("checkpoint", str(exc))
+        if error is not None:
+            guard.release()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[tuple[str, str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, error)
+        error = next((e for e in gathered if e is not None), None)
+    if error is not None:
+        kind, message = error
+        raise CheckpointError(message) if kind == "checkpoint" else ConfigError(message)
+    return guard
+
+
+__all__ = ["LOCK_FILE", "RunDirLock", "RunDirLocked", "RunGuard", "check_run_name", "guard_run"]

@@ -42,13 +42,14 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from supermoe_rec.checkpoint import CheckpointError, CheckpointManager, TrainState
+from supermoe_rec.checkpoint import CheckpointManager, TrainState
 from supermoe_rec.config import ConfigError, ExperimentConfig, TaskType, load_config, save_config, to_dict
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData, load_data, load_run_data
 from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
 from supermoe_rec.data.vocab import save_vocabularies
 from supermoe_rec.distributed.sharding import build_train_module, dense_optimizer, shard, sharding_constraints
+from supermoe_rec.errors import run_reporting
 from supermoe_rec.memory import release_freed_memory
 from supermoe_rec.metrics import MultiTaskEvaluator, primary_metric
 from supermoe_rec.models.factory import build_model, parameter_report
@@ -57,6 +58,8 @@ from supermoe_rec.modules.gating import bias_routers, update_router_biases
 from supermoe_rec.modules.moe_stats import read_stats, set_collect_stats, tensorboard_scalars
 from supermoe_rec.modules.transformer import token_kind_labels
 from supermoe_rec.next_items import CandidateSource, resolve_softmax
+from supermoe_rec.resume import Change
+from supermoe_rec.rundir import guard_run
 
 log = logging.getLogger("supermoe_rec.train")  # not __name__: that is "__main__" under python -m
 # Steps (and eval batches) between returns of freed heap memory to the OS (supermoe_rec.memory); the interval
@@ -261,10 +264,23 @@ def _early_stopping_value(cfg: ExperimentConfig, valid: dict[str, Any]) -> tuple
 
 
 def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any]:
-    """Run the configured training and return what ``metrics.json`` holds."""
+    """Run the configured training and return what ``metrics.json`` holds.
+
+    Before anything is written, rank 0 locks the run dir and a resume checks the config against the checkpoint's
+    (:func:`supermoe_rec.rundir.guard_run`): a refused request leaves the run dir as it was.
+    """
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     ctx = init_distributed(cfg.train.device)
+    run_dir = Path(cfg.train.out_dir) / cfg.train.name
+    saved_config = CheckpointManager(run_dir / "checkpoints", cfg).saved_config
+    with guard_run(cfg, run_dir, ctx.is_main, saved_config) as guard:
+        return _train(cfg, ctx, data, guard.changes)
+
+
+def _train(
+    cfg: ExperimentConfig, ctx: DistContext, data: SplitData | None, resume_changes: list[Change]
+) -> dict[str, Any]:
     start = time.monotonic()
     if data is None and (cfg.train.resume or cfg.train.init_from):
         # Ids map through the saved vocabularies of the run continued or fine-tuned from (docs/data.md).
@@ -411,6 +427,8 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
         "train_samples_per_s": state["train_samples"] / max(state["train_seconds"], 1e-9),
         # Mean training loss of this rank's last (up to) 50 steps: world_size x its share of the global loss.
         "train_loss_recent": sum(recent_loss) / max(1, len(recent_loss)),
+        # Hyper-parameters this resume changed, accepted by train.resume_allow_changes (supermoe_rec/resume.py).
+        "resume_changes": [c.as_dict() for c in resume_changes],
     }
     if "test" in trainer.loaders:
         result["test"] = evaluate(trainer, "test", pipeline)
@@ -458,6 +476,7 @@ _LIBRARY_NOISE = (
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="supermoe-rec train", description="Train model.arch on the configured data.")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of config, data and checkpoint errors")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for message in _LIBRARY_NOISE:
@@ -465,19 +484,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("supermoe_rec").setLevel(
         logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     )
-    try:
-        cfg = load_config(args.config, overrides)
-        train(cfg)
-    except ConfigError as exc:
-        print(f"supermoe-rec: error: {exc}", file=sys.stderr)
-        return 2
-    except CheckpointError as exc:  # resume from a missing, incomplete or corrupt checkpoint: never from scratch
-        print(f"supermoe-rec: checkpoint error: {exc}", file=sys.stderr)
-        return 3
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    def run() -> int:
+        try:
+            train(load_config(args.config, overrides))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return 0
+
+    # One line and exit code 2 (config, data, refused request) or 3 (checkpoint): supermoe_rec/errors.py
+    return run_reporting(run, args.debug)
 
 
 if __name__ == "__main__":

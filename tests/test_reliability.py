@@ -24,6 +24,7 @@ from supermoe_rec.rundir import LOCK_FILE, RunDirLock, RunDirLocked, check_run_n
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ml100k.yaml"
 SCHEMA = ROOT / "configs" / "schema_example.yaml"
+BYO = ROOT / "configs" / "byo.yaml"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -58,27 +59,36 @@ def bad_timestamp_table(tmp_path: Path) -> Path:
     return path
 
 
+def table_overrides(table: Path) -> list[str]:
+    """configs/byo.yaml's overrides for the example schema and ``table`` as the only split."""
+    return [f"--data.schema={SCHEMA}", f"--data.table={table}", "--data.valid_table=null", "--data.test_table=null"]
+
+
 # ------------------------------------------------------------------------------------ 5: CLI error mapping
 
 
 def test_exit_codes_of_the_projects_errors() -> None:
     from supermoe_rec.checkpoint import CheckpointError
-    from supermoe_rec.compare import CompareError
+
+    try:
+        from supermoe_rec.executor import RunError
+    except ImportError:  # before compare's run executor had its own module
+        from supermoe_rec.compare import CompareError as RunError  # type: ignore[attr-defined,no-redef]
 
     assert exit_code(ConfigError("x")) == 2
     assert exit_code(DataError("t.csv", "bad", row=1, column="c")) == 2
     assert exit_code(RunDirLocked("locked")) == 2
     assert exit_code(CheckpointError("gone")) == 3
-    assert exit_code(CompareError("a run failed")) == 1
+    assert exit_code(RunError("a run failed")) == 1
     assert exit_code(ValueError("a bug")) is None
     assert one_line(ConfigError("a:\n  b\n\n c")) == "a: b c"
 
 
 def test_train_prints_a_data_error_as_one_line_with_exit_code_2(tmp_path: Path) -> None:
     # Before: `supermoe-rec train` printed the DataError as a traceback, rc 1 (data summary gave rc 2).
-    table = bad_timestamp_table(tmp_path)
-    args = ["train", "--config", str(CONFIG), "--data.source=table", f"--data.schema={SCHEMA}"]
-    args += [f"--data.table={table}", f"--train.out_dir={tmp_path / 'runs'}", "--train.tensorboard=false"]
+    args = ["train", "--config", str(BYO), *table_overrides(bad_timestamp_table(tmp_path))]
+    args += [f"--train.out_dir={tmp_path / 'runs'}", "--train.tensorboard=false"]
+    table = tmp_path / "shop.csv"
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

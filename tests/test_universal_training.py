@@ -73,3 +73,20 @@ def test_pretrain_then_fine_tune(tmp_path: Path, next_items_data: SplitData) -> 
     fresh = _run(tmp_path, "fresh", next_items_data, "--train.objective=joint", "--train.max_steps=0")
     assert tuned["test"]["tasks"] == pretrained["test"]["tasks"]  # type: ignore[index]
     assert tuned["test"]["tasks"] != fresh["test"]["tasks"]  # type: ignore[index]
+
+
+def test_leave_one_out_split_is_the_retrieval_protocols(ml100k: MovieLens) -> None:
+    """A leave_one_out run trains on exactly RecBole's training targets and holds out the suite's valid/test ones."""
+    from supermoe_rec.retrieval import user_sequences
+
+    out = build_ml_mt(ml100k, DataConfig(leave_one_out=True))
+    seqs = user_sequences(ml100k.ratings, ml100k.items["item_id"].to_numpy())
+    positives = {name: frame[frame["watch"] == 1] for name, frame in out.frames.items()}
+    assert len(positives["train"]) == 97_171  # RecBole's training targets on ml-100k
+    for split in ("valid", "test"):
+        got = positives[split].sort_values("user_id")
+        assert got["user_id"].tolist() == seqs.users.tolist()
+        assert got["item"].tolist() == seqs.target(split).tolist()
+        values, offsets = seqs.inputs(split)
+        expected = [values[offsets[u] : offsets[u + 1]].tolist() for u in range(len(seqs.users))]
+        assert [list(h) for h in got["history"]] == expected

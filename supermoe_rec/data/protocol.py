@@ -61,7 +61,9 @@ def _bucket(values: pd.Series, edges: tuple[int, ...]) -> IntArray:
 
 def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
     """Build the ml-mt samples for every split from MovieLens frames."""
-    ratings = ml.ratings.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
+    # Leave-one-out follows RecBole's sequential protocol: equal timestamps keep the file's order.
+    order = ["user_id", "timestamp"] if cfg.leave_one_out else ["user_id", "timestamp", "item_id"]
+    ratings = ml.ratings.sort_values(order, kind="stable").reset_index(drop=True)
     unknown_items = ~ratings["item_id"].isin(ml.items["item_id"])
     if unknown_items.any():
         row = first_true(unknown_items.to_numpy())
@@ -100,8 +102,12 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
     user_count = np.searchsorted(r_user, np.arange(len(users)), side="right") - user_start
     position = np.arange(len(ratings), dtype=np.int64) - user_start[r_user]
     n = user_count[r_user]
-    n_test = np.maximum(1, np.ceil(cfg.test_fraction * n - 1e-9)).astype(np.int64)
-    n_valid = np.maximum(1, np.ceil(cfg.valid_fraction * n - 1e-9)).astype(np.int64)
+    if cfg.leave_one_out:
+        n_test = np.ones_like(n)
+        n_valid = np.ones_like(n)
+    else:
+        n_test = np.maximum(1, np.ceil(cfg.test_fraction * n - 1e-9)).astype(np.int64)
+        n_valid = np.maximum(1, np.ceil(cfg.valid_fraction * n - 1e-9)).astype(np.int64)
     split = np.zeros(len(ratings), dtype=np.int64)
     split[position >= n - n_test - n_valid] = 1
     split[position >= n - n_test] = 2

@@ -1,0 +1,111 @@
+"""Issue 14's done-when, on the real ``supermoe-rec train`` (subprocesses, MovieLens-100k, a tiny model).
+
+One short run is trained into a temp ``out_dir``; then each refused request must exit 2 with one line naming the
+offending key, path or row, and leave that run dir byte-identical:
+
+- ``--train.name=../escape`` (a name that leaves ``out_dir``);
+- a resume with a changed ``--model.encoder.d_model`` (refused before anything is written: config.yaml, plan.txt
+  and the checkpoints stay as they were);
+- a second run on a locked run dir;
+- a table with a string timestamp.
+
+Then a resume with changed hyper-parameters is refused without ``--train.resume_allow_changes`` and accepted with
+it, the accepted changes printed and recorded in ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from supermoe_rec.rundir import RunDirLock
+
+from .test_reliability import BYO, CONFIG, bad_timestamp_table, error_lines, run_cli, table_overrides
+
+TINY = [
+    f"--config={CONFIG}",
+    "--train.tensorboard=false",
+    "--train.num_threads=1",
+    "--train.batch_size=512",
+    "--train.eval_batch_size=16384",
+    "--train.max_steps=2",
+    "--model.encoder.num_layers=1",
+    "--model.encoder.d_model=32",
+    "--model.encoder.ffn_hidden=32",
+    "--model.moe.expert_hidden=32",
+]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (hidden ones too) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_cli("train", *TINY, f"--train.out_dir={out}", "--train.name=base")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "base" / "metrics.json").is_file() and (out / "base" / "checkpoints" / "LATEST").is_file()
+    assert not (out / "base" / "LOCK").exists()  # released at the end of the run
+    return out
+
+
+def refused(out: Path, *args: str) -> str:
+    """Run ``train`` on ``out/base`` with ``args``; check rc 2, one error line, no traceback and an untouched dir."""
+    before = snapshot(out.parent)
+    proc = run_cli("train", *TINY, f"--train.out_dir={out}", "--train.name=base", *args)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("supermoe-rec: error: "), proc.stderr[-4000:]
+    assert snapshot(out.parent) == before
+    return lines[0]
+
+
+def test_a_name_outside_out_dir_is_refused(out: Path) -> None:
+    # Before: --train.name=../escape trained into out_dir/../escape (and pruned ckpt-* dirs there).
+    line = refused(out, "--train.name=../escape")
+    assert "train.name: '../escape' must be one path component" in line
+    assert not (out.parent / "escape").exists()
+
+
+def test_a_changed_shape_resume_is_refused_before_anything_is_written(out: Path) -> None:
+    # Before: config.yaml and plan.txt were overwritten, then DCP's CheckpointException (a BaseException) escaped
+    # as a 77-line traceback, rc 1, and the run could no longer be exported.
+    line = refused(out, "--train.resume=true", "--model.encoder.d_model=64")
+    assert "model.encoder.d_model: 32 -> 64" in line and "refused" in line
+
+
+def test_a_second_run_on_a_locked_run_dir_is_refused(out: Path) -> None:
+    # Before: two concurrent runs of one train.name both exited 0 with a mixed run dir.
+    with RunDirLock(out / "base"):
+        line = refused(out, "--train.resume=true")
+    assert f"is in use by another run (pid {os.getpid()} " in line
+
+
+def test_a_string_timestamp_is_refused_naming_the_row(out: Path, tmp_path: Path) -> None:
+    table = bad_timestamp_table(tmp_path)
+    line = refused(out, f"--config={BYO}", *table_overrides(table))
+    assert line.endswith(f"{table}: row 2, column 'ts': timestamp is not an integer: 'yesterday'")
+
+
+def test_changed_hyper_parameters_need_resume_allow_changes(out: Path) -> None:
+    # Before: --model.moe.top_k=1 --train.lr=0.5 resumed silently (rc 0) and changed the test metrics.
+    changed = ["--train.resume=true", "--model.moe.top_k=1", "--train.lr=0.5"]
+    line = refused(out, *changed)
+    assert "not allowed: model.moe.top_k: 2 -> 1; train.lr: 0.001 -> 0.5" in line
+    assert "--train.resume_allow_changes=model.moe.top_k,train.lr" in line
+    allow = "--train.resume_allow_changes=model.moe.top_k,train.lr"
+    proc = run_cli("train", *TINY, f"--train.out_dir={out}", "--train.name=base", *changed, allow)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resume: accepted change model.moe.top_k: 2 -> 1" in proc.stderr
+    assert "resume: accepted change train.lr: 0.001 -> 0.5" in proc.stderr
+    metrics = json.loads((out / "base" / "metrics.json").read_text())
+    assert metrics["resume_changes"] == [
+        {"key": "model.moe.top_k", "from": 2, "to": 1},
+        {"key": "train.lr", "from": 0.001, "to": 0.5},
+    ]
