@@ -233,7 +233,7 @@ class Schema:
                 raise ConfigError(
                     f"{src}: sequence_features.{f.name}.table: table {f.table!r} is also used by a pooled feature; "
                     "an EmbeddingBagCollection table cannot be shared with an EmbeddingCollection, so make the "
-                    "pooled one a sequence feature of length 1 (as target_item is)"
+                    "pooled one a sequence feature of length 1 (as target_item is; docs/data.md#the-schema)"
                 )
         for f in self.sparse_features:
             if f.per_group:
