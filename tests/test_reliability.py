@@ -208,3 +208,45 @@ def test_lock_is_exclusive_across_processes_racing_for_it(tmp_path: Path) -> Non
         assert proc.returncode == 0, err.decode()[-2000:]
         assert int(out) > 0
     assert time.monotonic() - start < 60
+
+
+# ----------------------------------------------------------------------------------- 8: shapes at config load
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--train.batch_size=-5", r"^train.batch_size: must be at least 1, got -5$"),
+        ("--model.moe.top_k=9", r"^model.moe.top_k: 9 is more than model.moe.num_experts \(8\)$"),
+        ("--model.encoder.num_heads=3", r"^model.encoder.num_heads: 3 does not divide model.encoder.d_model \(64\)$"),
+        ("--model.encoder.d_model=0", r"^model.encoder.d_model: must be at least 1, got 0$"),
+        ("--model.towers.hidden=[64,0]", r"^model.towers.hidden\[1\]: must be at least 1, got 0$"),
+        ("--train.max_steps=-1", r"^train.max_steps: must be at least 0, got -1$"),
+        ("--train.name=../escape", r"^train.name: '../escape' must be one path component"),
+    ],
+)
+def test_shape_errors_are_config_errors_at_load(override: str, message: str) -> None:
+    # Before: a negative batch size, top_k > num_experts or num_heads not dividing d_model failed after data loading
+    # and model build, as tracebacks.
+    from supermoe_rec.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG, [override])
+
+
+def test_shape_error_in_a_config_file_names_the_file_and_key(tmp_path: Path) -> None:
+    from supermoe_rec.config import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(CONFIG.read_text().replace("top_k: 2", "top_k: 12"))
+    with pytest.raises(ConfigError, match=rf"^{path}: model.moe.top_k: 12 is more than model.moe.num_experts"):
+        load_config(path)
+
+
+def test_train_refuses_a_bad_shape_before_starting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--config", str(CONFIG), f"--train.out_dir={tmp_path}", "--model.moe.top_k=9"]
+    assert cli.main(argv) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "supermoe-rec: error: model.moe.top_k: 9 is more than model.moe.num_experts (8)"
+    ]
+    assert list(tmp_path.iterdir()) == []
