@@ -14,7 +14,7 @@ from supermoe_rec.config import ConfigError, DataConfig
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.schema import Schema
-from supermoe_rec.data.splits import load_data
+from supermoe_rec.data.splits import load_data, load_run_data
 from supermoe_rec.data.vocab import Vocabulary, load_vocabularies, save_vocabularies
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +123,7 @@ def test_vocabularies_saved_and_reused(tmp_path: Path) -> None:
     assert load_data(cfg).vocabularies["item"] != data.vocabularies["item"]
     again = load_data(cfg, vocabularies=loaded)
     assert again.vocabularies == data.vocabularies
+    assert load_run_data(cfg, tmp_path).vocabularies == data.vocabularies  # a run dir holding vocab.json
     reused, original = again.splits["valid"].features["item"], data.splits["valid"].features["item"]
     assert reused.values.tolist() == original.values.tolist()
     (tmp_path / "vocab.json").write_text("{}")
