@@ -197,6 +197,7 @@ def expert_paths(device: torch.device, dry_run: bool, repeats: int = 5) -> dict[
         x = torch.randn(tokens, d, device=device)
         router = TopKRouter(d, MoEConfig(num_experts=e, top_k=k, expert_hidden=h, dropless=True), device=device)
         plan = router(x).plan
+        plan = plan._replace(gates=plan.gates.detach())  # timed paths back-propagate into x and the experts only
         module = BatchedExperts(d, h, e, device=device).to(dtype)
         xd = x.to(dtype).requires_grad_(True)
         paths: list[tuple[str, ExpertImpl, GroupedBackend]] = [

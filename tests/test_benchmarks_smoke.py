@@ -74,6 +74,29 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert out["dry_run"] is True and out["bf16"] is True
     assert out["sequence_lookup"] == "embedding_collection"
     assert out["dense_flops_per_step"] > 0 and out["samples_per_s"] > 0
+    # The expert paths ran on CPU (grouped_mm needs CUDA) and agree with the reference loop.
+    rows = out["expert_paths"]["rows"]
+    assert [r["E"] for r in rows] == [4, 8]
+    for r in rows:
+        assert "error" in r["grouped_mm"]
+        for path in ("reference", "bmm", "loop"):
+            assert r[path]["ms"] > 0 and r[path]["max_abs_diff_vs_reference"] < 1e-5, (path, r)
+
+
+def test_moe_layer_quick_prints_the_three_ratios(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "moe_layer.py"), "--quick", "--tokens", "512", "--repeats", "1",
+         "--threads", "1", "--no-wide", "--out", str(tmp_path / "moe.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    keys = [item.split("=")[0] for item in last.split()]
+    assert keys == ["ratio_e256_e4", "fast_vs_loop_e64_k2", "expert_gemm_fraction"], last
+    values = [float(item.split("=")[1]) for item in last.split()]
+    assert all(v > 0 for v in values), last
+    result = json.loads((tmp_path / "moe.json").read_text())
+    assert result["mm_peak_gflops"] > 0 and {r["path"] for r in result["rows"]} >= {"capacity", "reference", "dense"}
 
 
 def test_plain_twin_looks_up_what_sparse_arch_does() -> None:
