@@ -25,7 +25,7 @@ from supermoe_rec.data.errors import DataError, first_true
 from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths, row_of, take_rows
 from supermoe_rec.data.lists import flatten_lists, looks_like_list
 from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema, TableSpec
-from supermoe_rec.data.vocab import Vocabulary, token_keys
+from supermoe_rec.data.vocab import Vocabulary, hash_ids
 from supermoe_rec.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -345,11 +345,8 @@ class TabularDataset:
     def _as_ids(self, values: npt.NDArray[Any], offsets: IntArray, spec: FeatureSpec, table: TableSpec) -> IntArray:
         hashed, num_embeddings = table.hash, table.num_embeddings
         if hashed:
-            # pandas' hash_array uses a fixed key, so the mapping is stable across runs and machines. Values are
-            # hashed as their text (5, 5.0 and "5" are one id), so a parquet and a CSV file agree.
-            ids = pd.util.hash_array(token_keys(values).astype(str)) % num_embeddings
             self.report.hashed_ids[spec.name] = len(values)
-            return ids.astype(np.int64)
+            return hash_ids(values, num_embeddings)  # shared with serving: the same rows at inference
         if values.dtype.kind in "iu":
             ids = values.astype(np.int64)
         else:

@@ -73,6 +73,14 @@ def token_keys(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return np.array([_key(v) for v in values], dtype=object)
 
 
+def hash_ids(values: npt.NDArray[Any], num_embeddings: int) -> IntArray:
+    """Rows of a ``hash: true`` table: each value hashed as its text (5, 5.0 and "5" are one id, so a parquet and a
+    CSV file agree) with pandas' fixed-key hash, so the mapping is the same across runs, machines, training and
+    serving."""
+    hashed = pd.util.hash_array(token_keys(values).astype(str)) % np.uint64(num_embeddings)
+    return np.asarray(hashed, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """The values of one table in row order (row r + 1 holds ``tokens[r]``; row 0 = unknown and padding)."""

@@ -321,11 +321,11 @@ class UserEncoder:
                 counts.unknown_ids[spec.name] = counts.unknown_ids.get(spec.name, 0) + int((rows == 0).sum())
             return rows
         if table.hash:
-            hashed = pd.util.hash_array(values.astype(object) if values.dtype == object else values)
+            from supermoe_rec.data.vocab import hash_ids  # the rows training hashes to (values as their text)
+
             if counts is not None:
                 counts.hashed_ids[spec.name] = counts.hashed_ids.get(spec.name, 0) + len(values)
-            hashed_rows: IntArray = (hashed % np.uint64(table.num_embeddings)).astype(np.int64)
-            return hashed_rows
+            return hash_ids(values, table.num_embeddings)
         if values.dtype.kind in "iu":
             ids = values.astype(np.int64)
         else:

@@ -247,3 +247,25 @@ def test_load_config_refuses_unknown_task_weights(tmp_path: Path) -> None:
         load_config(ROOT / "configs" / "ml100k.yaml", table)
     cfg = load_config(ROOT / "configs" / "byo.yaml", table)  # the template has no task weights
     assert cfg.data.source == "table" and cfg.train.loss.task_weights == {}
+
+
+def test_hashed_ids_agree_across_types() -> None:
+    """A hash table hashes values as their text: ints (parquet), whole floats (CSV with NaN) and strings (a CSV
+    list) of one id land on one row, in training (TabularDataset) and serving (both call hash_ids)."""
+    from supermoe_rec.data.vocab import hash_ids
+
+    rows = hash_ids(np.array([5, 7]), 64).tolist()
+    assert (
+        rows == hash_ids(np.array([5.0, 7.0]), 64).tolist() == hash_ids(np.array(["5", "7"], dtype=object), 64).tolist()
+    )
+    schema = Schema.from_dict(
+        {
+            "user_column": "u",
+            "tables": [{"name": "t", "num_embeddings": 64, "hash": True}],
+            "sparse_features": [{"name": "tags", "column": "tags", "table": "t", "multi_valued": True}],
+            "tasks": [{"name": "y", "type": "binary", "label": "y"}],
+        }
+    )
+    ints = TabularDataset(pd.DataFrame({"u": [1], "tags": [[5, 7]], "y": [1]}), schema, "t")
+    text = TabularDataset(pd.DataFrame({"u": [1], "tags": ["[5 7]"], "y": [1]}), schema, "t")
+    assert ints.features["tags"].values.tolist() == text.features["tags"].values.tolist() == rows
