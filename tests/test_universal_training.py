@@ -64,7 +64,12 @@ def _run(tmp_path: Path, name: str, data: SplitData, *overrides: str) -> dict[st
 
 def test_pretrain_then_fine_tune(tmp_path: Path, next_items_data: SplitData) -> None:
     pretrained = _run(tmp_path, "pre", next_items_data, "--train.objective=next_items", "--train.max_steps=4")
-    assert pretrained["test"]["next_items_loss"] > 0  # type: ignore[index]
+    test = pretrained["test"]
+    assert test["next_items_loss"] > 0  # type: ignore[index]
+    # Retrieval of every test sample's next item over the whole catalogue (the full softmax's candidates).
+    ranked = test["next_item"]  # type: ignore[index]
+    assert ranked["targets"] == 10_439  # the test positives of ml100k-mt (docs/protocol.md#expected-sizes)
+    assert 0 < ranked["mrr@10"] <= ranked["ndcg@10"] <= ranked["hr@10"] <= 1
     # No steps: what is tested is exactly what was loaded.
     tuned = _run(
         tmp_path, "tuned", next_items_data, "--train.objective=joint", "--train.max_steps=0",

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from supermoe_rec.data.batch import Batch
 from supermoe_rec.config import Objective
+from supermoe_rec.data.batch import Batch
 from supermoe_rec.loss import LossOutput, TaskIndicatorLoss
-from supermoe_rec.models.supermoe import ModelOutput
-from supermoe_rec.next_items import NextItemsLoss
+from supermoe_rec.models.supermoe import ModelOutput, NextItemsInputs
+from supermoe_rec.next_items import NextItemsLoss, Softmax
 
 
 @dataclass
@@ -31,6 +31,9 @@ class StepOutput:
     labels: torch.Tensor
     task_mask: torch.Tensor
     user_index: torch.Tensor
+    # [G] 0-based rank of each group's first future item among the whole catalogue (full softmax only), for
+    # next-item retrieval metrics (HR@K, NDCG@K); None without the next-items objective.
+    next_item_rank: torch.Tensor | None = None
 
 
 class StepHead(nn.Module):
@@ -60,6 +63,7 @@ class StepHead(nn.Module):
 
     def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         loss = self.loss_fn(out.predictions, batch.labels, batch.task_mask, out.balance_loss, out.z_loss)
+        rank: torch.Tensor | None = None
         if self.next_items_loss is not None and out.next_items is not None:
             ni = out.next_items
             ni_loss = self.next_items_loss(
@@ -77,9 +81,34 @@ class StepHead(nn.Module):
             else:
                 total = loss.total  # supervised: the next-items loss is measured, not trained
             loss = dataclasses.replace(loss, total=total, next_items=ni_loss.detach())
+            if self.next_items_loss.softmax is Softmax.FULL:
+                rank = catalogue_rank(ni)
         out.predictions = {k: v.detach() for k, v in out.predictions.items()}
-        step = StepOutput(loss, out, labels=batch.labels, task_mask=batch.task_mask, user_index=batch.user_index)
+        out.next_items = None  # the loss has read it: the step output keeps no graph
+        step = StepOutput(loss, out, batch.labels, batch.task_mask, batch.user_index, next_item_rank=rank)
         return loss.total, step
+
+
+def catalogue_rank(ni: NextItemsInputs) -> torch.Tensor:
+    """[G] 0-based rank of each group's first future item when the candidates are the whole catalogue: the items
+    scoring higher, plus tied items with a smaller id (the retrieval suite's rule). Groups without a future item
+    get -1.
+
+    Example::
+
+        >>> ni = NextItemsInputs(torch.eye(2), torch.zeros(2, 1, 2), torch.tensor([[2], [1]]), torch.ones(2, 1),
+        ...                      torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 2, 3]))
+        >>> catalogue_rank(ni).tolist()  # user 0 scores items 1 and 3 above 2; user 1 scores only item 2 above 1
+        [2, 1]
+    """
+    with torch.no_grad():
+        scores = ni.query @ ni.candidates.T  # (G, N)
+        target = ni.positive_ids[:, 0]  # (G,)
+        hit = ni.candidate_ids[None, :] == target[:, None]  # (G, N)
+        target_score = torch.where(hit, scores, float("-inf")).max(dim=1, keepdim=True).values  # (G, 1)
+        above = (scores > target_score) | ((scores == target_score) & (ni.candidate_ids[None, :] < target[:, None]))
+        rank = above.sum(dim=1)
+        return torch.where((ni.positive_mask[:, 0] > 0) & hit.any(dim=1), rank, torch.full_like(rank, -1))
 
 
 class TrainModule(nn.Module):
