@@ -351,6 +351,13 @@ class CheckpointManager:
     def saved_config(self) -> tuple[dict[str, Any], str]:
         """The config LATEST's checkpoint was saved with (a plain mapping) and its file; reads only, on this rank."""
         path = self._resolve("LATEST") / "config.yaml"
+        try:  # a damaged config.yaml is a damaged checkpoint (exit 3), never a "changed config"
+            text = (path.parent / MARKER).read_text()
+            listed = None if text.strip() == "ok" else json.loads(text).get("files", {}).get(path.name)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path.parent}: unreadable {MARKER} manifest ({type(exc).__name__})") from exc
+        if listed is not None and path.is_file() and list(_digest(path)) != list(listed):
+            raise CheckpointError(f"{path.parent}: checkpoint is corrupt: {path.name} fails its size/CRC-32 check")
         try:
             values = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:

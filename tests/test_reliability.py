@@ -6,6 +6,7 @@ Unit checks of the run-dir lock, the run name and the resume policy run in-proce
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from supermoe_rec import cli
 from supermoe_rec.config import ConfigError
@@ -250,3 +252,46 @@ def test_train_refuses_a_bad_shape_before_starting(tmp_path: Path, capsys: pytes
         "supermoe-rec: error: model.moe.top_k: 9 is more than model.moe.num_experts (8)"
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ 1: the checkpoint's config, read before writes
+
+
+def fake_checkpoint(root: Path, config_text: str) -> Path:
+    """A LATEST checkpoint dir holding only config.yaml, with its size and CRC-32 in the COMPLETE manifest."""
+    import zlib
+
+    ckpt = root / "ckpt-000002-last"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(config_text)
+    data = (ckpt / "config.yaml").read_bytes()
+    manifest = {"format": 1, "files": {"config.yaml": [len(data), zlib.crc32(data)]}}
+    (ckpt / "COMPLETE").write_text(json.dumps(manifest))
+    (root / "LATEST").write_text(ckpt.name)
+    return ckpt / "config.yaml"
+
+
+def test_the_checkpoint_config_is_read_and_a_damaged_one_is_a_checkpoint_error(tmp_path: Path) -> None:
+    from supermoe_rec.checkpoint import CheckpointError, CheckpointManager
+    from supermoe_rec.config import load_config, save_config
+
+    cfg = load_config(CONFIG, ["--model.encoder.d_model=32"])
+    save_config(cfg, tmp_path / "c.yaml")
+    config = fake_checkpoint(tmp_path / "checkpoints", (tmp_path / "c.yaml").read_text())
+    manager = CheckpointManager(tmp_path / "checkpoints", cfg)
+    saved, source = manager.saved_config()
+    assert saved == to_dict_plain(cfg) and source == str(config)
+    # A damaged config.yaml is a damaged checkpoint (exit 3), never a "changed config" (exit 2).
+    config.write_text(config.read_text().replace("d_model: 32", "d_model: 64"))  # same size, other CRC
+    with pytest.raises(CheckpointError, match=r"checkpoint is corrupt: config.yaml fails its size/CRC-32 check"):
+        manager.saved_config()
+    (tmp_path / "checkpoints" / "LATEST").unlink()
+    with pytest.raises(CheckpointError, match=r"no checkpoint to resume from"):
+        manager.saved_config()
+
+
+def to_dict_plain(cfg: object) -> object:
+    """The config as config.yaml holds it (lists, not tuples)."""
+    from supermoe_rec.config import to_dict
+
+    return yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
