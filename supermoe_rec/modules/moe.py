@@ -51,6 +51,13 @@ class MoELayer(nn.Module):
     the dispatch/combine with all-to-alls. The losses are returned unweighted; ``train.loss.balance_loss_weight`` and
     ``train.loss.z_loss_weight`` are applied by the loss module.
 
+    The recipe (``config``): ``num_shared_experts`` S adds S always-active experts of width H (``shared``, one
+    :class:`~supermoe_rec.modules.experts.DenseFFN` of width S*H) to the routed output; ``score_func`` and
+    ``load_balance`` are the router's (:mod:`~supermoe_rec.modules.gating`; under ``bias`` the trainer calls
+    :func:`~supermoe_rec.modules.gating.update_router_biases` after every step); ``dropless`` runs the dropless
+    fast path. Diagnostics accumulate in ``stats`` while ``collect_stats`` is set
+    (:mod:`supermoe_rec.modules.moe_stats`).
+
     The layer always holds all E experts. Expert parallelism is applied from outside, to a built model:
     :func:`supermoe_rec.distributed.expert_parallel.parallelize_experts` swaps ``experts`` for this rank's share,
     whose :meth:`~supermoe_rec.modules.experts.BatchedExperts.globalize` makes the losses and statistics global.
