@@ -25,6 +25,9 @@ from supermoe_rec.rundir import RunDirLock
 
 from .test_reliability import BYO, CONFIG, bad_timestamp_table, error_lines, run_cli, table_overrides
 
+# Seven CLI runs (two of them train): about 4.5 minutes on 2 busy cores.
+pytestmark = pytest.mark.slow
+
 TINY = [
     f"--config={CONFIG}",
     "--train.tensorboard=false",
