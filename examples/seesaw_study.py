@@ -26,7 +26,8 @@ from pathlib import Path
 import pandas as pd
 from _shared import CONFIG, out_dir, quiet  # examples/ is on sys.path: run as a script, or from the notebooks
 
-from supermoe_rec.compare import Report, compare
+from supermoe_rec.compare import compare
+from supermoe_rec.seesaw import Report
 
 ARCHS = ("shared_bottom", "supermoe")
 # One binary and one regression task: both gain directions, with 3 runs per arch and seed.
@@ -74,7 +75,7 @@ def main(
         tasks: the multi-task model's tasks (at least two).
 
     Returns:
-        the report (see :class:`supermoe_rec.compare.Report`).
+        the report (see :class:`supermoe_rec.seesaw.Report`).
     """
     out = out or out_dir("seesaw")
     return compare(CONFIG, archs, seeds=seeds, out=out, force=force, overrides=study_overrides(steps, tasks))

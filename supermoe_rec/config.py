@@ -26,20 +26,17 @@ Example::
     >>> apply_overrides(cfg, ["--train.lrr=0.01"])
     Traceback (most recent call last):
     ...
-    supermoe_rec.config.ConfigError: train.lrr: unknown key (known: ...)
+    supermoe_rec.configbase.ConfigError: train.lrr: unknown key (known: ...)
     >>> apply_overrides(cfg, ["--model.d_model=32"])  # a key of the earlier flat layout names its new place
     Traceback (most recent call last):
     ...
-    supermoe_rec.config.ConfigError: model.d_model: this key moved to model.encoder.d_model
+    supermoe_rec.configbase.ConfigError: model.d_model: this key moved to model.encoder.d_model
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +44,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with the dotted key or the file it concerns."""
+from supermoe_rec.configbase import MOVED_KEYS as MOVED_KEYS
+from supermoe_rec.configbase import REMOVED_KEYS as REMOVED_KEYS
+from supermoe_rec.configbase import ConfigError as ConfigError
+from supermoe_rec.configbase import from_dict as from_dict
+from supermoe_rec.configbase import to_dict as to_dict
+from supermoe_rec.configbase import unknown_key_error
+from supermoe_rec.data.schema import check_table_config
+from supermoe_rec.tasks import TaskType as TaskType
 
 
 class Arch(str, enum.Enum):
@@ -61,13 +63,6 @@ class Arch(str, enum.Enum):
     MMOE = "mmoe"
     PLE = "ple"
     SINGLE_TASK = "single_task"
-
-
-class TaskType(str, enum.Enum):
-    """How a task's label is modelled: a binary logit or a regression value."""
-
-    BINARY = "binary"
-    REGRESSION = "regression"
 
 
 class RegressionLoss(str, enum.Enum):
@@ -378,7 +373,9 @@ class ExperimentConfig:
                     "transformer archs (supermoe, dense_transformer) have"
                 )
         if self.model.towers.read_user and not transformer:
-            raise ConfigError("model.towers.read_user: only the transformer archs (supermoe, dense_transformer) have [USER]")
+            raise ConfigError(
+                "model.towers.read_user: only the transformer archs (supermoe, dense_transformer) have [USER]"
+            )
         if self.data.next_window < 0:
             raise ConfigError(f"data.next_window: must be >= 0, got {self.data.next_window}")
         check_values(self)
@@ -404,7 +401,7 @@ def check_run_name(name: str, key: str = "train.name") -> None:
         >>> check_run_name("../escape")
         Traceback (most recent call last):
         ...
-        supermoe_rec.config.ConfigError: train.name: '../escape' must be one path component ...
+        supermoe_rec.configbase.ConfigError: train.name: '../escape' must be one path component ...
     """
     if not _SAFE_NAME.fullmatch(name) or len(name.encode()) > _MAX_NAME_BYTES:
         raise ConfigError(
@@ -458,136 +455,6 @@ def check_values(cfg: ExperimentConfig) -> None:
     check_run_name(train.name)
 
 
-C = TypeVar("C")
-
-
-# Keys of the earlier flat layout, and where each lives now: loading or overriding one is an error naming its new key.
-MOVED_KEYS: dict[str, str] = {
-    **{
-        f"model.{k}": f"model.encoder.{k}"
-        for k in ("d_model", "num_layers", "num_heads", "ffn_hidden", "use_task_tokens", "item_interaction", "dropout")
-    },
-    **{
-        f"model.{k}": f"model.mlp.{k}"
-        for k in ("bottom_hidden", "mmoe_experts", "ple_shared_experts", "ple_task_experts", "ple_levels")
-    },
-    "model.tower_hidden": "model.towers.hidden",
-    "model.moe.balance_loss_weight": "train.loss.balance_loss_weight",
-    "model.moe.z_loss_weight": "train.loss.z_loss_weight",
-    "model.moe.expert_parallel": "train.expert_parallel",
-    **{
-        f"train.{k}": f"train.loss.{k}"
-        for k in ("task_weights", "uncertainty_weighting", "regression_loss", "huber_delta")
-    },
-}
-# Keys that are gone: the error says what replaces them.
-REMOVED_KEYS: dict[str, str] = {
-    "model.use_moe": "model.arch is the only switch between MoE and dense (model.arch: dense_transformer is the dense "
-    "twin of supermoe)",
-}
-
-
-def _unknown_key(key: str, known: Sequence[str]) -> ConfigError:
-    if key in MOVED_KEYS:
-        return ConfigError(f"{key}: this key moved to {MOVED_KEYS[key]}")
-    if key in REMOVED_KEYS:
-        return ConfigError(f"{key}: this key was removed: {REMOVED_KEYS[key]}")
-    return ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
-
-
-def _convert(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against ``annotation`` and convert it (enums, tuples, nested dataclasses)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {annotation}")
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, got {value!r}")
-        return _build(annotation, value, key)
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        if isinstance(value, annotation):
-            return value
-        choices = [m.value for m in annotation]
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
-        return annotation(value)
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        if isinstance(value, str) or not isinstance(value, Sequence):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        item_type = args[0]
-        return tuple(_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        key_type, value_type = typing.get_args(annotation)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_convert(k, key_type, f"{key}"): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported annotation {annotation!r}")  # a bug in a config class
-
-
-def _build(cls: type[C], values: Mapping[str, Any], prefix: str = "") -> C:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in fields:
-            raise _unknown_key(key, sorted(fields))
-        kwargs[name] = _convert(value, hints[name], key)
-    return cls(**kwargs)
-
-
-def from_dict(values: Mapping[str, Any], cls: type[C] = ExperimentConfig) -> C:  # type: ignore[assignment]
-    """Build a config from a plain mapping, strictly."""
-    return _build(cls, values)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain YAML-safe mapping of a config (enums as their values, tuples as lists)."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, enum.Enum):
-            return v.value
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    result = plain(cfg)
-    assert isinstance(result, dict)
-    return result
-
-
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load a YAML config file strictly, then apply ``--section.key=value`` overrides."""
     path = Path(path)
@@ -607,12 +474,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     cfg = apply_overrides(cfg, overrides)
-    # source: table: task names against the schema, ml-mt-only keys warned about (docs/data.md). Imported here:
-    # the schema module imports this one.
-    from supermoe_rec.data.schema import check_table_config
-
+    # source: table: task names against the schema, ml-mt-only keys warned about (docs/data.md).
     check_table_config(cfg)
     return cfg
+
+
+C = TypeVar("C")
 
 
 def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
@@ -631,7 +498,7 @@ def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
                 raise ConfigError(f"{'.'.join(parts[: depth + 1])}: unknown section")
             node = child
         if parts[-1] not in node:
-            raise _unknown_key(dotted, sorted(node))
+            raise unknown_key_error(dotted, sorted(node))
         try:
             node[parts[-1]] = yaml.safe_load(raw_value) if raw_value != "" else ""
         except yaml.YAMLError as exc:

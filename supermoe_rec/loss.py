@@ -261,14 +261,3 @@ class TaskIndicatorLoss(nn.Module):
             balance_loss=zero if balance_loss is None else balance_loss.detach(),
             z_loss=zero if z_loss is None else z_loss.detach(),
         )
-
-    def effective_weights(self) -> dict[str, float]:
-        """Current multiplier of each task's mean loss, for logging: ``w_t``, or ``w_t · c_t · exp(-s_t)``."""
-        out: dict[str, float] = {}
-        for t, task in enumerate(self.tasks):
-            w = self.weights[t]
-            if self.log_vars is not None:
-                scale = 0.5 if task.type is TaskType.REGRESSION else 1.0
-                w = w * scale * math.exp(-float(self.log_vars[t].detach()))
-            out[task.name] = w
-        return out

@@ -72,7 +72,6 @@ from typing import Any
 
 import torch
 from tabulate import tabulate
-from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.constants import DDR_CAP
 from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
@@ -83,6 +82,7 @@ from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, SparseOptim
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.synthetic import CANDIDATES_PER_GROUP, synthetic_schema
 from supermoe_rec.distributed.sharding import build_train_module, sharders, sharding_constraints
+from supermoe_rec.models.factory import count_parameters
 from supermoe_rec.models.train_module import TrainModule
 from supermoe_rec.modules.embeddings import SparseArch, resolve_sequence_lookup
 from supermoe_rec.modules.experts import BatchedExperts
@@ -198,16 +198,6 @@ def build_meta_module(cfg: ExperimentConfig, schema: Schema) -> TrainModule:
     """The trainer's module (model + loss), every parameter on meta, sparse optimizer fused as in training."""
     meta = torch.device("meta")
     return build_train_module(cfg, schema, device=meta, sparse_device=meta)
-
-
-def count_params(model: nn.Module) -> dict[str, int]:
-    """Total, embedding (tables), experts (every :class:`BatchedExperts`) and dense (= total - embedding)."""
-    sparse_arch = model.sparse_arch
-    assert isinstance(sparse_arch, SparseArch)
-    embedding = sum(p.numel() for p in sparse_arch.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    experts = sum(p.numel() for m in model.modules() if isinstance(m, BatchedExperts) for p in m.parameters())
-    return {"total": total, "embedding": embedding, "dense": total - embedding, "experts": experts}
 
 
 def optimizer_state_per_weight(kind: SparseOptimizer, dim: int) -> float:
@@ -391,7 +381,7 @@ def plan_config(cfg: ExperimentConfig, cluster: ClusterSpec, config_name: str = 
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sequence_lookup=lookup))
     schema = plan_schema(cfg)
     module = build_meta_module(cfg, schema)
-    params = count_params(module.model)
+    params = count_parameters(module.model)
     dense_mem = _dense_memory(params, expert_parallel, W)
 
     # Table sizes from the built collections (a table shared by pooled and sequence features is built in both).

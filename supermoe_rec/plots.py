@@ -1,4 +1,5 @@
-"""PNG plots of a run: training curves, MoE expert load and per-token-kind routing. Arrays in, PNG out.
+"""PNG plots of a run (training curves, MoE expert load, per-token-kind routing) and of a comparison (MTL gain per
+task). Arrays in, PNG out.
 
 Dimension letters: Λ MoE layers, E experts, T tasks (routing rows are ``[USER]``, the T task tokens, ``history``).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,12 +26,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+if TYPE_CHECKING:
+    from supermoe_rec.seesaw import Report
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DPI = 110
 
 __all__ = [
     "PNG_SIGNATURE",
     "plot_expert_load",
+    "plot_gains",
     "plot_routing_heatmap",
     "plot_training_curves",
     "primary_metric_name",
@@ -193,3 +198,34 @@ def plot_routing_heatmap(
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of the row's assignments")
     return _save(fig, out_png)
+
+
+def plot_gains(report: Report, path: Path) -> None:
+    """Bar chart of the mean MTL gain (± std over seeds) per architecture, one panel per task.
+
+    Args:
+        report: the comparison's report (:class:`supermoe_rec.seesaw.Report`).
+        path: the PNG to write.
+    """
+    archs = list(report["archs"])
+    tasks = list(next(iter(report["archs"].values()))["tasks"])
+    fig = Figure(figsize=(max(4.0, 1.2 + 0.9 * len(archs)) * len(tasks), 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        entries = [report["archs"][a]["tasks"][task] for a in archs]
+        gains = [e["mtl_gain"] for e in entries]
+        ax.bar(
+            range(len(archs)),
+            gains,
+            yerr=[e["mtl_gain_std"] for e in entries],
+            capsize=4,
+            color=["tab:green" if g >= 0 else "tab:red" for g in gains],
+        )
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(archs)), archs, rotation=30, ha="right")
+        direction = "multi − single" if entries[0]["higher_is_better"] else "single − multi"
+        ax.set_title(f"{task} ({entries[0]['metric'].upper()}: {direction})")
+        ax.set_ylabel("MTL gain")
+    fig.suptitle(f"MTL gain per task, mean ± std over {len(report['seeds'])} seed(s); above 0: multi-task helps")
+    fig.savefig(path, dpi=110)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
 from dataclasses import dataclass
 
-from supermoe_rec.config import TaskType
+
+class TaskType(str, enum.Enum):
+    """How a task's label is modelled: a binary logit or a regression value."""
+
+    BINARY = "binary"
+    REGRESSION = "regression"
 
 
 @dataclass(frozen=True)
@@ -14,11 +19,3 @@ class TaskSpec:
 
     name: str
     type: TaskType
-
-
-def task_index(tasks: Sequence[TaskSpec], name: str) -> int:
-    """Column of task ``name`` in ``labels``/``task_mask`` [B, T]; a clear error for an unknown task."""
-    for i, task in enumerate(tasks):
-        if task.name == name:
-            return i
-    raise KeyError(f"unknown task {name!r} (known: {', '.join(t.name for t in tasks)})")

@@ -14,25 +14,20 @@ import pytest
 
 from supermoe_rec import cli
 from supermoe_rec.ablate import ablate, best_valid, render_ablations, select_variants
-from supermoe_rec.compare import (
+from supermoe_rec.compare import compare, parse_archs, plan_runs
+from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, TaskType, apply_overrides, to_dict
+from supermoe_rec.data.movielens import MovieLens
+from supermoe_rec.executor import RunSpec, config_key, finished_metrics, make_run
+from supermoe_rec.seesaw import (
     GAIN_PLOT,
     ArchPlan,
     Report,
-    RunSpec,
     build_report,
-    compare,
-    config_key,
-    finished_metrics,
-    make_run,
     mean_std,
     mtl_gains,
-    parse_archs,
-    plan_runs,
     seesaw_free,
     summarize_task,
 )
-from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, TaskType, apply_overrides, to_dict
-from supermoe_rec.data.movielens import MovieLens
 from supermoe_rec.tasks import TaskSpec
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml"

@@ -140,9 +140,6 @@ def test_uncertainty_weighting_value_and_gradient() -> None:
     assert grad is not None
     assert grad[0].item() == pytest.approx(-math.exp(-s_ctr) * l_ctr + 0.5, abs=1e-5)
     assert grad[1].item() == pytest.approx(2.0 * (-0.5 * math.exp(-s_rating) * l_rating + 0.5), abs=1e-5)
-    weights = loss_fn.effective_weights()
-    assert weights["ctr"] == pytest.approx(math.exp(-s_ctr))
-    assert weights["rating"] == pytest.approx(2.0 * 0.5 * math.exp(-s_rating))
 
 
 def test_meta_construction_and_reset() -> None:

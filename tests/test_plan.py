@@ -13,8 +13,8 @@ import torch
 from supermoe_rec import cli
 from supermoe_rec.config import Arch, ExperimentConfig, apply_overrides, load_config
 from supermoe_rec.data.synthetic import USER_SEGMENTS, synthetic_schema
-from supermoe_rec.models.factory import build_model
-from supermoe_rec.plan import REPORT_KEYS, ClusterSpec, PlanError, PlanReport, count_params, plan_command
+from supermoe_rec.models.factory import build_model, count_parameters
+from supermoe_rec.plan import REPORT_KEYS, ClusterSpec, PlanError, PlanReport, plan_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"scale_1b": 1e9, "scale_100b": 1e11, "scale_1t": 1e12}
@@ -89,11 +89,11 @@ def _hand_count(cfg: ExperimentConfig) -> tuple[int, int]:
 def test_parameter_totals(name: str) -> None:
     cfg = load_config(_config(name))
     meta = torch.device("meta")
-    counts = count_params(build_model(cfg.model, synthetic_schema(cfg.data), device=meta))
+    counts = count_parameters(build_model(cfg.model, synthetic_schema(cfg.data), device=meta))
     tables, experts = _hand_count(cfg)
     # The rest of the dense part does not depend on the table sizes: count it on a copy with tiny tables.
     tiny = apply_overrides(cfg, ["--data.synthetic_users=10", "--data.synthetic_items=10"])
-    tiny_counts = count_params(build_model(tiny.model, synthetic_schema(tiny.data), device=meta))
+    tiny_counts = count_parameters(build_model(tiny.model, synthetic_schema(tiny.data), device=meta))
     other_dense = tiny_counts["dense"] - tiny_counts["experts"]
     assert counts["embedding"] == tables
     assert counts["experts"] == experts

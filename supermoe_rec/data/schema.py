@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from supermoe_rec.config import ConfigError, TaskType, from_dict
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.configbase import ConfigError, from_dict
+from supermoe_rec.tasks import TaskSpec, TaskType
 
 if TYPE_CHECKING:
     from supermoe_rec.config import ExperimentConfig
@@ -334,15 +334,13 @@ def check_table_config(cfg: ExperimentConfig) -> list[str]:
     file is reported when the data loads). ml-mt-only and synthetic keys set to non-default values do nothing with
     a table: each is named in a warning, which is also returned.
     """
-    from supermoe_rec.config import DataConfig
-
     data = cfg.data
     if data.source != "table":
         return []
-    defaults = DataConfig()
+    defaults = type(data)()
     ignored = [
         f"data.{f.name}"
-        for f in dataclasses.fields(DataConfig)
+        for f in dataclasses.fields(data)
         if (f.name in ML_MT_ONLY_KEYS or f.name.startswith(("synthetic_", "next_")))
         and getattr(data, f.name) != getattr(defaults, f.name)
     ]

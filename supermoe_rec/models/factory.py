@@ -135,28 +135,59 @@ def build_model(
     return MultiTaskMLPRec(sparse_arch, backbone, towers, layout)
 
 
+def count_parameters(model: nn.Module, top_k: int | None = None) -> dict[str, int]:
+    """The one parameter counter: of any model, encoder or layer (built on any device, ``meta`` included).
+
+    Args:
+        model: the module.
+        top_k: K, the experts each token runs; given, ``dense_active`` is counted too.
+
+    Returns:
+        ``total``; ``embedding`` (the tables of every :class:`SparseArch` inside); ``dense`` (= total - embedding,
+        experts included); ``experts`` (every :class:`BatchedExperts`); with ``top_k``, ``dense_active``: the dense
+        parameters one token (one sample) uses, i.e. ``dense`` less the E - K experts of each MoE layer it skips.
+
+    Example::
+
+        >>> from supermoe_rec.config import MoEConfig
+        >>> from supermoe_rec.modules.moe import MoELayer
+        >>> counts = count_parameters(MoELayer(4, MoEConfig(num_experts=4, top_k=1, expert_hidden=2)), top_k=1)
+        >>> per_expert = 4 * 2 + 2 + 2 * 4 + 4  # w1, b1, w2, b2 of one expert
+        >>> counts["experts"] == 4 * per_expert, counts["dense"] - counts["dense_active"] == 3 * per_expert
+        (True, True)
+    """
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for m in model.modules() if isinstance(m, SparseArch) for p in m.parameters())
+    experts = [m for m in model.modules() if isinstance(m, BatchedExperts)]
+    counts = {
+        "total": total,
+        "embedding": embedding,
+        "dense": total - embedding,
+        "experts": sum(p.numel() for m in experts for p in m.parameters()),
+    }
+    if top_k is not None:
+        inactive = 0
+        for module in experts:
+            per_expert = sum(p.numel() for p in module.parameters()) // module.num_experts
+            inactive += per_expert * (module.num_experts - min(top_k, module.num_experts))
+        counts["dense_active"] = counts["dense"] - inactive
+    return counts
+
+
 def parameter_report(model: nn.Module, cfg: ModelConfig, batch: Batch | None = None) -> dict[str, Any]:
-    """Total, embedding, dense and active-per-sample parameter counts.
+    """Total, embedding, dense and active-per-sample parameter counts (:func:`count_parameters`).
 
     Active per sample = dense parameters a sample uses (for each MoE layer only K of its E experts) plus the
     embedding rows it looks up (ids per row in ``batch`` × their width; history counted once per group, as it is
     looked up once per group). Without a batch, only the dense part is reported.
     """
-    sparse_arch = model.sparse_arch
-    assert isinstance(sparse_arch, SparseArch)
-    embedding = sum(p.numel() for p in sparse_arch.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for module in model.modules():
-        if isinstance(module, BatchedExperts):
-            per_expert = sum(p.numel() for p in module.parameters()) // module.num_experts
-            inactive += per_expert * (module.num_experts - min(cfg.moe.top_k, module.num_experts))
+    counts = count_parameters(model, top_k=cfg.moe.top_k)
     report: dict[str, Any] = {
         "arch": cfg.arch.value,
-        "params_total": total,
-        "params_embedding": embedding,
-        "params_dense": total - embedding,
-        "params_dense_active_per_sample": total - embedding - inactive,
+        "params_total": counts["total"],
+        "params_embedding": counts["embedding"],
+        "params_dense": counts["dense"],
+        "params_dense_active_per_sample": counts["dense_active"],
     }
     if batch is not None:
         ids = batch.sparse_features.values().numel() + batch.sequence_features.values().numel()

@@ -3,7 +3,8 @@
 Dimension letters: N tokens (already-flattened real tokens, N = number of non-padding B*L positions), D model dim,
 E experts, K top-k, C capacity (slots per expert).
 
-Routing is split in two so that expert parallelism can later swap the data movement without touching the maths:
+Routing is split in two, so that expert parallelism (:mod:`supermoe_rec.distributed.expert_parallel`) swaps the
+data movement without touching the maths:
 
 1. :class:`TopKRouter` scores tokens and picks K experts per token (``expert_index`` [N, K], ``gates`` [N, K]),
    and computes the auxiliary losses.

@@ -395,19 +395,6 @@ class MoETransformerEncoder(nn.Module):
             block.reset_parameters()
         self.final_norm.reset_parameters()
 
-    def num_parameters(self) -> int:
-        """Total parameter count."""
-        return sum(p.numel() for p in self.parameters())
-
-    def active_parameters_per_token(self) -> int:
-        """Parameters a token uses: everything except, per MoE layer, the E - K experts it is not routed to."""
-        total = self.num_parameters()
-        for layer in self.moe_layers:
-            ex = layer.experts
-            per_expert = sum(p[0].numel() for p in (ex.w1, ex.b1, ex.w2, ex.b2))
-            total -= (layer.config.num_experts - layer.config.top_k) * per_expert
-        return total
-
     def _truncate(self, history: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Keep at most ``max_history`` most recent items per row and drop all-padding columns.
 

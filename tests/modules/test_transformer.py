@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from supermoe_rec.config import Arch, EncoderConfig, ModelConfig, MoEConfig
+from supermoe_rec.models.factory import count_parameters
 from supermoe_rec.modules.experts import DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer
 from supermoe_rec.modules.transformer import AttentionImpl, EncoderOutput, MoETransformerEncoder
@@ -255,7 +256,8 @@ def test_dense_hidden_for_moe_blocks() -> None:
     ffns = [b.ffn for b in enc.blocks]
     assert all(isinstance(f, DenseFFN) for f in ffns)
     assert [f.hidden for f in ffns] == [32, 16, 32, 16]
-    assert enc.active_parameters_per_token() == enc.num_parameters()
+    counts = count_parameters(enc, top_k=K)
+    assert counts["dense_active"] == counts["total"] and counts["experts"] == 0
     out = enc(*_batch([2, 3]))
     assert out.tokens_per_expert.shape == (0, E) and out.task_expert_counts.shape == (0, T + 2, E)
     # Without the argument every dense block has ffn_hidden; with arch supermoe the MoE blocks stay MoE.
@@ -267,8 +269,10 @@ def test_dense_hidden_for_moe_blocks() -> None:
 def test_active_parameters_per_token() -> None:
     enc = _encoder(_cfg({"moe_every": 2}, num_layers=4))
     per_expert = D * 8 + 8 + 8 * D + D
-    assert enc.num_parameters() == sum(p.numel() for p in enc.parameters())
-    assert enc.active_parameters_per_token() == enc.num_parameters() - 2 * (E - K) * per_expert
+    counts = count_parameters(enc, top_k=K)
+    assert counts["total"] == counts["dense"] == sum(p.numel() for p in enc.parameters())
+    assert counts["experts"] == 2 * E * per_expert
+    assert counts["dense_active"] == counts["total"] - 2 * (E - K) * per_expert
 
 
 def test_input_dim_equal_to_d_model_has_no_projection() -> None:
