@@ -141,7 +141,9 @@ def test_choose_expert_shape_hits_the_target_and_counts_match_the_layer() -> Non
             assert shape.top_k == max(1, round(math.sqrt(e) / 2))
             layer = MoELayer(d, _cfg(num_experts=e, top_k=shape.top_k, expert_hidden=shape.expert_hidden,
                                      num_shared_experts=s))  # fmt: skip
-            assert sum(p.numel() for p in layer.parameters()) == shape.total == total_params(d, e, shape.expert_hidden, s)
+            assert (
+                sum(p.numel() for p in layer.parameters()) == shape.total == total_params(d, e, shape.expert_hidden, s)
+            )
     totals = [choose_expert_shape(d, target, e).total for e in (4, 16, 64)]
     assert totals == sorted(totals) and totals[-1] > 3 * totals[0]  # fine-grained arms still grow in parameters
     assert "E=16 K=2" in choose_expert_shape(d, target, 16).describe()
