@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from supermoe_rec.config import (
     ConfigError,
@@ -14,7 +15,7 @@ from supermoe_rec.config import (
     apply_overrides,
 )
 from supermoe_rec.data.batch import Batch
-from supermoe_rec.data.dataset import TabularDataset
+from supermoe_rec.data.dataset import TabularDataset, spread_candidates
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.distributed.sharding import build_train_module
 from supermoe_rec.models.supermoe import SuperMoERec
@@ -136,3 +137,21 @@ def test_objectives_need_future_items_and_a_user_token() -> None:
         apply_overrides(ExperimentConfig(), ["--train.objective=joint", "--data.next_window=1", "--model.arch=mmoe"])
     cfg = apply_overrides(ExperimentConfig(), ["--train.objective=next_items", "--data.next_window=2"])
     assert cfg.train.objective is Objective.NEXT_ITEMS
+
+
+def test_catalogue_rank_needs_the_catalogue() -> None:
+    schema = _schema()
+    module = _module(schema, "--train.objective=joint")
+    full = _batch(schema)
+    _, out = module(full)
+    assert out.next_item_rank is not None and int(out.next_item_rank.min()) >= 0
+    # Batches built without candidates (export, probes) still run, and rank nothing.
+    ds_batch = _batch(schema)
+    ds_batch.sequence_features = KeyedJaggedTensor.concat(
+        [
+            ds_batch.sequence_features.split([3, 1])[0],
+            spread_candidates(None, ds_batch.batch_size),
+        ]
+    )
+    _, out = module(ds_batch)
+    assert out.next_item_rank is None
