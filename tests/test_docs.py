@@ -233,8 +233,8 @@ def package_layers(design: str) -> dict[str, int]:
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     layers: dict[str, int] = {}
     for i, row in enumerate(rows[: next(i for i, r in enumerate(rows) if r.startswith("| `configs/`"))]):
-        for name in re.findall(r"`([\w]+)(?:\.py|/)`", row.split("|")[1]):
-            layers[name] = i
+        for name in re.findall(r"`([\w/]+?)(?:\.py|/)`", row.split("|")[1]):
+            layers[name] = i  # "config", "data" (a folder) or "data/schema" (one module of a folder)
     return layers
 
 
@@ -243,7 +243,8 @@ def upward_imports(layers: dict[str, int], package: Path) -> list[str]:
     and modules the table does not list."""
     problems = []
     for path in sorted(package.rglob("*.py")):
-        top = path.relative_to(package).with_suffix("").parts[0]
+        parts = path.relative_to(package).with_suffix("").parts
+        top = "/".join(parts[:2]) if "/".join(parts[:2]) in layers else parts[0]
         if top == "__init__":
             continue
         if top not in layers:
@@ -267,7 +268,8 @@ def upward_imports(layers: dict[str, int], package: Path) -> list[str]:
                 continue
             for name in names:
                 parts = name.split(".")
-                if parts[0] == "supermoe_rec" and len(parts) > 1 and layers.get(parts[1], -1) > layers[top]:
+                target = "/".join(parts[1:3]) if "/".join(parts[1:3]) in layers else parts[1] if len(parts) > 1 else ""
+                if parts[0] == "supermoe_rec" and layers.get(target, -1) > layers[top]:
                     problems.append(f"{path.relative_to(package.parent)}:{node.lineno}: imports {name}, a lower row")
     return problems
 
