@@ -938,7 +938,7 @@ def aggregate_suites(
     is theirs instead of ``run_dirs``'.
 
     Raises:
-        ConfigError: fewer than 2 runs, a run without ``universal.json``, or runs with different kinds or tasks.
+        ConfigError: no run, a run without ``universal.json``, or runs with different kinds or tasks.
     """
     results = _read_suites(run_dirs)
     first = results[0]
@@ -955,14 +955,19 @@ def aggregate_suites(
             else:
                 values = np.asarray([float(b[key]) for b in blocks], dtype=np.float64)
                 mean[key] = float(np.mean(values))
-                std[key] = float(np.std(values, ddof=1))
+                # One run has no spread: its std is reported as 0 and the title says there was one run.
+                std[key] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         return mean, std
 
     emb_mean, emb_std = stats([r["embeddings"] for r in results])
     retrieval_results = results if not retrieval_runs else _read_suites(retrieval_runs)
     ret_mean, ret_std = stats([r["retrieval"] for r in retrieval_results])
     out: dict[str, Any] = {
-        "title": f"Universality suite, mean ± std over {len(results)} runs",
+        "title": (
+            f"Universality suite, mean ± std over {len(results)} runs"
+            if len(results) > 1
+            else "Universality suite of one run (one seed: no std; ± 0 below means one run, not no spread)"
+        ),
         "run": ", ".join(str(r) for r in run_dirs),
         "runs": [str(r) for r in run_dirs],
         "num_runs": len(results),
@@ -989,8 +994,8 @@ def aggregate_suites(
 
 
 def _read_suites(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    if len(run_dirs) < 2:
-        raise ConfigError("--suite-aggregate: give at least 2 runs (e.g. 3 seeds)")
+    if not run_dirs:
+        raise ConfigError("--suite-aggregate: give at least 1 run (e.g. 3 seeds)")
     results = []
     for run in run_dirs:
         path = Path(run) / SUITE_JSON

@@ -264,8 +264,11 @@ def test_aggregate_three_runs(tmp_path: Path) -> None:
     assert "0.2000 ± 0.1000" in md and "universal.png" in md
     assert "| supermoe | recbole_sasrec | 2.000   |" in md  # NDCG@10 ratio 0.1 / 0.05
     assert (out / "universal.png").read_bytes()[:8] == PNG_SIGNATURE
-    with pytest.raises(Exception, match="at least 2 runs"):
-        aggregate_suites(runs[:1], out)
+    with pytest.raises(Exception, match="at least 1 run"):
+        aggregate_suites([], out)
+    single = aggregate_suites(runs[:1], tmp_path / "one")  # one seed: its figures, std 0, said in the title
+    assert single["num_runs"] == 1 and "one run" in single["title"]
+    assert single["std"]["retrieval"]["supermoe"]["hr@10"] == 0.0
     # Retrieval from other runs (e.g. the leave-one-out twins): their table replaces the runs' own.
     twins = []
     for i, value in enumerate((0.4, 0.6)):
