@@ -133,3 +133,15 @@ def test_train_memory_quick(tmp_path: Path) -> None:
     assert [r["every"] for r in out["results"]] == [0, 2]
     for r in out["results"]:
         assert r["steps"] == 3 and r["peak_rss_bytes"] > 100 * 2**20 and r["train_samples_per_s"] > 0, r
+
+
+def test_next_items_cost_quick(tmp_path: Path) -> None:
+    out = _run("next_items_cost.py", ["--quick"], tmp_path / "cost.json", timeout_s=600)
+    assert set(out["ms_per_step"]) == {
+        "ml100k/supervised",
+        "ml100k/joint_full",
+        "synthetic/supervised",
+        "synthetic/joint_sampled",
+    }
+    assert all(ms > 0 for ms in out["ms_per_step"].values())
+    assert out["full_over_supervised_ml100k"] > 0 and out["sampled_over_supervised_synthetic"] > 0
