@@ -216,6 +216,9 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
+NEXT_ITEM_K = 10
+
+
 def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) -> dict[str, Any]:
     """Per-task metrics on a split, exact over all ranks, and the loss as a row-weighted mean of batch losses.
 
@@ -226,6 +229,7 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
     loader.set_epoch(0)
     evaluator = MultiTaskEvaluator(trainer.data.tasks)
     loss_sum = torch.zeros(3, dtype=torch.float64)  # Σ rows·loss, Σ rows, Σ rows·next-items loss
+    rank_sums = torch.zeros(4, dtype=torch.float64)  # next-item targets, hits@K, Σ NDCG@K, Σ MRR@K
     trainer.dmp.eval()
     iterator = iter(loader)
     batches = 0
@@ -239,15 +243,36 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
             rows = out.labels.shape[0]
             next_items = float(out.loss.next_items) if out.loss.next_items is not None else 0.0
             loss_sum += torch.tensor([float(out.loss.total) * rows, rows, next_items * rows])
+            if out.next_item_rank is not None:
+                rank = out.next_item_rank[out.next_item_rank >= 0].double()
+                hit = rank < NEXT_ITEM_K
+                rank_sums += torch.stack(
+                    [
+                        torch.tensor(float(len(rank)), dtype=torch.float64),
+                        hit.double().sum(),
+                        torch.where(hit, 1.0 / torch.log2(rank + 2.0), 0.0).sum(),
+                        torch.where(hit, 1.0 / (rank + 1.0), 0.0).sum(),
+                    ]
+                )
             batches += 1
             if batches % RELEASE_MEMORY_EVERY == 0:
                 release_freed_memory()
     release_freed_memory()
     trainer.dmp.train()
     dist.all_reduce(loss_sum)
+    dist.all_reduce(rank_sums)
     result: dict[str, Any] = {"loss": float(loss_sum[0] / max(1.0, float(loss_sum[1])))}
     if trainer.data.schema.next_items is not None:
         result["next_items_loss"] = float(loss_sum[2] / max(1.0, float(loss_sum[1])))
+    if rank_sums[0] > 0:
+        # Next-item retrieval over the whole catalogue (unmasked): each sample's next item ranked by its [USER].
+        n = float(rank_sums[0])
+        result["next_item"] = {
+            f"hr@{NEXT_ITEM_K}": float(rank_sums[1]) / n,
+            f"ndcg@{NEXT_ITEM_K}": float(rank_sums[2]) / n,
+            f"mrr@{NEXT_ITEM_K}": float(rank_sums[3]) / n,
+            "targets": int(n),
+        }
     result["tasks"] = evaluator.compute()
     return result
 
@@ -437,6 +462,10 @@ def _train(
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         if "test" in result:
             print(results_table(result["test"], trainer.data.tasks))
+            if "next_item" in result["test"]:
+                print("next item (test, whole catalogue, unmasked): " + _summary_line(
+                    {"loss": result["test"]["next_items_loss"], "next_item": result["test"]["next_item"], "tasks": {}}
+                ))  # fmt: skip
         if writer is not None:
             writer.close()
     return result
@@ -448,6 +477,9 @@ def _metric_text(name: str, value: float) -> str:
 
 def _summary_line(result: dict[str, Any]) -> str:
     parts = [f"loss {_fmt(result['loss'])}"]
+    if "next_items_loss" in result:
+        parts.append(f"next_items_loss {_fmt(result['next_items_loss'])}")
+    parts += [f"next_item.{k} {_fmt(v)}" for k, v in result.get("next_item", {}).items() if k != "targets"]
     for task, metrics in result["tasks"].items():
         parts += [f"{task}.{k} {_metric_text(k, v)}" for k, v in metrics.items() if k != "count"]
     return ", ".join(parts)

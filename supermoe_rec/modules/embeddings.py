@@ -27,7 +27,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from supermoe_rec.config import SequenceLookup
-from supermoe_rec.data.schema import FeatureSpec, Schema
+from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema
 
 # N(0, 0.02) learned far faster than N(0, 1) or TorchRec's uniform(±1/sqrt(rows)) on ml100k-mt
 # (docs/design.md#lessons-from-the-first-prototype).
@@ -160,7 +160,12 @@ class SparseArch(nn.Module):
         self.embedding_dim = embedding_dim
         self.sequence_lookup = resolve_sequence_lookup(sequence_lookup, device)
         self.pooled_features = [f.name for f in schema.sparse_features]
-        self.sequence_features = [f.name for f in schema.sequence_features]
+        sequence_specs = list(schema.sequence_features)
+        candidate_table = schema.next_items_table()
+        if candidate_table is not None:
+            # The next-items candidates ride in the sequence KJT and read the item table, like the history.
+            sequence_specs.append(FeatureSpec(ITEM_CANDIDATES, ITEM_CANDIDATES, candidate_table.name))
+        self.sequence_features = [f.name for f in sequence_specs]
         # Gradient factor for the embedding outputs, meant to turn a *sum* of row gradients over ranks into a mean
         # (each rank's loss is world_size x its share of the global loss, see TaskIndicatorLoss). It is applied
         # only when TorchRec's gradient division is off: by default (comm_ops.GRADIENT_DIVISION) the backward of
@@ -193,7 +198,7 @@ class SparseArch(nn.Module):
         self.ebc: EmbeddingBagCollection | None = (
             EmbeddingBagCollection(tables=pooled_tables, device=device) if pooled_tables else None
         )
-        sequence_groups = _tables_by_feature(schema.sequence_features).items()
+        sequence_groups = _tables_by_feature(tuple(sequence_specs)).items()
         self.sequence_ec: EmbeddingCollection | None = None
         self.sequence_ebc: EmbeddingBagCollection | None = None
         if self.sequence_lookup is SequenceLookup.EMBEDDING_COLLECTION and sequence_groups:
