@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import numpy.typing as npt
+import pandas as pd
 
 from supermoe_rec.config import DataConfig
 from supermoe_rec.data.errors import DataError, first_true
