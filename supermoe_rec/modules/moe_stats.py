@@ -130,9 +130,13 @@ class MoEStatsAccumulator:
 
 
 def _moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
-    from supermoe_rec.modules.moe import MoELayer
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    # Recognised by what they carry, not by class: moe.py imports this module, so importing MoELayer here (even
+    # lazily) would close an import cycle (tests/test_imports.py).
+    return [
+        (name, m)  # type: ignore[misc]
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "stats", None), MoEStatsAccumulator) and hasattr(m, "router") and hasattr(m, "experts")
+    ]
 
 
 def set_collect_stats(model: nn.Module, enabled: bool) -> int:
