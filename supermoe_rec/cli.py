@@ -9,7 +9,7 @@
     supermoe-rec retrieve --artifact DIR --vectors vectors.parquet --k 10 --out topk.parquet [--index faiss]
     supermoe-rec probe --run runs/<name> [--seed 0] [--test-fraction 0.3] [--balanced]
     supermoe-rec probe --suite --run runs/<name> [--compare-run NAME=RUN ...] [--scorer auto] [--seed 0]
-    supermoe-rec probe --suite-aggregate RUN1 RUN2 RUN3 --out reports/ml100k/universal [--peer recbole_peer.json]
+    supermoe-rec probe --suite-aggregate RUN1 RUN2 RUN3 --out reports/ml100k [--peer recbole_peer.json]
                        [--retrieval-runs LOO1 LOO2 LOO3]
     supermoe-rec plan --config configs/scale_1t.yaml --world-size 1024 --hbm-gb 80 [--local-world-size 8] [--json F]
     supermoe-rec compare --config configs/ml100k.yaml --archs supermoe,mmoe --seeds 3 [--out DIR] [--force] [--jobs N]

@@ -1034,7 +1034,7 @@ def suite_command(
     """CLI body of ``supermoe-rec probe --suite`` / ``--suite-aggregate``; tears down a process group it created."""
     if aggregate:
         if out is None:
-            raise ConfigError("--suite-aggregate: --out DIR is required (e.g. reports/ml100k/universal)")
+            raise ConfigError("--suite-aggregate: --out DIR is required (e.g. reports/ml100k)")
         result = aggregate_suites(aggregate, out, peer, retrieval_runs)
         print(_retrieval_table(result["retrieval"], result["std"]["retrieval"]))
         print(Path(out) / SUITE_MD)
