@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +41,25 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=True)
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+# The launcher variables that supermoe_rec.train.init_distributed sets for an in-process world of one.
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def in_process_world() -> Iterator[None]:
+    """Around in-process training: ``train()`` joins a world-of-one group and sets the launcher variables; on exit
+    the group it created is destroyed and the variables are as they were, so later tests see the process as found."""
+    saved_env = {k: os.environ.get(k) for k in DIST_ENV}
+    had_group = dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not had_group and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

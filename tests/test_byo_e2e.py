@@ -10,7 +10,6 @@ from a scratch directory holding ``configs/byo.yaml``), with tiny model and step
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -21,16 +20,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch.distributed as dist
 import yaml
 
 from supermoe_rec import cli
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.vocab import load_vocabularies
+from tests.dist_utils import in_process_world
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "data.md"
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TINY = [
     "--train.max_steps=4",
     "--train.epochs=1",
@@ -108,16 +106,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for split, frame in raw_tables().items():
         frame.to_parquet(tmp_path / "data" / "byo" / f"{split}.parquet", index=False)
     monkeypatch.chdir(tmp_path)
-    saved_env = {k: os.environ.get(k) for k in DIST_ENV}
-    had_group = dist.is_initialized()
-    yield tmp_path
-    if not had_group and dist.is_initialized():
-        dist.destroy_process_group()
-    for key, value in saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with in_process_world():
+        yield tmp_path
 
 
 def run(command: str, capsys: pytest.CaptureFixture[str]) -> str:

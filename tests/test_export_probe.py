@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch.distributed as dist
 import yaml
 
 from supermoe_rec import cli
@@ -26,6 +25,7 @@ from supermoe_rec.data.splits import SplitData, drop_features
 from supermoe_rec.export import ExportResult, UserRepresentations, export_run, latest_rows
 from supermoe_rec.plots import PNG_SIGNATURE
 from supermoe_rec.probe import item_bags, probe_representations, probe_run, user_attributes
+from tests.dist_utils import DIST_ENV, in_process_world
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -44,7 +44,6 @@ TINY = [
     # With one layer, moe_every=2 would leave no MoE block and nothing to route.
     "--model.moe.moe_every=1",
 ]
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _train_items(ml: MovieLens, user_id: int, max_history: int = 50) -> tuple[list[int], list[int]]:
@@ -66,20 +65,11 @@ def run_dir(ml100k: MovieLens, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """A 6-step behaviour-only supermoe run (stops mid-epoch: LATEST checkpoint only, no BEST)."""
     from supermoe_rec.train import train
 
-    saved_env = {k: os.environ.get(k) for k in DIST_ENV}
-    had_group = dist.is_initialized()
-    out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(CONFIGS / "ml100k_behaviour.yaml", [*TINY, f"--train.out_dir={out}"])
-    train(cfg)
-    yield out / cfg.train.name
-    # train() joins a world-of-one group and sets the launcher variables; leave the process as we found it.
-    if not had_group and dist.is_initialized():
-        dist.destroy_process_group()
-    for key, value in saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with in_process_world():
+        out = tmp_path_factory.mktemp("runs")
+        cfg = load_config(CONFIGS / "ml100k_behaviour.yaml", [*TINY, f"--train.out_dir={out}"])
+        train(cfg)
+        yield out / cfg.train.name
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from supermoe_rec.serving import ArtifactError, UserEncoder, artifact_bytes, rea
 from supermoe_rec.serving.artifact import ITEM_CATALOG, MANIFEST, OVER_ARCH, TABLES
 from supermoe_rec.serving.export_artifact import export_artifact
 from supermoe_rec.serving.retrieval import FaissIndex, topk_exact
+from tests.dist_utils import DIST_ENV, in_process_world
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -44,7 +45,6 @@ TINY = [
     "--model.embedding_dim=16",
     "--model.moe.moe_every=1",  # one layer: the MoE block must be that layer
 ]
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 ATOL = 1e-5
 
 
@@ -52,19 +52,11 @@ ATOL = 1e-5
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from supermoe_rec.train import train
 
-    saved_env = {k: os.environ.get(k) for k in DIST_ENV}
-    had_group = dist.is_initialized()
-    out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(ROOT / "configs" / "ml100k.yaml", [*TINY, f"--train.out_dir={out}"])
-    train(cfg)
-    yield out / cfg.train.name
-    if not had_group and dist.is_initialized():
-        dist.destroy_process_group()
-    for key, value in saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with in_process_world():
+        out = tmp_path_factory.mktemp("runs")
+        cfg = load_config(ROOT / "configs" / "ml100k.yaml", [*TINY, f"--train.out_dir={out}"])
+        train(cfg)
+        yield out / cfg.train.name
 
 
 @pytest.fixture(scope="module")

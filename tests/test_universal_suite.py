@@ -4,14 +4,12 @@ retrieval through the run's model, and a compare run."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from supermoe_rec import retrieval
 from supermoe_rec.config import load_config
@@ -25,6 +23,7 @@ from supermoe_rec.probe import (
     retrieval_user_vectors,
     suite_run,
 )
+from tests.dist_utils import in_process_world
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -38,7 +37,6 @@ TINY = [
     "--model.embedding_dim=8",
     "--model.moe.moe_every=1",
 ]
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +44,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 2-step behaviour-only supermoe run (LATEST checkpoint only)."""
     from supermoe_rec.train import train
 
-    saved_env = {k: os.environ.get(k) for k in DIST_ENV}
-    had_group = dist.is_initialized()
-    out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(ROOT / "configs" / "ml100k_behaviour.yaml", [*TINY, f"--train.out_dir={out}"])
-    train(cfg)
-    yield out / cfg.train.name
-    if not had_group and dist.is_initialized():
-        dist.destroy_process_group()
-    for key, value in saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with in_process_world():
+        out = tmp_path_factory.mktemp("runs")
+        cfg = load_config(ROOT / "configs" / "ml100k_behaviour.yaml", [*TINY, f"--train.out_dir={out}"])
+        train(cfg)
+        yield out / cfg.train.name
 
 
 @pytest.fixture(scope="module")
