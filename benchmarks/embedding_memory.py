@@ -180,9 +180,9 @@ def billion_point(
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
     from train_throughput import synthetic_split_data
 
-    from supermoe_rec.config import ExperimentConfig, apply_overrides
+    from supermoe_rec.config.experiment import ExperimentConfig, apply_overrides
     from supermoe_rec.data.synthetic import SyntheticStream
-    from supermoe_rec.train import DistContext, build_trainer
+    from supermoe_rec.training.trainer import DistContext, build_trainer
 
     torch.set_num_threads(threads)
     baseline = status_bytes("VmHWM")
@@ -248,7 +248,7 @@ def billion_param_count(items: int, users: int, dim: int, experts: int, batch: i
     """Parameter counts of the billion model, built on meta (no memory), for the fit check."""
     import torch
 
-    from supermoe_rec.config import ExperimentConfig, apply_overrides
+    from supermoe_rec.config.experiment import ExperimentConfig, apply_overrides
     from supermoe_rec.data.synthetic import synthetic_schema
     from supermoe_rec.models.factory import build_model, parameter_report
 

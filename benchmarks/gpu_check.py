@@ -44,15 +44,15 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import synthetic_split_data
 
-from supermoe_rec.config import ExperimentConfig, apply_overrides
+from supermoe_rec.config.experiment import ExperimentConfig, apply_overrides
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.synthetic import SyntheticStream
-from supermoe_rec.loss import TaskIndicatorLoss
 from supermoe_rec.models.factory import build_model
 from supermoe_rec.models.supermoe import SuperMoERec
 from supermoe_rec.modules.embeddings import SparseOutput
 from supermoe_rec.modules.experts import BatchedExperts, DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer, MoEOutput
+from supermoe_rec.objectives.task_indicator import TaskIndicatorLoss
 
 H200_BF16_DENSE_TFLOPS = 989.0
 CPU_PRACTICAL_TFLOPS = 0.1  # a large fp32 torch.mm on the 2-core dev machines (docs/design.md#cpu-speed-and-threads)
@@ -185,7 +185,7 @@ def expert_paths(device: torch.device, dry_run: bool, repeats: int = 5) -> dict[
     GPU run: 32768 tokens, D=256, H=1024, K=2, E in {16, 64}, bf16 (``_grouped_mm`` needs bf16); dry run: 256
     tokens, D=32, H=64, E in {4, 8}, fp32, and ``grouped_mm`` is reported as unavailable on CPU.
     """
-    from supermoe_rec.config import MoEConfig
+    from supermoe_rec.config.experiment import MoEConfig
     from supermoe_rec.modules.experts import GroupedBackend, grouped_mm_available
     from supermoe_rec.modules.gating import DispatchPlan, TopKRouter
 
@@ -246,7 +246,7 @@ def expert_paths(device: torch.device, dry_run: bool, repeats: int = 5) -> dict[
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from supermoe_rec.train import build_trainer, init_distributed
+    from supermoe_rec.training.trainer import build_trainer, init_distributed
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible (use --dry-run for the CPU smoke run)")

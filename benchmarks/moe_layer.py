@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from supermoe_rec.config import MoEConfig
+from supermoe_rec.config.experiment import MoEConfig
 from supermoe_rec.modules.experts import BatchedExperts, DenseFFN, ExpertImpl, GroupedBackend
 from supermoe_rec.modules.moe import MoELayer
 

@@ -1,6 +1,7 @@
 """What the next-items objective adds to a training step, on the real training path.
 
-Each case is built by :func:`supermoe_rec.train.build_trainer` (model on meta, planner, DistributedModelParallel,
+Each case is built by :func:`supermoe_rec.training.trainer.build_trainer` (model on meta, planner,
+DistributedModelParallel,
 fused sparse optimizer + dense Adam) and stepped by ``TrainPipelineSparseDist.progress`` over batches assembled
 before timing, one process. Pairs of cases differ only in the objective:
 
@@ -32,12 +33,12 @@ import pandas as pd
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from supermoe_rec.config import ExperimentConfig, apply_overrides
+from supermoe_rec.config.experiment import ExperimentConfig, apply_overrides
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.splits import SplitData, load_data
-from supermoe_rec.train import build_trainer, init_distributed
+from supermoe_rec.training.trainer import build_trainer, init_distributed
 
 
 def synthetic_data(items: int, groups: int, history: int, seed: int = 0) -> SplitData:

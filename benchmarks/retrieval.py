@@ -3,8 +3,8 @@
 Items and queries are synthetic N(0, 1) vectors of width ``--dim`` (64, the default ``model.encoder.d_model``), at
 each ``--items`` size (10^4 and 10^6 by default). Per size:
 
-- ``exact``: :func:`supermoe_rec.serving.retrieval.topk_exact` (blocks of 1,024 queries, one matmul + topk each);
-- ``faiss`` at each ``--nprobe``: :class:`supermoe_rec.serving.retrieval.FaissIndex` (nlist = sqrt(N), k-means on
+- ``exact``: :func:`supermoe_rec.serving.index.topk_exact` (blocks of 1,024 queries, one matmul + topk each);
+- ``faiss`` at each ``--nprobe``: :class:`supermoe_rec.serving.index.FaissIndex` (nlist = sqrt(N), k-means on
   at most 64 items per list); its build time is reported apart from search;
 - recall@k of faiss against exact: the share of exact top-k items faiss returns, mean over queries.
 
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import load_average, wait_for_quiet
 
-from supermoe_rec.serving.retrieval import FaissIndex, read_vectors, topk_exact
+from supermoe_rec.serving.index import FaissIndex, read_vectors, topk_exact
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:

@@ -1,7 +1,7 @@
 """Peak memory and speed of ml100k training vs how often freed heap memory is returned to the OS.
 
 Training batches vary in size, so glibc keeps freed heap blocks resident and a run's RSS grows every step
-(:mod:`supermoe_rec.memory`). The trainer calls ``malloc_trim(0)`` every ``RELEASE_MEMORY_EVERY`` steps; this
+(:mod:`supermoe_rec.training.memory`). The trainer calls ``malloc_trim(0)`` every ``RELEASE_MEMORY_EVERY`` steps; this
 benchmark trains the first ``--steps`` steps of ``configs/ml100k.yaml`` once per interval in ``--every`` (0: never),
 each in a fresh process, and reports:
 
@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # benchmarks folder (for embedding_memory's /proc reader).
 CHILD = """
 import json, sys
-import supermoe_rec.train as train
+import supermoe_rec.training.trainer as train
 every, steps, threads, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 train.RELEASE_MEMORY_EVERY = every if every > 0 else 1 << 62
-from supermoe_rec.config import load_config
+from supermoe_rec.config.experiment import load_config
 overrides = [f"--train.max_steps={steps}", f"--train.num_threads={threads}", f"--train.out_dir={out_dir}"]
 cfg = load_config("configs/ml100k.yaml", [*overrides, "--train.name=bench", "--train.tensorboard=false"])
 train.train(cfg)

@@ -1,7 +1,8 @@
 """End-to-end training throughput (samples/s of forward + backward + optimizer step) on CPU.
 
-What is timed: one training step per batch, exactly as ``supermoe_rec.train`` runs it. The TorchRec path is
-:func:`supermoe_rec.train.build_trainer` (model on meta, planner, DistributedModelParallel, fused sparse optimizer
+What is timed: one training step per batch, exactly as ``supermoe_rec.training.trainer`` runs it. The TorchRec path is
+:func:`supermoe_rec.training.trainer.build_trainer` (model on meta, planner, DistributedModelParallel, fused sparse
+optimizer
 + dense Adam) driven by ``TrainPipelineSparseDist.progress``. Batches are assembled *before* timing (the loader's
 cost is reported separately as ``assemble_ms``), so the figure is the model step, not the data pipeline.
 
@@ -59,17 +60,17 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from supermoe_rec.config import DataConfig, ExperimentConfig, apply_overrides
+from supermoe_rec.config.experiment import DataConfig, ExperimentConfig, apply_overrides
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.splits import SplitData, load_data
 from supermoe_rec.data.synthetic import SyntheticStream, synthetic_schema
-from supermoe_rec.loss import TaskIndicatorLoss
 from supermoe_rec.models.factory import build_model
 from supermoe_rec.models.supermoe import ModelOutput, SuperMoERec
 from supermoe_rec.modules.embeddings import EMBEDDING_INIT_STD, SparseOutput
+from supermoe_rec.objectives.task_indicator import TaskIndicatorLoss
 
 ARCHS = ("supermoe", "dense_transformer", "mmoe")
 DATASETS = ("ml100k", "synthetic")
@@ -411,7 +412,7 @@ def prepare_case(case: Case, opts: Options, rank: int, world: int, cache: dict[s
     """Build the case's trainer (or plain twin) and pre-build all the batches it will step through."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from supermoe_rec.train import DistContext, build_trainer
+    from supermoe_rec.training.trainer import DistContext, build_trainer
 
     cfg = experiment_config(case, opts)
     if case.data not in cache:

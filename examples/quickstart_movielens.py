@@ -6,9 +6,10 @@ Small settings (a 2-layer encoder, 4 experts, ``--steps`` steps of 256 rows), so
 minute on 2 CPU cores; drop them and use ``supermoe-rec train --config configs/ml100k.yaml`` for the real thing.
 What it does:
 
-1. trains the ``supermoe`` arch with :func:`supermoe_rec.train.train` (planned sharding, DMP, TorchRec's pipeline,
+1. trains the ``supermoe`` arch with :func:`supermoe_rec.training.trainer.train` (planned sharding, DMP, TorchRec's
+pipeline,
    a world of one) and prints the per-task test table;
-2. exports every user's ``[USER]`` and task representations with :func:`supermoe_rec.export.export_run`
+2. exports every user's ``[USER]`` and task representations with :func:`supermoe_rec.evaluation.export.export_run`
    (``user_embeddings.parquet``, ``routing.json``, ``expert_load.png``, ``routing_heatmap.png``);
 3. projects the user representations to 2-D (PCA) and colours them by a user attribute (gender or age bucket).
 
@@ -34,13 +35,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 
-from supermoe_rec.config import DataConfig, ExperimentConfig, load_config
+from supermoe_rec.config.experiment import DataConfig, ExperimentConfig, load_config
 from supermoe_rec.data.movielens import fetch_movielens
 from supermoe_rec.data.protocol import AGE_EDGES
 from supermoe_rec.data.splits import SplitData, load_data
-from supermoe_rec.export import ExportResult, UserRepresentations, export_run
-from supermoe_rec.train import results_table
-from supermoe_rec.train import train as train_run
+from supermoe_rec.evaluation.export import ExportResult, UserRepresentations, export_run
+from supermoe_rec.training.trainer import results_table
+from supermoe_rec.training.trainer import train as train_run
 
 # Small enough for a laptop minute; the arch and the protocol are the real ones.
 SMALL = (

@@ -3,7 +3,7 @@
     .venv/bin/python examples/seesaw_study.py                      # 2 archs, 1 seed, small settings
     .venv/bin/python examples/seesaw_study.py --archs supermoe,mmoe,ple --seeds 3 --steps 0   # the real study
 
-For every architecture and seed, :func:`supermoe_rec.compare.compare` trains the multi-task model and one
+For every architecture and seed, :func:`supermoe_rec.studies.compare.compare` trains the multi-task model and one
 single-task model of the same architecture per task, then reports the MTL gain per task: metric(multi-task) −
 metric(single-task) for AUC and the reverse difference for RMSE, so above 0 means multi-task training helped. An
 architecture is *seesaw-free* when no task's mean gain is negative (PLE's definition of the seesaw phenomenon).
@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 from _shared import CONFIG, out_dir, quiet  # examples/ is on sys.path: run as a script, or from the notebooks
 
-from supermoe_rec.compare import compare
-from supermoe_rec.seesaw import Report
+from supermoe_rec.studies.compare import compare
+from supermoe_rec.studies.seesaw import Report
 
 ARCHS = ("shared_bottom", "supermoe")
 # One binary and one regression task: both gain directions, with 3 runs per arch and seed.
@@ -75,7 +75,7 @@ def main(
         tasks: the multi-task model's tasks (at least two).
 
     Returns:
-        the report (see :class:`supermoe_rec.seesaw.Report`).
+        the report (see :class:`supermoe_rec.studies.seesaw.Report`).
     """
     out = out or out_dir("seesaw")
     return compare(CONFIG, archs, seeds=seeds, out=out, force=force, overrides=study_overrides(steps, tasks))

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import supermoe_rec.probe as probe
+import supermoe_rec.evaluation.probe as probe
 from supermoe_rec.data.splits import load_data
-from supermoe_rec.export import latest_rows, load_run_config, restore_model, user_representations
+from supermoe_rec.evaluation.export import latest_rows, load_run_config, restore_model, user_representations
 from supermoe_rec.modules.transformer import MoETransformerEncoder
 
 

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
 
-from supermoe_rec.config import load_config
+from supermoe_rec.config.experiment import load_config
 from supermoe_rec.data.movielens import fetch_movielens
 from supermoe_rec.data.protocol import build_ml_mt
 

@@ -49,10 +49,10 @@ _EXPORTS: dict[str, str] = {
     # towers, loss, tasks
     "MultiTaskTowers": "supermoe_rec.modules.towers",
     "TaskTower": "supermoe_rec.modules.towers",
-    "TaskIndicatorLoss": "supermoe_rec.loss",
-    "LossOutput": "supermoe_rec.loss",
-    "TaskSpec": "supermoe_rec.tasks",
-    "TaskType": "supermoe_rec.config",
+    "TaskIndicatorLoss": "supermoe_rec.objectives.task_indicator",
+    "LossOutput": "supermoe_rec.objectives.task_indicator",
+    "TaskSpec": "supermoe_rec.config.tasks",
+    "TaskType": "supermoe_rec.config.experiment",
     # models
     "SuperMoERec": "supermoe_rec.models.supermoe",
     "ModelOutput": "supermoe_rec.models.supermoe",
@@ -62,12 +62,12 @@ _EXPORTS: dict[str, str] = {
     "SparseArch": "supermoe_rec.modules.embeddings",
     "Batch": "supermoe_rec.data.batch",
     # configs
-    "ExperimentConfig": "supermoe_rec.config",
-    "ModelConfig": "supermoe_rec.config",
-    "EncoderConfig": "supermoe_rec.config",
-    "MoEConfig": "supermoe_rec.config",
-    "LossConfig": "supermoe_rec.config",
-    "load_config": "supermoe_rec.config",
+    "ExperimentConfig": "supermoe_rec.config.experiment",
+    "ModelConfig": "supermoe_rec.config.experiment",
+    "EncoderConfig": "supermoe_rec.config.experiment",
+    "MoEConfig": "supermoe_rec.config.experiment",
+    "LossConfig": "supermoe_rec.config.experiment",
+    "load_config": "supermoe_rec.config.experiment",
 }
 
 # A literal list, so linters see what the TYPE_CHECKING imports are for; must name exactly _EXPORTS' keys.
@@ -102,7 +102,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the real definitions, for type checkers and IDEs; at run time see __getattr__
-    from supermoe_rec.config import (
+    from supermoe_rec.config.experiment import (
         EncoderConfig,
         ExperimentConfig,
         LossConfig,
@@ -111,8 +111,8 @@ if TYPE_CHECKING:  # the real definitions, for type checkers and IDEs; at run ti
         TaskType,
         load_config,
     )
+    from supermoe_rec.config.tasks import TaskSpec
     from supermoe_rec.data.batch import Batch
-    from supermoe_rec.loss import LossOutput, TaskIndicatorLoss
     from supermoe_rec.models.factory import build_model
     from supermoe_rec.models.supermoe import ModelOutput, SuperMoERec
     from supermoe_rec.models.train_module import StepOutput, TrainModule
@@ -122,7 +122,7 @@ if TYPE_CHECKING:  # the real definitions, for type checkers and IDEs; at run ti
     from supermoe_rec.modules.moe import MoELayer, MoEOutput
     from supermoe_rec.modules.towers import MultiTaskTowers, TaskTower
     from supermoe_rec.modules.transformer import EncoderOutput, MoETransformerEncoder
-    from supermoe_rec.tasks import TaskSpec
+    from supermoe_rec.objectives.task_indicator import LossOutput, TaskIndicatorLoss
 
 
 def __getattr__(name: str) -> Any:

@@ -35,10 +35,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from supermoe_rec.compare import COMPARABLE_ARCHS, compare
-from supermoe_rec.config import load_config, save_config
-from supermoe_rec.confighelp import add_config_help
+from supermoe_rec.config.experiment import load_config, save_config
+from supermoe_rec.config.help import add_config_help
 from supermoe_rec.errors import DEBUG_ENV, run_reporting
+from supermoe_rec.studies.compare import COMPARABLE_ARCHS, compare
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument(
         "--variants",
         default=None,
-        help="comma-separated variant names to run besides 'default' (default: all; see supermoe_rec/ablate.py)",
+        help="comma-separated variant names to run besides 'default' (default: all; see studies/ablate.py)",
     )
     scl = sub.add_parser(
         "scale",
@@ -204,11 +204,11 @@ def _representation_command(args: argparse.Namespace, overrides: Sequence[str]) 
 
         return artifact_main(args.run, args.artifact, overrides)
     if args.command == "export":
-        from supermoe_rec.export import main as export_main
+        from supermoe_rec.evaluation.export import main as export_main
 
         return export_main(args.run, args.out, overrides)
-    from supermoe_rec.probe import main as probe_main
-    from supermoe_rec.probe import suite_command
+    from supermoe_rec.evaluation.probe import main as probe_main
+    from supermoe_rec.evaluation.probe import suite_command
 
     if args.suite or args.suite_aggregate:
         return suite_command(
@@ -223,7 +223,7 @@ def _representation_command(args: argparse.Namespace, overrides: Sequence[str]) 
             args.retrieval_runs,
         )
     if args.run is None:
-        from supermoe_rec.config import ConfigError
+        from supermoe_rec.config.experiment import ConfigError
 
         raise ConfigError("probe: --run is required")
     return probe_main(args.run, overrides, args.test_fraction, args.seed, args.balanced)
@@ -251,14 +251,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """Run one command; the project's errors propagate to :func:`run_reporting` (one line, exit code)."""
     if args.command == "train":
-        from supermoe_rec import train
+        from supermoe_rec.training import trainer as train
 
         return train.main(["--config", args.config, *overrides])
     if args.command == "data" and args.data_command == "summary":
         print(json.dumps(data_summary(args.config, overrides, args.out), indent=2))
         return 0
     if args.command == "schema":
-        from supermoe_rec.config import ConfigError
+        from supermoe_rec.config.experiment import ConfigError
         from supermoe_rec.data.infer import infer_command
 
         if overrides:
@@ -269,8 +269,8 @@ def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if args.command in ("export", "probe"):
         return _representation_command(args, overrides)
     if args.command in ("embed", "retrieve"):
-        from supermoe_rec.config import ConfigError as _ConfigError
-        from supermoe_rec.serving import retrieval
+        from supermoe_rec.config.experiment import ConfigError as _ConfigError
+        from supermoe_rec.serving import index as retrieval
 
         if overrides:
             raise _ConfigError(f"{args.command}: unknown arguments {list(overrides)}")
@@ -280,7 +280,7 @@ def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             args.artifact, args.vectors, args.out, args.k, args.index, args.column, args.nprobe
         )
     if args.command == "plan":
-        from supermoe_rec.plan import ClusterSpec, format_report, plan_command
+        from supermoe_rec.distributed.planner import ClusterSpec, format_report, plan_command
 
         cluster = ClusterSpec(args.world_size, args.hbm_gb, args.local_world_size, args.ddr_gb)
         print(format_report(plan_command(args.config, overrides, cluster, args.json)))
@@ -290,13 +290,13 @@ def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         compare(args.config, archs, args.seeds, args.out, args.force, overrides, jobs=args.jobs)
         return 0
     if args.command == "scale":
-        from supermoe_rec.scale import scale
+        from supermoe_rec.studies.scale import scale
 
         scale(args.config, args.seeds, args.out, args.force, overrides, args.jobs, True, args.experts, args.shared,
               args.balance)  # fmt: skip
         return 0
     if args.command == "ablate":
-        from supermoe_rec.ablate import VARIANTS, ablate, select_variants
+        from supermoe_rec.studies.ablate import VARIANTS, ablate, select_variants
 
         variants = select_variants(args.variants.split(",")) if args.variants else VARIANTS
         ablate(args.config, args.seeds, args.out, args.force, overrides, jobs=args.jobs, variants=variants)

@@ -4,10 +4,10 @@
 exit code  meaning
 =========  =====================================================================================================
 0          success
-1          a run of ``compare`` / ``ablate`` failed (:class:`~supermoe_rec.executor.RunError`)
-2          bad config, bad input data, or a refused request (:class:`~supermoe_rec.config.ConfigError`,
+1          a run of ``compare`` / ``ablate`` failed (:class:`~supermoe_rec.studies.executor.RunError`)
+2          bad config, bad input data, or a refused request (:class:`~supermoe_rec.config.experiment.ConfigError`,
            :class:`~supermoe_rec.data.errors.DataError`): changed-shape resume, a locked run dir, an unsafe name
-3          an unusable checkpoint (:class:`~supermoe_rec.checkpoint.CheckpointError`): missing, incomplete, corrupt
+3          an unusable checkpoint (:class:`~supermoe_rec.training.checkpoint.CheckpointError`): missing, damaged
 =========  =====================================================================================================
 
 Anything else is a bug and keeps its traceback. ``--debug`` (any command) or ``SUPERMOE_REC_DEBUG=1`` prints the
@@ -15,7 +15,7 @@ traceback of the project's errors too, before the one-line message.
 
 Example::
 
-    >>> from supermoe_rec.config import ConfigError
+    >>> from supermoe_rec.config.experiment import ConfigError
     >>> exit_code(ConfigError("model.d_model: must be positive"))
     2
     >>> exit_code(KeyError("a bug")) is None
@@ -31,7 +31,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from supermoe_rec.config import ConfigError
+from supermoe_rec.config.experiment import ConfigError
 from supermoe_rec.data.errors import DataError
 
 DEBUG_ENV = "SUPERMOE_REC_DEBUG"
@@ -40,9 +40,13 @@ EXIT_BAD_INPUT = 2
 EXIT_CHECKPOINT = 3
 # (module, class, exit code) of the errors of modules that import torch.
 _LAZY_ERRORS = (
-    ("supermoe_rec.checkpoint", "CheckpointError", EXIT_CHECKPOINT),
-    ("supermoe_rec.executor", "RunError", EXIT_FAILED_RUN),
-    ("supermoe_rec.compare", "CompareError", EXIT_FAILED_RUN),  # its name before the executor had its own module
+    ("supermoe_rec.training.checkpoint", "CheckpointError", EXIT_CHECKPOINT),
+    ("supermoe_rec.studies.executor", "RunError", EXIT_FAILED_RUN),
+    (
+        "supermoe_rec.studies.compare",
+        "CompareError",
+        EXIT_FAILED_RUN,
+    ),  # its name before the executor had its own module
 )
 
 

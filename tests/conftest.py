@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supermoe_rec.config import DataConfig
+from supermoe_rec.config.experiment import DataConfig
 from supermoe_rec.data.movielens import MovieLens, fetch_movielens
 from supermoe_rec.data.protocol import ProtocolOutput, build_ml_mt
 from supermoe_rec.data.splits import SplitData, from_movielens

@@ -107,7 +107,7 @@ def test_plain_twin_looks_up_what_sparse_arch_does() -> None:
     sys.path.insert(0, str(BENCHMARKS))
     from train_throughput import PlainSparseArch
 
-    from supermoe_rec.config import SequenceLookup
+    from supermoe_rec.config.experiment import SequenceLookup
     from supermoe_rec.models.factory import tiny_schema_and_batch
     from supermoe_rec.modules.embeddings import SparseArch
 

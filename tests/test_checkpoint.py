@@ -1,4 +1,5 @@
-"""Checkpoint and resume on real runs: ``python -m supermoe_rec.train`` as 1 or 2 gloo processes on MovieLens-100k.
+"""Checkpoint and resume on real runs: ``python -m supermoe_rec.training.trainer`` as 1 or 2 gloo processes on
+MovieLens-100k.
 
 One module fixture drives every run, overlapping them to fit 2 CPU cores:
 
@@ -65,7 +66,7 @@ class Run:
         self.run_dir = out / name
         self.logs = [out / f"{name}{tag}.rank{r}.log" for r in range(world)]
         port = str(_free_port())
-        module = ["tests.test_checkpoint", "probe"] if probe else ["supermoe_rec.train"]
+        module = ["tests.test_checkpoint", "probe"] if probe else ["supermoe_rec.training.trainer"]
         cmd = [sys.executable, "-m", *module, "--config", str(CONFIG), f"--train.out_dir={out}",
                f"--train.name={name}", *TRAIN, *MODEL, *args]  # fmt: skip
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -340,8 +341,8 @@ def test_crash_mid_save_resumes_from_previous_checkpoint(world: World) -> None:
 
 
 def test_resaving_a_step_never_rewrites_the_checkpoint_a_pointer_names(tmp_path: Path) -> None:
-    from supermoe_rec.checkpoint import CheckpointManager
-    from supermoe_rec.config import ExperimentConfig
+    from supermoe_rec.config.experiment import ExperimentConfig
+    from supermoe_rec.training.checkpoint import CheckpointManager
 
     manager = CheckpointManager(tmp_path, ExperimentConfig())
     assert manager._fresh_name("ckpt-000008-last") == "ckpt-000008-last"
@@ -356,7 +357,7 @@ def test_the_manager_saves_a_dcp_stateful_not_a_trainer() -> None:
 
     from torch.distributed.checkpoint.stateful import Stateful
 
-    from supermoe_rec.checkpoint import CheckpointManager, TrainState
+    from supermoe_rec.training.checkpoint import CheckpointManager, TrainState
 
     model = torch.nn.Linear(3, 2)
     state = TrainState(model)
@@ -398,9 +399,9 @@ def probe(argv: list[str]) -> int:
     """1 rank: load the run's LATEST checkpoint, dump weights, optimizer states and state, then train on."""
     import torch.distributed as dist
 
-    from supermoe_rec.checkpoint import CheckpointManager
-    from supermoe_rec.config import load_config
-    from supermoe_rec.train import build_trainer, init_distributed, train
+    from supermoe_rec.config.experiment import load_config
+    from supermoe_rec.training.checkpoint import CheckpointManager
+    from supermoe_rec.training.trainer import build_trainer, init_distributed, train
 
     cfg = load_config(argv[argv.index("--config") + 1], [a for a in argv if a.startswith("--") and "=" in a])
     ctx = init_distributed("cpu")

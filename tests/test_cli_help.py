@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from supermoe_rec import cli
-from supermoe_rec.config import ExperimentConfig
-from supermoe_rec.confighelp import _leaves
+from supermoe_rec.config.experiment import ExperimentConfig
+from supermoe_rec.config.help import _leaves
 
 
 def all_keys(cls: type[Any], prefix: str = "") -> list[str]:

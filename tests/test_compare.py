@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 
 from supermoe_rec import cli
-from supermoe_rec.ablate import ablate, best_valid, render_ablations, select_variants
-from supermoe_rec.compare import compare, parse_archs, plan_runs
-from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, TaskType, apply_overrides, to_dict
+from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, TaskType, apply_overrides, to_dict
+from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.data.movielens import MovieLens
-from supermoe_rec.executor import RunSpec, config_key, finished_metrics, make_run
-from supermoe_rec.seesaw import (
+from supermoe_rec.studies.ablate import ablate, best_valid, render_ablations, select_variants
+from supermoe_rec.studies.compare import compare, parse_archs, plan_runs
+from supermoe_rec.studies.executor import RunSpec, config_key, finished_metrics, make_run
+from supermoe_rec.studies.seesaw import (
     GAIN_PLOT,
     ArchPlan,
     Report,
@@ -28,7 +29,6 @@ from supermoe_rec.seesaw import (
     seesaw_free,
     summarize_task,
 )
-from supermoe_rec.tasks import TaskSpec
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml"
 TINY = [

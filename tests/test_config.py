@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import yaml
 
-from supermoe_rec.config import (
+from supermoe_rec.config.experiment import (
     MOVED_KEYS,
     Arch,
     ConfigError,

@@ -276,7 +276,7 @@ def upward_imports(layers: dict[str, int], package: Path) -> list[str]:
 
 def test_package_table_matches_the_imports() -> None:
     layers = package_layers((ROOT / "docs" / "design.md").read_text(encoding="utf-8"))
-    assert {"config", "data", "modules", "models", "distributed", "train", "cli"} <= set(layers), layers
+    assert {"config", "data", "modules", "objectives", "models", "distributed", "training", "cli"} <= set(layers), layers
     problems = upward_imports(layers, ROOT / "supermoe_rec")
     assert not problems, "docs/design.md#package-layout does not match the code:\n" + "\n".join(problems)
 
@@ -284,14 +284,15 @@ def test_package_table_matches_the_imports() -> None:
 def test_package_table_check_can_fail(tmp_path: Path) -> None:
     package = tmp_path / "supermoe_rec"
     (package / "modules").mkdir(parents=True)
-    (package / "modules" / "moe.py").write_text("from supermoe_rec.train import x\n")
-    (package / "train.py").write_text("from supermoe_rec.modules.moe import y\n")
+    (package / "modules" / "moe.py").write_text("from supermoe_rec.training.trainer import x\n")
+    (package / "training").mkdir()
+    (package / "training" / "trainer.py").write_text("from supermoe_rec.modules.moe import y\n")
     (package / "extra.py").write_text("")
-    layers = package_layers("## Package layout\n| `modules/` | a |\n| `train.py` | b |\n| `configs/` | c |\n## Next\n")
-    assert layers == {"modules": 0, "train": 1}
+    layers = package_layers("## Package layout\n| `modules/` | a |\n| `training/` | b |\n| `configs/` | c |\n## Next\n")
+    assert layers == {"modules": 0, "training": 1}
     assert upward_imports(layers, package) == [
         "supermoe_rec/extra.py: not in docs/design.md's package table",
-        "supermoe_rec/modules/moe.py:1: imports supermoe_rec.train, a lower row",
+        "supermoe_rec/modules/moe.py:1: imports supermoe_rec.training.trainer, a lower row",
     ]
 
 

@@ -17,14 +17,14 @@ import pytest
 import yaml
 
 from supermoe_rec import cli
-from supermoe_rec.config import ConfigError, DataConfig, load_config, save_config
+from supermoe_rec.config.experiment import ConfigError, DataConfig, load_config, save_config
 from supermoe_rec.data.movielens import MovieLens
 from supermoe_rec.data.protocol import ProtocolOutput
 from supermoe_rec.data.schema import FeatureSide
 from supermoe_rec.data.splits import SplitData, drop_features
-from supermoe_rec.export import ExportResult, UserRepresentations, export_run, latest_rows
-from supermoe_rec.plots import PNG_SIGNATURE
-from supermoe_rec.probe import item_bags, probe_representations, probe_run, user_attributes
+from supermoe_rec.evaluation.export import ExportResult, UserRepresentations, export_run, latest_rows
+from supermoe_rec.evaluation.plots import PNG_SIGNATURE
+from supermoe_rec.evaluation.probe import item_bags, probe_representations, probe_run, user_attributes
 from tests.dist_utils import DIST_ENV, in_process_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def _train_items(ml: MovieLens, user_id: int, max_history: int = 50) -> tuple[li
 @pytest.fixture(scope="module")
 def run_dir(ml100k: MovieLens, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 6-step behaviour-only supermoe run (stops mid-epoch: LATEST checkpoint only, no BEST)."""
-    from supermoe_rec.train import train
+    from supermoe_rec.training.trainer import train
 
     with in_process_world():
         out = tmp_path_factory.mktemp("runs")

@@ -2,9 +2,9 @@
 
 The graph is read from the source with ``ast`` (every ``import`` / ``from ... import`` of a ``supermoe_rec`` module,
 at module level or inside a function, except under ``if TYPE_CHECKING:``), so a cycle that only a lazy import closes
-is caught too. Layering: nothing in ``supermoe_rec.modules`` (the building blocks) imports
-``supermoe_rec.distributed``, the trainer or a CLI job; parallelism and jobs are applied to built modules from
-outside.
+is caught too. Layering: nothing in the model's own folders (``modules``, ``objectives``, ``models``) imports
+``supermoe_rec.training``, ``studies`` or ``serving``, and the building blocks (``modules``) import no
+``distributed`` either; parallelism and jobs are applied to built modules from outside.
 """
 
 from __future__ import annotations
@@ -21,16 +21,19 @@ PACKAGE = ROOT / "supermoe_rec"
 # The CLI and the jobs it dispatches to: the top of the graph, which no building block may import.
 JOB_MODULES = (
     "supermoe_rec.cli",
-    "supermoe_rec.train",
-    "supermoe_rec.compare",
-    "supermoe_rec.ablate",
-    "supermoe_rec.executor",
-    "supermoe_rec.export",
-    "supermoe_rec.plan",
-    "supermoe_rec.probe",
+    "supermoe_rec.training.trainer",
+    "supermoe_rec.studies.compare",
+    "supermoe_rec.studies.ablate",
+    "supermoe_rec.studies.executor",
+    "supermoe_rec.evaluation.export",
+    "supermoe_rec.distributed.planner",
+    "supermoe_rec.evaluation.probe",
 )
 # Prefixes the building blocks (supermoe_rec.modules) must not import.
 FORBIDDEN_FROM_MODULES = ("supermoe_rec.distributed", *JOB_MODULES)
+# The model's own folders: what they must not import (the jobs around them).
+MODEL_FOLDERS = ("supermoe_rec.modules", "supermoe_rec.objectives", "supermoe_rec.models")
+FORBIDDEN_FROM_MODEL = ("supermoe_rec.training", "supermoe_rec.studies", "supermoe_rec.serving", "supermoe_rec.cli")
 
 
 def _module_name(path: Path) -> str:
@@ -81,7 +84,7 @@ def _imports(module: str) -> set[str]:
             else:
                 source = node.module or ""
             for alias in node.names:
-                # ``from supermoe_rec import plots`` imports the module supermoe_rec.plots.
+                # ``from supermoe_rec.evaluation import plots`` imports the module supermoe_rec.evaluation.plots.
                 target = _resolve(f"{source}.{alias.name}") or _resolve(source)
                 if target is not None:
                     found.add(target)
@@ -122,7 +125,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_is_read_from_the_package() -> None:
     assert "supermoe_rec.modules.moe" in GRAPH and "supermoe_rec.distributed.expert_parallel" in GRAPH
     assert "supermoe_rec.modules.moe" in GRAPH["supermoe_rec.distributed.expert_parallel"]
-    assert "supermoe_rec.config" in GRAPH["supermoe_rec.train"]
+    assert "supermoe_rec.config.experiment" in GRAPH["supermoe_rec.training.trainer"]
     assert set(JOB_MODULES) - set(MODULES) == set(), "a job module was renamed: update JOB_MODULES"
 
 
@@ -145,6 +148,23 @@ def test_building_blocks_import_no_parallelism_trainer_or_job() -> None:
         if any(target == f or target.startswith(f + ".") for f in FORBIDDEN_FROM_MODULES)
     )
     assert not bad, bad
+
+
+def test_model_folders_import_no_training_study_or_serving() -> None:
+    assert {"supermoe_rec.objectives.task_indicator", "supermoe_rec.models.factory"} <= set(GRAPH)
+    bad = sorted(
+        f"{module} imports {target}"
+        for module, targets in GRAPH.items()
+        if module.startswith(MODEL_FOLDERS)
+        for target in targets
+        if target.startswith(FORBIDDEN_FROM_MODEL)
+    )
+    assert not bad, bad
+
+
+def test_the_root_holds_at_most_six_modules() -> None:
+    root_modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(root_modules) <= 6, root_modules
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from supermoe_rec.config import RegressionLoss, TaskType
-from supermoe_rec.loss import TaskIndicatorLoss
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.config.experiment import RegressionLoss, TaskType
+from supermoe_rec.config.tasks import TaskSpec
+from supermoe_rec.objectives.task_indicator import TaskIndicatorLoss
 
 NAN = float("nan")
 CTR = TaskSpec("ctr", TaskType.BINARY)

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, os
     import numpy as np
-    from supermoe_rec.memory import release_freed_memory
+    from supermoe_rec.training.memory import release_freed_memory
 
     def rss_mib():
         with open(f"/proc/{os.getpid()}/statm") as f:

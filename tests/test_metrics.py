@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
 
-from supermoe_rec.config import TaskType
-from supermoe_rec.metrics import MultiTaskEvaluator, group_auc, primary_metric
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.config.experiment import TaskType
+from supermoe_rec.config.tasks import TaskSpec
+from supermoe_rec.training.metrics import MultiTaskEvaluator, group_auc, primary_metric
 
 from .dist_utils import run_distributed
 

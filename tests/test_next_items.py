@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from supermoe_rec.next_items import NextItemsLoss, Softmax, full_catalogue, sample_uniform
+from supermoe_rec.objectives.next_items import NextItemsLoss, Softmax, full_catalogue, sample_uniform
 from tests.dist_utils import run_distributed
 
 N_ITEMS, D = 41, 8

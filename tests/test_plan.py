@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from supermoe_rec import cli
-from supermoe_rec.config import Arch, ExperimentConfig, apply_overrides, load_config
+from supermoe_rec.config.experiment import Arch, ExperimentConfig, apply_overrides, load_config
 from supermoe_rec.data.synthetic import USER_SEGMENTS, synthetic_schema
+from supermoe_rec.distributed.planner import REPORT_KEYS, ClusterSpec, PlanError, PlanReport, plan_command
 from supermoe_rec.models.factory import build_model, count_parameters
-from supermoe_rec.plan import REPORT_KEYS, ClusterSpec, PlanError, PlanReport, plan_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"scale_1b": 1e9, "scale_100b": 1e11, "scale_1t": 1e12}

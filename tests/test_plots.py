@@ -9,7 +9,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from supermoe_rec.plots import (
+from supermoe_rec.evaluation.plots import (
     PNG_SIGNATURE,
     plot_expert_load,
     plot_routing_heatmap,

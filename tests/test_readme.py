@@ -69,7 +69,7 @@ def test_rule_selects_the_expected_commands() -> None:
     assert is_cheap(".venv/bin/supermoe-rec plan --config configs/scale_1b.yaml --world-size 8")
     assert not is_cheap(".venv/bin/supermoe-rec train --config configs/ml100k.yaml")
     assert not is_cheap(".venv/bin/supermoe-rec data summary --config c.yaml --data.source=table --data.table=t.csv")
-    assert not is_cheap("torchx run -s slurm supermoe_rec/components.py:train -j 2x8 --gpu 8")
+    assert not is_cheap("torchx run -s slurm supermoe_rec/training/components.py:train -j 2x8 --gpu 8")
     assert not is_cheap("make demo   # main job")
     assert len(PYTHON_BLOCKS) >= 1, "README lost its Python quickstart"
 

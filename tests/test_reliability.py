@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from supermoe_rec import cli
-from supermoe_rec.config import ConfigError
+from supermoe_rec.config.experiment import ConfigError
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.errors import exit_code, one_line
-from supermoe_rec.rundir import LOCK_FILE, RunDirLock, RunDirLocked, check_run_name
+from supermoe_rec.training.rundir import LOCK_FILE, RunDirLock, RunDirLocked, check_run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ml100k.yaml"
@@ -70,12 +70,12 @@ def table_overrides(table: Path) -> list[str]:
 
 
 def test_exit_codes_of_the_projects_errors() -> None:
-    from supermoe_rec.checkpoint import CheckpointError
+    from supermoe_rec.training.checkpoint import CheckpointError
 
     try:
-        from supermoe_rec.executor import RunError
+        from supermoe_rec.studies.executor import RunError
     except ImportError:  # before compare's run executor had its own module
-        from supermoe_rec.compare import CompareError as RunError  # type: ignore[attr-defined,no-redef]
+        from supermoe_rec.studies.compare import CompareError as RunError  # type: ignore[attr-defined,no-redef]
 
     assert exit_code(ConfigError("x")) == 2
     assert exit_code(DataError("t.csv", "bad", row=1, column="c")) == 2
@@ -165,7 +165,7 @@ def test_a_fresh_dir_refused_before_any_write_is_removed(tmp_path: Path) -> None
 
 def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    code = f"from supermoe_rec.rundir import RunDirLock; RunDirLock({str(run)!r}).acquire(); print('locked')"
+    code = f"from supermoe_rec.training.rundir import RunDirLock; RunDirLock({str(run)!r}).acquire(); print('locked')"
     holder = subprocess.Popen(
         [sys.executable, "-u", "-c", code + "; import time; time.sleep(600)"],
         cwd=ROOT,
@@ -191,7 +191,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
 def test_lock_is_exclusive_across_processes_racing_for_it(tmp_path: Path) -> None:
     run = tmp_path / "run"
     code = (
-        "import sys, time\nfrom supermoe_rec.rundir import RunDirLock, RunDirLocked\n"
+        "import sys, time\nfrom supermoe_rec.training.rundir import RunDirLock, RunDirLocked\n"
         f"deadline = time.time() + 3\nwins = 0\n"
         "while time.time() < deadline:\n"
         f"    try:\n        lock = RunDirLock({str(run)!r}).acquire()\n    except RunDirLocked:\n        continue\n"
@@ -230,14 +230,14 @@ def test_lock_is_exclusive_across_processes_racing_for_it(tmp_path: Path) -> Non
 def test_shape_errors_are_config_errors_at_load(override: str, message: str) -> None:
     # Before: a negative batch size, top_k > num_experts or num_heads not dividing d_model failed after data loading
     # and model build, as tracebacks.
-    from supermoe_rec.config import load_config
+    from supermoe_rec.config.experiment import load_config
 
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIG, [override])
 
 
 def test_shape_error_in_a_config_file_names_the_file_and_key(tmp_path: Path) -> None:
-    from supermoe_rec.config import load_config
+    from supermoe_rec.config.experiment import load_config
 
     path = tmp_path / "bad.yaml"
     path.write_text(CONFIG.read_text().replace("top_k: 2", "top_k: 12"))
@@ -272,8 +272,8 @@ def fake_checkpoint(root: Path, config_text: str) -> Path:
 
 
 def test_the_checkpoint_config_is_read_and_a_damaged_one_is_a_checkpoint_error(tmp_path: Path) -> None:
-    from supermoe_rec.checkpoint import CheckpointError, CheckpointManager
-    from supermoe_rec.config import load_config, save_config
+    from supermoe_rec.config.experiment import load_config, save_config
+    from supermoe_rec.training.checkpoint import CheckpointError, CheckpointManager
 
     cfg = load_config(CONFIG, ["--model.encoder.d_model=32"])
     save_config(cfg, tmp_path / "c.yaml")
@@ -292,6 +292,6 @@ def test_the_checkpoint_config_is_read_and_a_damaged_one_is_a_checkpoint_error(t
 
 def to_dict_plain(cfg: object) -> object:
     """The config as config.yaml holds it (lists, not tuples)."""
-    from supermoe_rec.config import to_dict
+    from supermoe_rec.config.experiment import to_dict
 
     return yaml.safe_load(yaml.safe_dump(to_dict(cfg)))

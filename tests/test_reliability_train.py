@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from supermoe_rec.rundir import RunDirLock
+from supermoe_rec.training.rundir import RunDirLock
 
 from .test_reliability import BYO, CONFIG, bad_timestamp_table, error_lines, run_cli, table_overrides
 

@@ -1,4 +1,4 @@
-"""Issue 14, items 1 and 2: what a resume may change (unit checks of :mod:`supermoe_rec.resume`)."""
+"""Issue 14, items 1 and 2: what a resume may change (unit checks of :mod:`supermoe_rec.training.resume`)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from supermoe_rec.config import ConfigError, ExperimentConfig, to_dict
-from supermoe_rec.resume import check_resume, config_changes
+from supermoe_rec.config.experiment import ConfigError, ExperimentConfig, to_dict
+from supermoe_rec.training.resume import check_resume, config_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ml100k.yaml"
 
 
 def plain_config(*overrides: str) -> dict[str, object]:
-    from supermoe_rec.config import apply_overrides
+    from supermoe_rec.config.experiment import apply_overrides
 
     return to_dict(apply_overrides(ExperimentConfig(), list(overrides)))
 
@@ -54,7 +54,7 @@ def test_an_unchanged_resume_passes_and_new_keys_are_refused() -> None:
 
 
 def test_saved_config_yaml_round_trips_to_no_changes(tmp_path: Path) -> None:
-    from supermoe_rec.config import load_config, save_config
+    from supermoe_rec.config.experiment import load_config, save_config
 
     cfg = load_config(CONFIG)
     save_config(cfg, tmp_path / "config.yaml")

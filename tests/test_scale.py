@@ -1,15 +1,16 @@
-"""The MoE scaling study's plan and report (supermoe_rec.scale); the training itself is compare's, tested there."""
+"""The MoE scaling study's plan and report (supermoe_rec.studies.scale); the training itself is compare's, tested
+there."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from supermoe_rec.config import Arch, ExperimentConfig, TaskType
-from supermoe_rec.executor import RunSpec
+from supermoe_rec.config.experiment import Arch, ExperimentConfig, TaskType
+from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.modules.moe_recipe import active_params
-from supermoe_rec.scale import WIN_STD, plan_arms, plot, render_markdown, summarize
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.studies.executor import RunSpec
+from supermoe_rec.studies.scale import WIN_STD, plan_arms, plot, render_markdown, summarize
 
 
 def test_plan_arms_dense_then_every_shape_at_the_default_active_size() -> None:

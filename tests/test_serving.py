@@ -21,16 +21,16 @@ import torch
 import torch.distributed as dist
 
 from supermoe_rec import cli
-from supermoe_rec.config import load_config
+from supermoe_rec.config.experiment import load_config
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.movielens import MovieLens
 from supermoe_rec.data.protocol import build_ml_mt
 from supermoe_rec.data.splits import load_data
-from supermoe_rec.export import UserRepresentations, export_run, latest_rows
+from supermoe_rec.evaluation.export import UserRepresentations, export_run, latest_rows
 from supermoe_rec.serving import ArtifactError, UserEncoder, artifact_bytes, read_manifest
 from supermoe_rec.serving.artifact import ITEM_CATALOG, MANIFEST, OVER_ARCH, TABLES
 from supermoe_rec.serving.export_artifact import export_artifact
-from supermoe_rec.serving.retrieval import FaissIndex, topk_exact
+from supermoe_rec.serving.index import FaissIndex, topk_exact
 from tests.dist_utils import DIST_ENV, in_process_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    from supermoe_rec.train import train
+    from supermoe_rec.training.trainer import train
 
     with in_process_world():
         out = tmp_path_factory.mktemp("runs")
@@ -112,7 +112,7 @@ def test_a_user_vector_does_not_depend_on_its_batch(encoder: UserEncoder, user_r
 
 def test_scores_equal_the_training_model(run_dir: Path, artifact: Path) -> None:
     """Per-task candidate scores: export's own check, and that it fails on a changed weight (so it can fail)."""
-    from supermoe_rec import export
+    from supermoe_rec.evaluation import export
     from supermoe_rec.serving.export_artifact import ExportCheckError, check_artifact
 
     cfg = export.load_run_config(run_dir)
@@ -373,7 +373,7 @@ def test_benchmarks_run_in_quick_mode(artifact: Path, tmp_path: Path) -> None:
 def test_next_items_run_serves_its_trained_pairing(tmp_path: Path) -> None:
     """A joint run (next-items head, towers reading [USER]): the artifact reproduces its vectors, and retrieval
     scores items exactly as the model's ``score_items`` does."""
-    from supermoe_rec.train import train
+    from supermoe_rec.training.trainer import train
 
     saved_env = {k: os.environ.get(k) for k in DIST_ENV}
     overrides = [

@@ -117,7 +117,7 @@ def test_component_1x2_uses_repo_venv_without_path(tmp_path: Path) -> None:
     env = {"PATH": _without_bin_dir(os.environ.get("PATH", ""))}
     if BIN_DIR.resolve() != (REPO_ROOT / ".venv" / "bin").resolve():
         env["SUPERMOE_PYTHON"] = sys.executable  # not the repo's .venv: name this interpreter explicitly
-    component = ["supermoe_rec/components.py:train", "-j", "1x2"]
+    component = ["supermoe_rec/training/components.py:train", "-j", "1x2"]
     metrics, app_log_dir, why = _launch(tmp_path, component, "c1x2", env, unset=["SUPERMOE_PYTHON"])
     _check_metrics(metrics, why)
     assert _replicas(app_log_dir) == ["0"], why
@@ -126,7 +126,7 @@ def test_component_1x2_uses_repo_venv_without_path(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_component_2x1_two_hosts(tmp_path: Path) -> None:
     """Two "hosts" (two torchrun agents, GROUP_RANK 0 and 1) x one process, rendezvous on a free port."""
-    component = ["supermoe_rec/components.py:train", "-j", "2x1", "--rdzv_port", str(_free_port())]
+    component = ["supermoe_rec/training/components.py:train", "-j", "2x1", "--rdzv_port", str(_free_port())]
     env = {"SUPERMOE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     metrics, app_log_dir, why = _launch(tmp_path, component, "c2x1", env)
     _check_metrics(metrics, why)
@@ -135,9 +135,10 @@ def test_component_2x1_two_hosts(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_stock_dist_ddp_module(tmp_path: Path) -> None:
-    """torchx's own ``dist.ddp -m supermoe_rec.train``: it calls ``torchrun`` from PATH, so the venv goes first."""
+    """torchx's own ``dist.ddp -m supermoe_rec.training.trainer``: it calls ``torchrun`` from PATH, so the venv goes
+    first."""
     env = {"PATH": os.pathsep.join([str(BIN_DIR), os.environ.get("PATH", "")])}
-    component = ["dist.ddp", "-j", "1x2", "-m", "supermoe_rec.train"]
+    component = ["dist.ddp", "-j", "1x2", "-m", "supermoe_rec.training.trainer"]
     metrics, app_log_dir, why = _launch(tmp_path, component, "stock1x2", env)
     _check_metrics(metrics, why)
     assert _replicas(app_log_dir) == ["0"], why

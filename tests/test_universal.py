@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from supermoe_rec import cli, retrieval, universal
+from supermoe_rec import cli
 from supermoe_rec.data.movielens import ML100K_GENRES, MovieLens
-from supermoe_rec.plots import PNG_SIGNATURE
-from supermoe_rec.probe import aggregate_suites
+from supermoe_rec.evaluation import downstream as universal
+from supermoe_rec.evaluation import retrieval
+from supermoe_rec.evaluation.plots import PNG_SIGNATURE
+from supermoe_rec.evaluation.probe import aggregate_suites
 
 # ------------------------------------------------------------------------------------------- retrieval metrics
 
@@ -298,8 +300,8 @@ def test_suite_command_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_suite_tasks(ml100k: MovieLens) -> None:
     import dataclasses
 
-    from supermoe_rec.config import DataConfig
-    from supermoe_rec.probe import suite_tasks
+    from supermoe_rec.config.experiment import DataConfig
+    from supermoe_rec.evaluation.probe import suite_tasks
 
     keys = np.arange(1, 944)
     tasks = suite_tasks(ml100k, DataConfig(), keys)

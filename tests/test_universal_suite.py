@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from supermoe_rec import retrieval
-from supermoe_rec.config import load_config
+from supermoe_rec.config.experiment import load_config
 from supermoe_rec.data.movielens import MovieLens
-from supermoe_rec.export import load_run_config, restore_model
-from supermoe_rec.probe import (
+from supermoe_rec.evaluation import retrieval
+from supermoe_rec.evaluation.export import load_run_config, restore_model
+from supermoe_rec.evaluation.probe import (
     STAND_IN,
     _retrieval_template,
     item_scorer,
@@ -42,7 +42,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 2-step behaviour-only supermoe run (LATEST checkpoint only)."""
-    from supermoe_rec.train import train
+    from supermoe_rec.training.trainer import train
 
     with in_process_world():
         out = tmp_path_factory.mktemp("runs")

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from supermoe_rec.config import DataConfig, ExperimentConfig, apply_overrides
+from supermoe_rec.config.experiment import DataConfig, ExperimentConfig, apply_overrides
 from supermoe_rec.data.movielens import MovieLens
 from supermoe_rec.data.protocol import build_ml_mt
 from supermoe_rec.data.splits import SplitData, from_movielens
-from supermoe_rec.train import train
+from supermoe_rec.training.trainer import train
 
 TINY = [
     "--train.epochs=1",
@@ -82,7 +82,7 @@ def test_pretrain_then_fine_tune(tmp_path: Path, next_items_data: SplitData) -> 
 
 def test_leave_one_out_split_is_the_retrieval_protocols(ml100k: MovieLens) -> None:
     """A leave_one_out run trains on exactly RecBole's training targets and holds out the suite's valid/test ones."""
-    from supermoe_rec.retrieval import user_sequences
+    from supermoe_rec.evaluation.retrieval import user_sequences
 
     out = build_ml_mt(ml100k, DataConfig(leave_one_out=True))
     seqs = user_sequences(ml100k.ratings, ml100k.items["item_id"].to_numpy())

@@ -19,14 +19,14 @@ import pandas as pd
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from supermoe_rec.config import TaskType
+from supermoe_rec.config.experiment import TaskType
+from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.errors import DataError, first_true
 from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths, row_of, take_rows
 from supermoe_rec.data.lists import flatten_lists, looks_like_list
 from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema, TableSpec
 from supermoe_rec.data.vocab import Vocabulary, hash_ids
-from supermoe_rec.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 

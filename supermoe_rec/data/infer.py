@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from supermoe_rec.config import ConfigError
+from supermoe_rec.config.experiment import ConfigError
 from supermoe_rec.data.lists import ListParseError, parse_list
 from supermoe_rec.data.schema import Schema
 

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from supermoe_rec.config import DataConfig
+from supermoe_rec.config.experiment import DataConfig
 from supermoe_rec.data.errors import DataError, first_true
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.movielens import MovieLens
@@ -260,7 +260,7 @@ def _future_items(
 
     Example::
 
-        >>> from supermoe_rec.config import DataConfig
+        >>> from supermoe_rec.config.experiment import DataConfig
         >>> cfg = DataConfig(next_window=3, next_horizon_days=1.0)
         >>> out = _future_items(np.array([5, 6, 7, 8]), np.array([0, 10, 90_000, 90_001]), np.array([0, 2]),
         ...                     np.array([4, 3]), cfg)

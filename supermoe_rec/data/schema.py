@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from supermoe_rec.configbase import ConfigError, from_dict
-from supermoe_rec.tasks import TaskSpec, TaskType
+from supermoe_rec.config.base import ConfigError, from_dict
+from supermoe_rec.config.tasks import TaskSpec, TaskType
 
 if TYPE_CHECKING:
-    from supermoe_rec.config import ExperimentConfig
+    from supermoe_rec.config.experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Schema:
     # Drop rows where no task is labelled (they carry no loss). They are counted and reported, never silent.
     drop_unlabelled: bool = True
     # The per-group sequence feature that holds each sample's *future* items (the positives of the next-items
-    # objective, supermoe_rec/next_items.py). It is a label, not an input: the encoder never reads it.
+    # objective, supermoe_rec/objectives/next_items.py). It is a label, not an input: the encoder never reads it.
     next_items: str | None = None
     name: str = "table"
     _source: str = field(default="schema", compare=False, repr=False)

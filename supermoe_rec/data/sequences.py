@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from supermoe_rec.config import ConfigError, DataConfig
+from supermoe_rec.config.experiment import ConfigError, DataConfig
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.schema import Schema

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from supermoe_rec.config import ConfigError, DataConfig, TaskType
+from supermoe_rec.config.experiment import ConfigError, DataConfig, TaskType
+from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.data.dataset import TabularDataset, read_table
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.movielens import MovieLens, fetch_movielens
@@ -26,7 +27,6 @@ from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.sequences import SEQUENCE_FILES, build_sequences, read_sequences, sequence_file
 from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
 from supermoe_rec.data.vocab import Vocabulary, load_vocabularies
-from supermoe_rec.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy.typing as npt
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from supermoe_rec.config import DataConfig
+from supermoe_rec.config.experiment import DataConfig
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.schema import Schema

@@ -15,7 +15,8 @@ all ranks, so C is agreed with an ``all_reduce(MAX)``:
 - with a capacity factor: every rank keeps the drop decisions its router made with C computed from its *local*
   token count (so they depend on how tokens are split over ranks, exactly as in GShard); the agreed C only pads.
 
-**Gradient convention** (the one :class:`~supermoe_rec.loss.TaskIndicatorLoss` uses). Each rank's loss is
+**Gradient convention** (the one :class:`~supermoe_rec.objectives.task_indicator.TaskIndicatorLoss` uses). Each rank's
+loss is
 ``L_r = W * (its share of the global loss)``, so ``mean_r L_r`` equals the single-process loss ``L`` on the
 concatenated batch, and DDP's gradient *average* of the replicated (dense, router) parameters is the
 single-process gradient. The all-to-alls here are autograd functions whose backward is the reverse all-to-all, so
@@ -51,7 +52,8 @@ an :class:`ExpertParallelExperts` holding this rank's slice of the same weights,
 and statistics global. The trainer calls it when ``train.expert_parallel`` is set. A trainer must keep the expert
 parameters out of DDP: pass :func:`expert_parallel_parameter_names` of the unwrapped model to
 ``DefaultDataParallelWrapper(params_to_ignore=...)`` (:func:`supermoe_rec.distributed.sharding.shard` does).
-Checkpoints save each rank's expert slice as a ``DTensor`` sharded on dim 0 (:mod:`supermoe_rec.checkpoint`), so
+Checkpoints save each rank's expert slice as a ``DTensor`` sharded on dim 0 (:mod:`supermoe_rec.training.checkpoint`),
+so
 they reshard on load.
 """
 

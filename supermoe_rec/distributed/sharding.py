@@ -1,7 +1,9 @@
 """Table sharding: the planner's constraints, the sparse optimizer, and building and sharding the train module.
 
-One place for what the trainer (:func:`supermoe_rec.train.build_trainer`), the planner job (:mod:`supermoe_rec.plan`),
-the export job (:mod:`supermoe_rec.export`) and the benchmarks share, so the plan a job prints is the one training
+One place for what the trainer (:func:`supermoe_rec.training.trainer.build_trainer`), the planner job
+(:mod:`supermoe_rec.distributed.planner`),
+the export job (:mod:`supermoe_rec.evaluation.export`) and the benchmarks share, so the plan a job prints is the one
+training
 makes:
 
 - :func:`sharding_constraints`: per-table :class:`ParameterConstraints` from ``train.sharding`` (checked against the
@@ -10,7 +12,7 @@ makes:
 - :func:`sparse_optimizer_class` / :func:`fuse_sparse_optimizer`: ``train.sparse_optimizer`` fused into the table
   weights' backward (``apply_optimizer_in_backward``), which is also how the planner's storage estimator learns the
   optimizer state per shard;
-- :func:`build_train_module`: model + :class:`~supermoe_rec.loss.TaskIndicatorLoss` as one
+- :func:`build_train_module`: model + :class:`~supermoe_rec.objectives.task_indicator.TaskIndicatorLoss` as one
   :class:`~supermoe_rec.models.train_module.TrainModule`, tables on ``meta`` so DMP allocates only each rank's
   shards; with or without the fused sparse optimizer (export builds the model without optimizers);
 - :func:`shard`: TorchRec's :class:`EmbeddingShardingPlanner` plans the tables over the process group, and
@@ -41,14 +43,14 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from supermoe_rec.config import ConfigError, ExperimentConfig, SparseOptimizer, TrainConfig
+from supermoe_rec.config.experiment import ConfigError, ExperimentConfig, SparseOptimizer, TrainConfig
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.distributed.expert_parallel import expert_parallel_parameter_names, parallelize_experts
-from supermoe_rec.loss import TaskIndicatorLoss
 from supermoe_rec.models.factory import build_model
 from supermoe_rec.models.train_module import TrainModule
 from supermoe_rec.modules.embeddings import SparseArch
-from supermoe_rec.next_items import build_next_items_loss
+from supermoe_rec.objectives.next_items import build_next_items_loss
+from supermoe_rec.objectives.task_indicator import TaskIndicatorLoss
 
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 ALL_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")

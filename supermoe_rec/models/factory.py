@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from supermoe_rec.config import Arch, ConfigError, ModelConfig
+from supermoe_rec.config.experiment import Arch, ConfigError, ModelConfig
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.models.layout import FeatureLayout
@@ -149,7 +149,7 @@ def count_parameters(model: nn.Module, top_k: int | None = None) -> dict[str, in
 
     Example::
 
-        >>> from supermoe_rec.config import MoEConfig
+        >>> from supermoe_rec.config.experiment import MoEConfig
         >>> from supermoe_rec.modules.moe import MoELayer
         >>> counts = count_parameters(MoELayer(4, MoEConfig(num_experts=4, top_k=1, expert_hidden=2)), top_k=1)
         >>> per_expert = 4 * 2 + 2 + 2 * 4 + 4  # w1, b1, w2, b2 of one expert

@@ -59,7 +59,7 @@ class MultiTaskMLPRec(nn.Module):
     Example::
 
         >>> from supermoe_rec.models.factory import build_model, tiny_schema_and_batch
-        >>> from supermoe_rec.config import Arch, ModelConfig
+        >>> from supermoe_rec.config.experiment import Arch, ModelConfig
         >>> schema, batch = tiny_schema_and_batch()
         >>> model = build_model(ModelConfig(arch=Arch.MMOE), schema)
         >>> model(batch).predictions["rating"].shape

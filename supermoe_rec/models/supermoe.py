@@ -59,7 +59,8 @@ class ModelOutput:
 
 @dataclass
 class NextItemsInputs:
-    """What the next-items loss reads (:class:`supermoe_rec.next_items.NextItemsLoss`), for the batch's groups.
+    """What the next-items loss reads (:class:`supermoe_rec.objectives.next_items.NextItemsLoss`), for the batch's
+    groups.
 
     Attributes:
         query: [G, D] the [USER] vectors projected to the item table's width.
@@ -217,7 +218,7 @@ class SuperMoERec(nn.Module):
     Example::
 
         >>> from supermoe_rec.models.factory import build_model, tiny_schema_and_batch
-        >>> from supermoe_rec.config import ModelConfig
+        >>> from supermoe_rec.config.experiment import ModelConfig
         >>> schema, batch = tiny_schema_and_batch()
         >>> model = build_model(ModelConfig(), schema)
         >>> out = model(batch)

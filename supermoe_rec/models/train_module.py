@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from supermoe_rec.config import Objective
+from supermoe_rec.config.experiment import Objective
 from supermoe_rec.data.batch import Batch
-from supermoe_rec.loss import LossOutput, TaskIndicatorLoss
 from supermoe_rec.models.supermoe import ModelOutput, NextItemsInputs
-from supermoe_rec.next_items import NextItemsLoss, Softmax
+from supermoe_rec.objectives.next_items import NextItemsLoss, Softmax
+from supermoe_rec.objectives.task_indicator import LossOutput, TaskIndicatorLoss
 
 
 @dataclass
@@ -121,7 +121,7 @@ class TrainModule(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import ModelConfig
+        >>> from supermoe_rec.config.experiment import ModelConfig
         >>> from supermoe_rec.models.factory import build_model, tiny_schema_and_batch
         >>> schema, batch = tiny_schema_and_batch()
         >>> module = TrainModule(build_model(ModelConfig(), schema), TaskIndicatorLoss(schema.task_specs()))

@@ -75,7 +75,7 @@ def encode_jagged(
 
     Example::
 
-        >>> from supermoe_rec.config import EncoderConfig, ModelConfig, MoEConfig
+        >>> from supermoe_rec.config.experiment import EncoderConfig, ModelConfig, MoEConfig
         >>> _ = torch.manual_seed(0)
         >>> encoder = EncoderConfig(d_model=16, num_layers=1, num_heads=2)
         >>> cfg = ModelConfig(encoder=encoder, moe=MoEConfig(num_experts=4, moe_every=1))

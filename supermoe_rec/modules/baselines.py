@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.modules.towers import MLP, validate_task_names
-from supermoe_rec.tasks import TaskSpec
 
 __all__ = ["PLE", "MMoE", "SharedBottom"]
 
@@ -73,8 +73,8 @@ class SharedBottom(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import TaskType
-        >>> from supermoe_rec.tasks import TaskSpec
+        >>> from supermoe_rec.config.experiment import TaskType
+        >>> from supermoe_rec.config.tasks import TaskSpec
         >>> tasks = [TaskSpec("watch", TaskType.BINARY), TaskSpec("like", TaskType.BINARY)]
         >>> model = SharedBottom(8, [32, 16], tasks)
         >>> out = model(torch.randn(4, 8))
@@ -136,8 +136,8 @@ class MMoE(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import TaskType
-        >>> from supermoe_rec.tasks import TaskSpec
+        >>> from supermoe_rec.config.experiment import TaskType
+        >>> from supermoe_rec.config.tasks import TaskSpec
         >>> tasks = [TaskSpec("watch", TaskType.BINARY), TaskSpec("rating", TaskType.REGRESSION)]
         >>> model = MMoE(8, num_experts=3, expert_hidden=[16], tasks=tasks)
         >>> out = model(torch.randn(4, 8))
@@ -273,8 +273,8 @@ class PLE(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import TaskType
-        >>> from supermoe_rec.tasks import TaskSpec
+        >>> from supermoe_rec.config.experiment import TaskType
+        >>> from supermoe_rec.config.tasks import TaskSpec
         >>> tasks = [TaskSpec("watch", TaskType.BINARY), TaskSpec("like", TaskType.BINARY)]
         >>> model = PLE(8, num_shared_experts=2, num_task_experts=1, expert_hidden=[16], tasks=tasks)
         >>> out = model(torch.randn(4, 8))

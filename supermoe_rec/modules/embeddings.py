@@ -26,7 +26,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from supermoe_rec.config import SequenceLookup
+from supermoe_rec.config.experiment import SequenceLookup
 from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema
 
 # N(0, 0.02) learned far faster than N(0, 1) or TorchRec's uniform(±1/sqrt(rows)) on ml100k-mt

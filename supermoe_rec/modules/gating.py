@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from supermoe_rec.config import LoadBalance, MoEConfig, ScoreFunc
+from supermoe_rec.config.experiment import LoadBalance, MoEConfig, ScoreFunc
 
 
 class DispatchPlan(NamedTuple):
@@ -195,7 +195,7 @@ class TopKRouter(nn.Module):
 
     Args:
         d_model: D, input width.
-        config: :class:`~supermoe_rec.config.MoEConfig` (``num_experts``, ``top_k``, capacity factors,
+        config: :class:`~supermoe_rec.config.experiment.MoEConfig` (``num_experts``, ``top_k``, capacity factors,
             ``dropless``, ``router_jitter``, ``router_noise`` are read here).
         device: where to allocate the gate weight (``meta`` for deferred init).
         num_kinds: R, token kinds with their own router residual ``kind_weight`` ``[R, E, D]`` (0: one shared
@@ -203,7 +203,7 @@ class TopKRouter(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import MoEConfig
+        >>> from supermoe_rec.config.experiment import MoEConfig
         >>> _ = torch.manual_seed(0)
         >>> router = TopKRouter(16, MoEConfig(num_experts=4, top_k=2))
         >>> out = router(torch.randn(10, 16))

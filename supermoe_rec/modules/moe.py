@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from supermoe_rec.config import MoEConfig
+from supermoe_rec.config.experiment import MoEConfig
 from supermoe_rec.modules.experts import BatchedExperts, DenseFFN, ExpertImpl
 from supermoe_rec.modules.gating import TopKRouter
 from supermoe_rec.modules.moe_stats import MoEStatsAccumulator
@@ -64,7 +64,7 @@ class MoELayer(nn.Module):
 
     Args:
         d_model: D.
-        config: :class:`~supermoe_rec.config.MoEConfig` (E, K, H, capacity factors, dropless, router noise).
+        config: :class:`~supermoe_rec.config.experiment.MoEConfig` (E, K, H, capacity factors, dropless, router noise).
         num_tasks: T, for the ``task_expert_counts`` routing statistic (0: not tracked) and, with
             ``config.task_routers``, the number of per-task router residuals.
         device: where to allocate parameters (``meta`` for deferred init; then ``to_empty`` +
@@ -73,7 +73,7 @@ class MoELayer(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import MoEConfig
+        >>> from supermoe_rec.config.experiment import MoEConfig
         >>> _ = torch.manual_seed(0)
         >>> layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, expert_hidden=32), num_tasks=3)
         >>> x = torch.randn(2 * 5, 16)  # (B*L, D) real tokens

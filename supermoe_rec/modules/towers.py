@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.config.tasks import TaskSpec
 
 __all__ = ["MLP", "MultiTaskTowers", "TaskTower", "validate_task_names"]
 
@@ -126,8 +126,8 @@ class TaskTower(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import TaskType
-        >>> from supermoe_rec.tasks import TaskSpec
+        >>> from supermoe_rec.config.experiment import TaskType
+        >>> from supermoe_rec.config.tasks import TaskSpec
         >>> tower = TaskTower(8, [16], TaskSpec("rating", TaskType.REGRESSION), output_bias=3.5)
         >>> tower(torch.randn(4, 8)).shape
         torch.Size([4])
@@ -188,8 +188,8 @@ class MultiTaskTowers(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import TaskType
-        >>> from supermoe_rec.tasks import TaskSpec
+        >>> from supermoe_rec.config.experiment import TaskType
+        >>> from supermoe_rec.config.tasks import TaskSpec
         >>> tasks = [TaskSpec("watch", TaskType.BINARY), TaskSpec("rating", TaskType.REGRESSION)]
         >>> towers = MultiTaskTowers(tasks, in_features=8, hidden=[16])
         >>> out = towers(torch.randn(4, 8))  # one representation shared by both towers

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from supermoe_rec.config import Arch, ModelConfig
+from supermoe_rec.config.experiment import Arch, ModelConfig
 from supermoe_rec.modules.experts import DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer, MoEOutput
 
@@ -290,7 +290,7 @@ class MoETransformerEncoder(nn.Module):
     Init: ``[USER]``, task and position embeddings N(0, 0.02); linear layers LeCun-normal with zero biases.
 
     Args:
-        config: :class:`~supermoe_rec.config.ModelConfig`: ``arch`` (``supermoe``: MoE blocks;
+        config: :class:`~supermoe_rec.config.experiment.ModelConfig`: ``arch`` (``supermoe``: MoE blocks;
             ``dense_transformer``: none), ``encoder`` (``d_model``, ``num_layers``, ``num_heads``, ``ffn_hidden``,
             ``use_task_tokens``, ``dropout``) and ``moe``.
         num_tasks: T.
@@ -305,7 +305,7 @@ class MoETransformerEncoder(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import EncoderConfig, ModelConfig, MoEConfig
+        >>> from supermoe_rec.config.experiment import EncoderConfig, ModelConfig, MoEConfig
         >>> _ = torch.manual_seed(0)
         >>> moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=8, moe_every=2)
         >>> cfg = ModelConfig(encoder=EncoderConfig(d_model=16, num_layers=2, num_heads=2, ffn_hidden=32), moe=moe)

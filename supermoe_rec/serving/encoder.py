@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from supermoe_rec.config import Arch, ModelConfig, from_dict
+from supermoe_rec.config.experiment import Arch, ModelConfig, from_dict
 from supermoe_rec.data.errors import DataError, first_true
 from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSide, FeatureSpec, Schema
 from supermoe_rec.models.layout import FeatureLayout

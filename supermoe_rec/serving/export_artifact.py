@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from supermoe_rec.config import ExperimentConfig
+from supermoe_rec.config.experiment import ExperimentConfig
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.schema import FeatureSide, Schema
 from supermoe_rec.serving import artifact as art
@@ -178,7 +178,7 @@ def check_artifact(encoder: UserEncoder, trainer: Any, users: int = CHECK_USERS,
 
     The training model runs in eval with dropless routing, as the artifact does.
     """
-    from supermoe_rec.export import _forward
+    from supermoe_rec.evaluation.export import _forward
 
     ds: TabularDataset = trainer.data.splits["train"]
     groups = np.linspace(0, ds.num_groups - 1, num=min(users, ds.num_groups)).astype(np.int64)
@@ -226,8 +226,8 @@ def export_artifact(run_dir: str | Path, out: str | Path, overrides: Sequence[st
     """
     from torchrec.distributed.model_parallel import get_unwrapped_module
 
-    from supermoe_rec import export
     from supermoe_rec.data.vocab import save_vocabularies
+    from supermoe_rec.evaluation import export
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from supermoe_rec.config import DataConfig
+from supermoe_rec.config.experiment import DataConfig
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.splits import load_data

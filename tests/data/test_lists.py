@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from supermoe_rec.config import DataConfig
+from supermoe_rec.config.experiment import DataConfig
 from supermoe_rec.data.dataset import TabularDataset, read_table
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.lists import ListParseError, parse_list

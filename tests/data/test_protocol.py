@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from supermoe_rec.config import DataConfig
+from supermoe_rec.config.experiment import DataConfig
 from supermoe_rec.data.movielens import MovieLens
 from supermoe_rec.data.protocol import ProtocolOutput, build_ml_mt, split_sizes
 from supermoe_rec.data.splits import SplitData

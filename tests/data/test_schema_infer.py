@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from supermoe_rec import cli
-from supermoe_rec.config import ConfigError
+from supermoe_rec.config.experiment import ConfigError
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.infer import infer_schema
 from supermoe_rec.data.schema import Schema

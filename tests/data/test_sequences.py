@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from supermoe_rec.config import DataConfig
+from supermoe_rec.config.experiment import DataConfig
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.sequences import build_sequences, read_sequences
 from supermoe_rec.data.splits import load_data

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from supermoe_rec.config import DataConfig
+from supermoe_rec.config.experiment import DataConfig
 from supermoe_rec.data.synthetic import SyntheticStream, synthetic_schema, zipf_ids
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from supermoe_rec.config import ConfigError, DataConfig
+from supermoe_rec.config.experiment import ConfigError, DataConfig
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.schema import Schema
@@ -216,7 +216,7 @@ def test_table_summary_counts(tmp_path: Path) -> None:
 
 def test_table_config_checked_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Task names against the schema, before any data; ml-mt-only keys with source: table get a warning."""
-    from supermoe_rec.config import ExperimentConfig, apply_overrides
+    from supermoe_rec.config.experiment import ExperimentConfig, apply_overrides
     from supermoe_rec.data.schema import check_table_config
 
     (tmp_path / "schema.yaml").write_text(SCHEMA)
@@ -239,7 +239,7 @@ def test_table_config_checked_at_load(tmp_path: Path, caplog: pytest.LogCaptureF
 def test_load_config_refuses_unknown_task_weights(tmp_path: Path) -> None:
     """The issue's case: configs/ml100k.yaml's task weight on 'watch' with a schema that has no watch task fails at
     load, naming the key, instead of after the data has loaded."""
-    from supermoe_rec.config import load_config
+    from supermoe_rec.config.experiment import load_config
 
     (tmp_path / "schema.yaml").write_text(SCHEMA)
     table = ["--data.source=table", f"--data.schema={tmp_path / 'schema.yaml'}", "--data.table=t.parquet"]

@@ -1,10 +1,11 @@
 """DistributedModelParallel on 2 CPU (gloo) processes against 1 process, through the real trainer.
 
-Each case builds the trainer with :func:`supermoe_rec.train.build_trainer` (planner with the case's per-table
+Each case builds the trainer with :func:`supermoe_rec.training.trainer.build_trainer` (planner with the case's per-table
 constraints, DMP, fused SGD on the tables, Adam on the dense part) in real processes, overwrites every table with
 the same deterministic values, and runs two steps of TrainPipelineSparseDist on the same global batches of the
 ml100k-mt train split: 1 process gets all groups of a step, rank r of 2 gets ``groups[r::2]`` (the
-ShardedBatchLoader rule). Per the gradient convention of ``supermoe_rec.train`` every parameter then receives the
+ShardedBatchLoader rule). Per the gradient convention of ``supermoe_rec.training.trainer`` every parameter then
+receives the
 gradient of the global loss, so compared with the 1-process run:
 
 - the mean over ranks of each rank's loss (and per-task loss) is the 1-process loss, at both steps;
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from supermoe_rec.config import ConfigError, DataConfig, ExperimentConfig, apply_overrides
+from supermoe_rec.config.experiment import ConfigError, DataConfig, ExperimentConfig, apply_overrides
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData
 
@@ -41,7 +42,7 @@ TOL = 1e-5
 # Sharding type -> embedding dim: column_wise shards are >= 128 columns wide, so 256 gives one shard per rank.
 CASES = {"table_wise": 16, "column_wise": 256, "table_wise+next_items": 16}
 # The next-items case trains the [USER] vector too (joint), with the sampled softmax: the same sampled ids on every
-# rank plus in-batch negatives gathered from all ranks, logQ corrected (supermoe_rec/next_items.py).
+# rank plus in-batch negatives gathered from all ranks, logQ corrected (supermoe_rec/objectives/next_items.py).
 NEXT_ITEMS = [
     "--data.next_window=2",
     "--train.objective=joint",
@@ -112,7 +113,7 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from supermoe_rec.data.splits import load_data
-    from supermoe_rec.train import DistContext, build_trainer
+    from supermoe_rec.training.trainer import DistContext, build_trainer
 
     ctx = DistContext(rank, world_size, rank, torch.device("cpu"))
     results: dict[str, Any] = {}
@@ -285,7 +286,7 @@ def test_row_wise_on_cpu_is_a_config_error_naming_the_table(
     ml100k_data: SplitData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import supermoe_rec.distributed.sharding as sharding_mod
-    import supermoe_rec.train as train_mod
+    import supermoe_rec.training.trainer as train_mod
 
     built = []
     monkeypatch.setattr(sharding_mod, "build_model", lambda *a, **k: built.append(1))

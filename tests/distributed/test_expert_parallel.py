@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from supermoe_rec.config import MoEConfig
+from supermoe_rec.config.experiment import MoEConfig
 from supermoe_rec.distributed.expert_parallel import (
     ExpertParallelExperts,
     expert_parallel_parameter_names,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from supermoe_rec.config import Arch, ConfigError, EncoderConfig, ModelConfig, MoEConfig
+from supermoe_rec.config.experiment import Arch, ConfigError, EncoderConfig, ModelConfig, MoEConfig
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData
-from supermoe_rec.loss import TaskIndicatorLoss
 from supermoe_rec.models.factory import build_model, parameter_report
 from supermoe_rec.models.layout import concat_pooled
 from supermoe_rec.models.train_module import TrainModule, train_step
+from supermoe_rec.objectives.task_indicator import TaskIndicatorLoss
 
 SMALL = ModelConfig(
     embedding_dim=16,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from supermoe_rec.config import (
+from supermoe_rec.config.experiment import (
     ConfigError,
     ExperimentConfig,
     Objective,
@@ -20,7 +20,7 @@ from supermoe_rec.data.schema import Schema
 from supermoe_rec.distributed.sharding import build_train_module
 from supermoe_rec.models.supermoe import SuperMoERec
 from supermoe_rec.models.train_module import TrainModule
-from supermoe_rec.next_items import CandidateSource, Softmax
+from supermoe_rec.objectives.next_items import CandidateSource, Softmax
 
 N_ITEMS = 30
 

@@ -10,7 +10,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from supermoe_rec import EncoderOutput, MoETransformerEncoder, encode_jagged, jagged_to_padded
-from supermoe_rec.config import EncoderConfig, ModelConfig, MoEConfig
+from supermoe_rec.config.experiment import EncoderConfig, ModelConfig, MoEConfig
 
 IN, D, T = 8, 16, 3
 

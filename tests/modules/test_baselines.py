@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from supermoe_rec.config import TaskType
+from supermoe_rec.config.experiment import TaskType
+from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.modules.baselines import PLE, MMoE, SharedBottom
-from supermoe_rec.tasks import TaskSpec
 
 TASKS = [TaskSpec("watch", TaskType.BINARY), TaskSpec("like", TaskType.BINARY), TaskSpec("rating", TaskType.REGRESSION)]
 

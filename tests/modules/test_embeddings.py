@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from supermoe_rec.config import SequenceLookup
+from supermoe_rec.config.experiment import SequenceLookup
 from supermoe_rec.data.splits import SplitData
 from supermoe_rec.modules.embeddings import SparseArch, bags_of_one, resolve_sequence_lookup
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from supermoe_rec.config import MoEConfig
+from supermoe_rec.config.experiment import MoEConfig
 from supermoe_rec.modules.experts import BatchedExperts, DenseFFN, ExpertImpl
 from supermoe_rec.modules.gating import TopKRouter, make_dispatch_plan
 

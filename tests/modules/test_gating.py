@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supermoe_rec.config import MoEConfig
+from supermoe_rec.config.experiment import MoEConfig
 from supermoe_rec.modules.gating import TopKRouter, compute_capacity, make_dispatch_plan
 
 

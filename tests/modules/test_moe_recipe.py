@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from supermoe_rec.config import MoEConfig
+from supermoe_rec.config.experiment import MoEConfig
 from supermoe_rec.modules.experts import DenseFFN, ExpertImpl
 from supermoe_rec.modules.gating import update_router_biases
 from supermoe_rec.modules.moe import MoELayer

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from supermoe_rec.config import TaskType
+from supermoe_rec.config.experiment import TaskType
+from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.modules.towers import MLP, MultiTaskTowers, TaskTower, validate_task_names
-from supermoe_rec.tasks import TaskSpec
 
 WATCH = TaskSpec("watch", TaskType.BINARY)
 RATING = TaskSpec("rating", TaskType.REGRESSION)

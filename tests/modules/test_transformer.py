@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from supermoe_rec.config import Arch, EncoderConfig, ModelConfig, MoEConfig
+from supermoe_rec.config.experiment import Arch, EncoderConfig, ModelConfig, MoEConfig
 from supermoe_rec.models.factory import count_parameters
 from supermoe_rec.modules.experts import DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer
@@ -328,7 +328,7 @@ def test_dropout_only_in_training() -> None:
 
 def test_runs_under_bf16_autocast() -> None:
     # The FFN's output comes back in bf16 under autocast while the residual stream is fp32.
-    from supermoe_rec.config import ModelConfig, MoEConfig
+    from supermoe_rec.config.experiment import ModelConfig, MoEConfig
     from supermoe_rec.modules.transformer import MoETransformerEncoder
 
     torch.manual_seed(0)

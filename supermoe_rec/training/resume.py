@@ -21,7 +21,7 @@ Example::
     >>> check_resume(old, new, allowed="")
     Traceback (most recent call last):
     ...
-    supermoe_rec.configbase.ConfigError: train.resume: the config changed since the checkpoint ...
+    supermoe_rec.config.base.ConfigError: train.resume: the config changed since the checkpoint ...
     >>> [c.key for c in check_resume(old, new, allowed="train.lr")]
     ['train.lr']
 """
@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from supermoe_rec.config import ConfigError
+from supermoe_rec.config.experiment import ConfigError
 
 ALLOW_KEY = "train.resume_allow_changes"
 

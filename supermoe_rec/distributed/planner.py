@@ -49,7 +49,7 @@ The report (:meth:`PlanReport.as_dict`, written by ``--json``) has the keys :dat
 
 Example::
 
-    >>> from supermoe_rec.config import apply_overrides, ExperimentConfig
+    >>> from supermoe_rec.config.experiment import apply_overrides, ExperimentConfig
     >>> cfg = apply_overrides(ExperimentConfig(), ["--data.source=synthetic", "--data.synthetic_items=10000"])
     >>> report = plan_config(cfg, ClusterSpec(world_size=2, hbm_gb=1.0, local_world_size=2))
     >>> sorted(t["name"] for t in report.tables), report.params["embedding"] == 32 * (100_000 + 64 + 10_000)
@@ -78,7 +78,7 @@ from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchPro
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, Stats
 
-from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, SparseOptimizer, load_config
+from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, SparseOptimizer, load_config
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.synthetic import CANDIDATES_PER_GROUP, synthetic_schema
 from supermoe_rec.distributed.sharding import build_train_module, sharders, sharding_constraints

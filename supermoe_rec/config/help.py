@@ -1,7 +1,8 @@
-"""The config keys of every command's ``--help``: generated from the dataclasses in :mod:`supermoe_rec.config`.
+"""The config keys of every command's ``--help``: generated from the dataclasses in
+:mod:`supermoe_rec.config.experiment`.
 
 Each key is listed as the override that sets it, with its type and default, grouped by section, so ``--help``
-cannot drift from what :func:`supermoe_rec.config.load_config` accepts.
+cannot drift from what :func:`supermoe_rec.config.experiment.load_config` accepts.
 
 Example::
 
@@ -78,7 +79,7 @@ def _sections(cls: type[Any], prefix: str) -> Iterator[tuple[str, list[str]]]:
 def config_keys_help(cls: type[Any] | None = None) -> str:
     """Every config key as ``--section.key=TYPE (default: ...)``, one block per section."""
     if cls is None:
-        from supermoe_rec.config import ExperimentConfig
+        from supermoe_rec.config.experiment import ExperimentConfig
 
         cls = ExperimentConfig
     out = ["config keys (override any of them after the flags; see configs/*.yaml):"]

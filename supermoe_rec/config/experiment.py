@@ -26,11 +26,11 @@ Example::
     >>> apply_overrides(cfg, ["--train.lrr=0.01"])
     Traceback (most recent call last):
     ...
-    supermoe_rec.configbase.ConfigError: train.lrr: unknown key (known: ...)
+    supermoe_rec.config.base.ConfigError: train.lrr: unknown key (known: ...)
     >>> apply_overrides(cfg, ["--model.d_model=32"])  # a key of the earlier flat layout names its new place
     Traceback (most recent call last):
     ...
-    supermoe_rec.configbase.ConfigError: model.d_model: this key moved to model.encoder.d_model
+    supermoe_rec.config.base.ConfigError: model.d_model: this key moved to model.encoder.d_model
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-from supermoe_rec.configbase import MOVED_KEYS as MOVED_KEYS
-from supermoe_rec.configbase import REMOVED_KEYS as REMOVED_KEYS
-from supermoe_rec.configbase import ConfigError as ConfigError
-from supermoe_rec.configbase import from_dict as from_dict
-from supermoe_rec.configbase import to_dict as to_dict
-from supermoe_rec.configbase import unknown_key_error
+from supermoe_rec.config.base import MOVED_KEYS as MOVED_KEYS
+from supermoe_rec.config.base import REMOVED_KEYS as REMOVED_KEYS
+from supermoe_rec.config.base import ConfigError as ConfigError
+from supermoe_rec.config.base import from_dict as from_dict
+from supermoe_rec.config.base import to_dict as to_dict
+from supermoe_rec.config.base import unknown_key_error
+from supermoe_rec.config.tasks import TaskType as TaskType
 from supermoe_rec.data.schema import check_table_config
-from supermoe_rec.tasks import TaskType as TaskType
 
 
 class Arch(str, enum.Enum):
@@ -293,7 +293,7 @@ class NextItemsSoftmax(str, enum.Enum):
 
 @dataclass(frozen=True)
 class NextItemsConfig:
-    """The next-items loss (supermoe_rec/next_items.py); its positives come from ``data.next_window``."""
+    """The next-items loss (supermoe_rec/objectives/next_items.py); its positives come from ``data.next_window``."""
 
     weight: float = 1.0
     softmax: NextItemsSoftmax = NextItemsSoftmax.AUTO
@@ -347,7 +347,7 @@ class TrainConfig:
     # Continue from the run dir's latest checkpoint; an absent or unreadable checkpoint is an error.
     resume: bool = False
     # On resume, the hyper-parameters that may differ from the checkpoint's config: comma-separated dotted keys, e.g.
-    # "train.lr,model.moe.top_k" (supermoe_rec/resume.py). Any other change to the config is refused.
+    # "train.lr,model.moe.top_k" (supermoe_rec/training/resume.py). Any other change to the config is refused.
     resume_allow_changes: str = ""
     tensorboard: bool = True
     log_every: int = 50
@@ -401,7 +401,7 @@ def check_run_name(name: str, key: str = "train.name") -> None:
         >>> check_run_name("../escape")
         Traceback (most recent call last):
         ...
-        supermoe_rec.configbase.ConfigError: train.name: '../escape' must be one path component ...
+        supermoe_rec.config.base.ConfigError: train.name: '../escape' must be one path component ...
     """
     if not _SAFE_NAME.fullmatch(name) or len(name.encode()) > _MAX_NAME_BYTES:
         raise ConfigError(

@@ -2,7 +2,8 @@
 
 A run is a :class:`RunSpec`: a resolved config and its key, the SHA-256 of what the run trains (:func:`config_key`).
 :func:`make_run` names a run ``<arch>-<tasks>-seed<seed>-<key[:8]>``; :func:`execute` trains (or reuses) runs,
-``jobs`` at a time, every one a plain :func:`supermoe_rec.train.train` call in a fresh ``spawn`` subprocess (a world
+``jobs`` at a time, every one a plain :func:`supermoe_rec.training.trainer.train` call in a fresh ``spawn`` subprocess
+(a world
 of one, :func:`run_isolated`), so no process-group, RNG or fused-optimizer state carries from one run to the next. A
 run whose ``metrics.json`` holds a config with the same key is reused (:func:`finished_metrics`) unless ``force``.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from supermoe_rec.config import (
+from supermoe_rec.config.experiment import (
     ARCH_SECTIONS,
     ARCH_SPECIFIC_SECTIONS,
     Arch,
@@ -76,7 +77,8 @@ class RunSpec:
 def config_key(cfg: ExperimentConfig) -> str:
     """SHA-256 of the config's values that differ from the defaults, without the output-only ``train.*`` fields
     (name, out_dir, num_threads, tensorboard, log_every) and without the ``model`` sections of other archs than
-    ``model.arch`` (:data:`~supermoe_rec.config.ARCH_SECTIONS`; without a ``moe`` section, the MoE loss weights
+    ``model.arch`` (:data:`~supermoe_rec.config.experiment.ARCH_SECTIONS`; without a ``moe`` section, the MoE loss
+    weights
     ``train.loss.balance_loss_weight`` / ``z_loss_weight`` go too).
 
     Hashing only what differs from :class:`ExperimentConfig`'s defaults keeps keys, and so finished runs, valid when
@@ -187,7 +189,7 @@ def _train_worker(cfg: ExperimentConfig, log_path: str) -> None:
     logging.getLogger("supermoe_rec").setLevel(logging.INFO)
     import torch.distributed as dist
 
-    from supermoe_rec.train import train
+    from supermoe_rec.training.trainer import train
 
     try:
         train(cfg)
@@ -303,7 +305,7 @@ def runs_dir_of(cfg: ExperimentConfig, out_dir: Path) -> Path:
 
     Example::
 
-        >>> from supermoe_rec.config import apply_overrides
+        >>> from supermoe_rec.config.experiment import apply_overrides
         >>> runs_dir_of(ExperimentConfig(), Path("reports/x")).as_posix()
         'reports/x/runs'
         >>> runs_dir_of(apply_overrides(ExperimentConfig(), ["--train.out_dir=/scratch/runs"]), Path("r")).as_posix()

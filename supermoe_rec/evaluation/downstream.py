@@ -159,7 +159,8 @@ def future_tasks(
     test_fraction: float,
     genres: Sequence[str],
 ) -> list[Task]:
-    """Tasks about each user's future after the vector's time (the ml-mt split: see :mod:`supermoe_rec.probe`).
+    """Tasks about each user's future after the vector's time (the ml-mt split: see
+    :mod:`supermoe_rec.evaluation.probe`).
 
     A user's ratings are sorted by (timestamp, item_id) as the ml-mt protocol sorts them; the vector's time t0 is
     the timestamp of the user's last train rating, and the *next items* are the user's valid + test ratings (the
@@ -419,7 +420,8 @@ def iter_metrics(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> Ite
 def plot_primary(result: Mapping[str, Any], out_png: str | Path) -> Path:
     """Bar chart of each task's primary metric per kind and family; error bars from ``result["std"]`` when present.
 
-    Drawn on a :class:`~matplotlib.figure.Figure` with the Agg canvas (no pyplot), as :mod:`supermoe_rec.plots`.
+    Drawn on a :class:`~matplotlib.figure.Figure` with the Agg canvas (no pyplot), as
+    :mod:`supermoe_rec.evaluation.plots`.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -21,7 +21,8 @@ Each future item ``p`` of group ``g`` (``pos_mask[g, w] = 1``) is one positive, 
   share of the training positives), so the sum estimates the full softmax's and approaches it as ``K`` grows.
 
 The loss is averaged over every positive of the *global* batch: each rank returns ``Σ_local ℓ · world / P``, the
-convention of :class:`supermoe_rec.loss.TaskIndicatorLoss`, so after gradient averaging over ranks the update is the
+convention of :class:`supermoe_rec.objectives.task_indicator.TaskIndicatorLoss`, so after gradient averaging over ranks
+the update is the
 one of the whole batch, however it is split.
 """
 
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_gather
 
-from supermoe_rec.config import NextItemsConfig, NextItemsSoftmax
+from supermoe_rec.config.experiment import NextItemsConfig, NextItemsSoftmax
 
 __all__ = ["CandidateSource", "NextItemsLoss", "Softmax", "build_next_items_loss"]
 

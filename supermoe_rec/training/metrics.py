@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from supermoe_rec.config import TaskType
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.config.experiment import TaskType
+from supermoe_rec.config.tasks import TaskSpec
 
 __all__ = ["MultiTaskEvaluator", "group_auc", "primary_metric"]
 

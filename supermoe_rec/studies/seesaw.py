@@ -5,9 +5,9 @@ RMSE, so a positive gain always means that training the tasks together helped; i
 An architecture is *seesaw-free* when no task's mean gain is negative. Spread over seeds is the population standard
 deviation (``ddof=0``), defined for a single seed too.
 
-:mod:`supermoe_rec.compare` plans and runs the comparison (:mod:`supermoe_rec.executor`) and writes
+:mod:`supermoe_rec.studies.compare` plans and runs the comparison (:mod:`supermoe_rec.studies.executor`) and writes
 ``report.json``, ``report.md`` (:func:`write_report_markdown`) and the gain plot
-(:func:`supermoe_rec.plots.plot_gains`).
+(:func:`supermoe_rec.evaluation.plots.plot_gains`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-from supermoe_rec.config import Arch, ExperimentConfig, TaskType, to_dict
-from supermoe_rec.executor import RunSpec, read_test_metric
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.config.experiment import Arch, ExperimentConfig, TaskType, to_dict
+from supermoe_rec.config.tasks import TaskSpec
+from supermoe_rec.studies.executor import RunSpec, read_test_metric
 
 STD_DDOF = 0
 
@@ -29,7 +29,7 @@ STD_DDOF = 0
 GAIN_PLOT = "mtl_gain.png"
 
 
-ABLATIONS_MD = "ablations.md"  # written by supermoe_rec.ablate, appended to report.md
+ABLATIONS_MD = "ablations.md"  # written by supermoe_rec.studies.ablate, appended to report.md
 
 
 FINDINGS_MD = "findings.md"  # written by hand next to a report, appended to report.md
@@ -212,7 +212,7 @@ def build_report(
     Returns:
         the report (see :class:`Report`).
     """
-    from supermoe_rec.metrics import primary_metric
+    from supermoe_rec.training.metrics import primary_metric
 
     archs: dict[str, ArchReport] = {}
     runs: list[RunInfo] = []

@@ -9,7 +9,7 @@ For each attribute (gender, age bucket, occupation from the MovieLens users tabl
 and stratified by that attribute (70/30 by default). Probes are fitted on the train users and scored on the
 held-out users:
 
-- ``model``: logistic regression on the standardised [USER] representation (from :mod:`supermoe_rec.export`);
+- ``model``: logistic regression on the standardised [USER] representation (from :mod:`supermoe_rec.evaluation.export`);
 - ``task_<name>``: the same on each task representation;
 - ``majority``: the train users' most frequent class;
 - ``tfidf``: logistic regression on TF-IDF over the user's train items (every train item, while the model reads
@@ -31,7 +31,7 @@ writes their mean ± std and a chart. Behaviour-only ml100k runs only (no attrib
 - *The vector's time*: the end of the user's ml-mt train split. The vector is the export's (the first valid sample:
   its history is the user's last ``max_history`` train items); the user's *next items* are their valid + test
   ratings, in time order.
-- *Downstream protocol*: :mod:`supermoe_rec.universal` (frozen vectors, logistic/ridge regression and a
+- *Downstream protocol*: :mod:`supermoe_rec.evaluation.downstream` (frozen vectors, logistic/ridge regression and a
   1-hidden-layer MLP, settings chosen on valid users of one seeded 60/20/20 user split, scored on its test users).
 - *Tasks*: ``gender``, ``age`` (7 buckets), ``occupation`` (21) from the users table; ``genres_next10`` (which of
   the 18 genres appear among the next 10 items; mean AUC); ``active_30d`` (at least 12 next items within 30 days of
@@ -41,7 +41,8 @@ writes their mean ± std and a chart. Behaviour-only ml100k runs only (no attrib
   item-table rows over that same history), ``random_encoder`` (the run's model built from its config with seed
   ``train.seed + 1000``, untrained), ``tfidf`` (TF-IDF over every train item of the user, IDF from the train
   users), ``majority`` (constant predictor), and one per ``--compare-run`` (that run's ``user``).
-- *Retrieval*: :mod:`supermoe_rec.retrieval` (RecBole's sequential protocol on ml-100k). The run's [USER] vector
+- *Retrieval*: :mod:`supermoe_rec.evaluation.retrieval` (RecBole's sequential protocol on ml-100k). The run's [USER]
+  vector
   at each target comes from the run's model in eval mode on a sample whose history is exactly the protocol's
   input (built through :class:`~supermoe_rec.data.dataset.TabularDataset` with the run's schema), and items are
   scored by ``SuperMoEOverArch.score_items(user, item-table rows)``. A run trained without the next-items
@@ -78,8 +79,7 @@ from sklearn.pipeline import make_pipeline  # type: ignore[import-untyped]
 from sklearn.preprocessing import StandardScaler  # type: ignore[import-untyped]
 from tabulate import tabulate
 
-from supermoe_rec import retrieval, universal
-from supermoe_rec.config import ConfigError, DataConfig, ExperimentConfig
+from supermoe_rec.config.experiment import ConfigError, DataConfig, ExperimentConfig
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.jagged import IntArray, concat_ranges
 from supermoe_rec.data.movielens import ML100K_GENRES, MovieLens, fetch_movielens
@@ -87,7 +87,9 @@ from supermoe_rec.data.protocol import AGE_EDGES, build_ml_mt
 from supermoe_rec.data.schema import FeatureSide, FeatureSpec, Schema
 from supermoe_rec.data.splits import SplitData, load_data
 from supermoe_rec.distributed.sharding import build_train_module, shard
-from supermoe_rec.export import (
+from supermoe_rec.evaluation import downstream as universal
+from supermoe_rec.evaluation import retrieval
+from supermoe_rec.evaluation.export import (
     RestoredModel,
     UserRepresentations,
     export_run,
@@ -98,7 +100,7 @@ from supermoe_rec.export import (
 )
 from supermoe_rec.models.layout import FeatureLayout
 from supermoe_rec.models.supermoe import SuperMoEOverArch
-from supermoe_rec.train import init_distributed
+from supermoe_rec.training.trainer import init_distributed
 
 # scipy and scikit-learn ship no type information: their imports above carry type: ignore.
 
@@ -444,8 +446,10 @@ def main(run: str, overrides: Sequence[str], test_fraction: float = 0.3, seed: i
 
 
 # ====================================================================================================== the suite
-# `supermoe-rec probe --suite`: the universality suite (supermoe_rec/universal.py for the downstream protocol,
-# supermoe_rec/retrieval.py for next-item retrieval). See the section "The universality suite" of the docstring.
+# `supermoe-rec probe --suite`: the universality suite (supermoe_rec/evaluation/downstream.py for the downstream
+# protocol,
+# supermoe_rec/evaluation/retrieval.py for next-item retrieval). See the section "The universality suite" of the
+# docstring.
 
 SUITE_JSON = "universal.json"
 SUITE_MD = "universal.md"

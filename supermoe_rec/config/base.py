@@ -3,7 +3,7 @@
 :func:`from_dict` builds a frozen dataclass from a plain mapping, checking every value against its annotation
 (enums, tuples, dicts, nested dataclasses, optionals) and naming the dotted key of the first problem; :func:`to_dict`
 is its inverse. :data:`MOVED_KEYS` / :data:`REMOVED_KEYS` turn a key of the earlier flat config layout into an error
-naming its new place. It imports nothing of the package, so :mod:`supermoe_rec.config` and
+naming its new place. It imports nothing of the package, so :mod:`supermoe_rec.config.experiment` and
 :mod:`supermoe_rec.data.schema` both build on it without importing each other in a circle.
 """
 

@@ -7,7 +7,8 @@ the same architecture (``data.tasks=[t]``). The MTL gain of task ``t`` is metric
 for AUC and single-task − multi-task for RMSE, so a positive gain always means that training the tasks together
 helped; it is computed per seed and averaged. An architecture is *seesaw-free* when no task's mean gain is negative.
 
-Every run is a plain :func:`supermoe_rec.train.train` call in a fresh ``spawn`` subprocess (a world of one), so no
+Every run is a plain :func:`supermoe_rec.training.trainer.train` call in a fresh ``spawn`` subprocess (a world of one),
+so no
 process-group, RNG or fused-optimizer state carries from one run to the next. Runs live in ``<out>/runs/<name>/``
 (``<train.out_dir>/<name>/`` when the config sets ``train.out_dir`` to anything but ``runs``)
 where the name ends with a hash of the resolved config; a run whose ``metrics.json`` holds the same config is reused
@@ -24,10 +25,10 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, load_config
-from supermoe_rec.executor import RunSpec, check_counts, execute, make_run, runs_dir_of
-from supermoe_rec.plots import plot_gains
-from supermoe_rec.seesaw import GAIN_PLOT, ArchPlan, Report, build_report, write_report_markdown
+from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, load_config
+from supermoe_rec.evaluation.plots import plot_gains
+from supermoe_rec.studies.executor import RunSpec, check_counts, execute, make_run, runs_dir_of
+from supermoe_rec.studies.seesaw import GAIN_PLOT, ArchPlan, Report, build_report, write_report_markdown
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def parse_archs(archs: Sequence[str | Arch]) -> list[Arch]:
         >>> parse_archs(["moe"])
         Traceback (most recent call last):
         ...
-        supermoe_rec.configbase.ConfigError: --archs: 'moe' is not a known architecture (known: supermoe, ...)
+        supermoe_rec.config.base.ConfigError: --archs: 'moe' is not a known architecture (known: supermoe, ...)
 
     Returns:
         the architectures, in the given order.
@@ -146,7 +147,7 @@ def compare(
 
     Raises:
         ConfigError: an unknown architecture, fewer than one seed or job, fewer than two tasks, or a bad config.
-        RunError: a run failed (:class:`supermoe_rec.executor.RunError`).
+        RunError: a run failed (:class:`supermoe_rec.studies.executor.RunError`).
     """
     from supermoe_rec.data.splits import load_data
 

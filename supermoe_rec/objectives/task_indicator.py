@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from supermoe_rec.config import RegressionLoss, TaskType
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.config.experiment import RegressionLoss, TaskType
+from supermoe_rec.config.tasks import TaskSpec
 
 __all__ = ["LossOutput", "TaskIndicatorLoss"]
 
@@ -49,7 +49,7 @@ class LossOutput:
     labelled: dict[str, torch.Tensor]
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
-    # Detached next-items loss of the [USER] vector (supermoe_rec/next_items.py); None when the run has none.
+    # Detached next-items loss of the [USER] vector (supermoe_rec/objectives/next_items.py); None when the run has none.
     next_items: torch.Tensor | None = None
 
 
@@ -96,8 +96,8 @@ class TaskIndicatorLoss(nn.Module):
 
     Example::
 
-        >>> from supermoe_rec.config import TaskType
-        >>> from supermoe_rec.tasks import TaskSpec
+        >>> from supermoe_rec.config.experiment import TaskType
+        >>> from supermoe_rec.config.tasks import TaskSpec
         >>> tasks = [TaskSpec("click", TaskType.BINARY), TaskSpec("rating", TaskType.REGRESSION)]
         >>> loss_fn = TaskIndicatorLoss(tasks, task_weights={"rating": 0.5})
         >>> logits = {"click": torch.zeros(2), "rating": torch.tensor([3.0, 0.0])}

@@ -41,18 +41,18 @@ import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
-from supermoe_rec import plots
-from supermoe_rec.checkpoint import CheckpointManager, TrainState
-from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, load_config
+from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, load_config
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData, load_run_data
 from supermoe_rec.distributed.sharding import build_train_module, shard
+from supermoe_rec.evaluation import plots
 from supermoe_rec.models.train_module import StepOutput
 from supermoe_rec.modules.moe_stats import read_stats, reset_stats, set_collect_stats
 from supermoe_rec.modules.transformer import token_kind_labels
-from supermoe_rec.train import init_distributed
+from supermoe_rec.training.checkpoint import CheckpointManager, TrainState
+from supermoe_rec.training.trainer import init_distributed
 
 log = logging.getLogger(__name__)
 

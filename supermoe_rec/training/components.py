@@ -4,14 +4,15 @@
 """torchx components for supermoe_rec: launch the trainer on any torchx scheduler.
 
 The ``train`` component is torchx's ``dist.ddp`` (one role, ``nnodes`` replicas, each a torchrun agent that starts
-``nproc_per_node`` workers) running ``python -m supermoe_rec.train``. Everything after ``--`` goes to the trainer::
+``nproc_per_node`` workers) running ``python -m supermoe_rec.training.trainer``. Everything after ``--`` goes to the
+trainer::
 
     # from the repo root, on this machine: 1 host x 2 processes, or 2 "hosts" x 1 process
-    .venv/bin/torchx run -s local_cwd supermoe_rec/components.py:train -j 1x2 -- --config configs/ml100k.yaml
-    .venv/bin/torchx run -s local_cwd supermoe_rec/components.py:train -j 2x1 -- --config configs/ml100k.yaml
+    .venv/bin/torchx run -s local_cwd supermoe_rec/training/components.py:train -j 1x2 -- --config configs/ml100k.yaml
+    .venv/bin/torchx run -s local_cwd supermoe_rec/training/components.py:train -j 2x1 -- --config configs/ml100k.yaml
 
     # a cluster (examples): 2 hosts x 8 GPUs
-    torchx run -s slurm supermoe_rec/components.py:train -j 2x8 --gpu 8 -- --config configs/ml100k.yaml
+    torchx run -s slurm supermoe_rec/training/components.py:train -j 2x8 --gpu 8 -- --config configs/ml100k.yaml
 
 Which Python runs torchrun: ``dist.ddp`` calls ``torchrun`` from ``PATH``, so ``.venv/bin/torchx`` without an
 activated venv fails locally with ``torchrun: command not found``. This component instead runs
@@ -26,7 +27,7 @@ import torchx
 import torchx.specs as specs
 from torchx.components.dist import ddp
 
-TRAIN_MODULE = "supermoe_rec.train"
+TRAIN_MODULE = "supermoe_rec.training.trainer"
 
 # Shell prelude that picks the interpreter (see the module docstring). ``$$`` is torchx's escape for a literal ``$``
 # (role args go through string.Template macro substitution on every scheduler).
@@ -51,7 +52,7 @@ def train(
     image: str = torchx.IMAGE,
 ) -> specs.AppDef:
     """
-    Train supermoe_rec (``python -m supermoe_rec.train``) with torchrun on nnodes x nproc_per_node processes.
+    Train supermoe_rec (``python -m supermoe_rec.training.trainer``) with torchrun on nnodes x nproc_per_node processes.
 
     Built on ``dist.ddp``: each replica (host) runs one torchrun agent; the workers get RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT, and the trainer joins the process group from them (gloo on CPU, nccl on GPU).

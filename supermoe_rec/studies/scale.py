@@ -10,7 +10,8 @@ Arms (all at the active parameters per MoE layer of the config's own MoE shape, 
   :func:`~supermoe_rec.modules.moe_recipe.choose_expert_shape` (fine-grained: K grows with E, H shrinks, the total
   parameters grow), printed before training.
 
-Every run is a :func:`supermoe_rec.executor.make_run` run in ``<out>/moe_scaling/runs/`` (finished runs with the same
+Every run is a :func:`supermoe_rec.studies.executor.make_run` run in ``<out>/moe_scaling/runs/`` (finished runs with
+the same
 config are reused). Outputs in ``<out>``: ``moe_scaling.json``, ``moe_scaling.md`` (per task the test metric mean and
 std per arm, its difference from dense in units of the pooled std and the verdict: **wins** above +2 std, **loses**
 below -2 std, else **ties**) and ``moe_scaling.png`` (quality against total parameters, samples/s beside it).
@@ -27,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supermoe_rec.config import Arch, ConfigError, ExperimentConfig, load_config
-from supermoe_rec.executor import RunSpec, check_counts, execute, make_run, read_test_metric
-from supermoe_rec.metrics import primary_metric
+from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, load_config
+from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.modules.moe_recipe import ExpertShape, active_params, choose_expert_shape
-from supermoe_rec.seesaw import mean_std
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.studies.executor import RunSpec, check_counts, execute, make_run, read_test_metric
+from supermoe_rec.studies.seesaw import mean_std
+from supermoe_rec.training.metrics import primary_metric
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@
 Each variant is the multi-task ``supermoe`` run of ``--config`` with a few overrides (:data:`VARIANTS`): task
 tokens off, one router shared by all token kinds, top-1 routing, 4 or 16 experts, uncertainty weighting, and the
 two other choices made on valid for ml100k (candidate interaction, encoder dropout). Runs share ``<out>/runs/``
-and the run keys of :mod:`supermoe_rec.executor`, so the ``default`` variant is the multi-task ``supermoe`` run of
+and the run keys of :mod:`supermoe_rec.studies.executor`, so the ``default`` variant is the multi-task ``supermoe`` run
+of
 a comparison in the same directory and is reused, not trained again.
 
 Outputs: ``ablations.json`` and ``ablations.md`` in ``<out>``. When ``<out>/report.json`` exists (a comparison was
@@ -24,11 +25,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from supermoe_rec.config import Arch, ConfigError, load_config
-from supermoe_rec.executor import RunSpec, check_counts, execute, make_run, read_test_metric, runs_dir_of
-from supermoe_rec.metrics import primary_metric
-from supermoe_rec.seesaw import ABLATIONS_MD, mean_std, write_report_markdown
-from supermoe_rec.tasks import TaskSpec
+from supermoe_rec.config.experiment import Arch, ConfigError, load_config
+from supermoe_rec.config.tasks import TaskSpec
+from supermoe_rec.studies.executor import RunSpec, check_counts, execute, make_run, read_test_metric, runs_dir_of
+from supermoe_rec.studies.seesaw import ABLATIONS_MD, mean_std, write_report_markdown
+from supermoe_rec.training.metrics import primary_metric
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def ablate(
         out: report directory (default ``reports/<config file stem>``); runs go to ``<out>/runs/``.
         force: retrain runs that already finished with the same config.
         overrides: ``--section.key=value`` overrides applied to every variant.
-        jobs: runs trained at once (see :func:`supermoe_rec.executor.execute`).
+        jobs: runs trained at once (see :func:`supermoe_rec.studies.executor.execute`).
         progress: show a progress bar over the runs.
         variants: name -> overrides; must contain ``default``.
 

@@ -1,7 +1,7 @@
 """The main job: train any ``model.arch`` on 1..N processes with DistributedModelParallel and planned sharding.
 
     supermoe-rec train --config configs/ml100k.yaml [--train.epochs=3 ...]
-    python -m supermoe_rec.train --config configs/ml100k.yaml
+    python -m supermoe_rec.training.trainer --config configs/ml100k.yaml
     torchrun / torchx run ... (one process per rank; RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the launcher)
 
 Per run, in ``<train.out_dir>/<train.name>/``: ``config.yaml`` (resolved), ``plan.txt`` (the sharding plan),
@@ -42,27 +42,27 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from supermoe_rec.checkpoint import CheckpointManager, TrainState
-from supermoe_rec.config import ConfigError, ExperimentConfig, TaskType, load_config, save_config, to_dict
+from supermoe_rec.config.experiment import ConfigError, ExperimentConfig, TaskType, load_config, save_config, to_dict
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData, load_data, load_run_data
 from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
 from supermoe_rec.data.vocab import save_vocabularies
 from supermoe_rec.distributed.sharding import build_train_module, dense_optimizer, shard, sharding_constraints
 from supermoe_rec.errors import run_reporting
-from supermoe_rec.memory import release_freed_memory
-from supermoe_rec.metrics import MultiTaskEvaluator, primary_metric
 from supermoe_rec.models.factory import build_model, parameter_report
 from supermoe_rec.models.train_module import StepOutput
 from supermoe_rec.modules.gating import bias_routers, update_router_biases
 from supermoe_rec.modules.moe_stats import read_stats, set_collect_stats, tensorboard_scalars
 from supermoe_rec.modules.transformer import token_kind_labels
-from supermoe_rec.next_items import CandidateSource, resolve_softmax
-from supermoe_rec.resume import Change
-from supermoe_rec.rundir import guard_run
+from supermoe_rec.objectives.next_items import CandidateSource, resolve_softmax
+from supermoe_rec.training.checkpoint import CheckpointManager, TrainState
+from supermoe_rec.training.memory import release_freed_memory
+from supermoe_rec.training.metrics import MultiTaskEvaluator, primary_metric
+from supermoe_rec.training.resume import Change
+from supermoe_rec.training.rundir import guard_run
 
-log = logging.getLogger("supermoe_rec.train")  # not __name__: that is "__main__" under python -m
-# Steps (and eval batches) between returns of freed heap memory to the OS (supermoe_rec.memory); the interval
+log = logging.getLogger("supermoe_rec.training.trainer")  # not __name__: that is "__main__" under python -m
+# Steps (and eval batches) between returns of freed heap memory to the OS (supermoe_rec.training.memory); the interval
 # trades peak RSS against speed, measured by benchmarks/train_memory.py.
 RELEASE_MEMORY_EVERY = 50
 
@@ -95,7 +95,7 @@ def init_distributed(device_name: str) -> DistContext:
         raise ConfigError(f"train.device: {device_name!r} is not one of ['auto', 'cpu', 'cuda']")
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' was asked for but no GPU is visible")
-    if "RANK" not in os.environ:  # a plain `python -m supermoe_rec.train`: a world of one
+    if "RANK" not in os.environ:  # a plain `python -m supermoe_rec.training.trainer`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -292,7 +292,7 @@ def train(cfg: ExperimentConfig, data: SplitData | None = None) -> dict[str, Any
     """Run the configured training and return what ``metrics.json`` holds.
 
     Before anything is written, rank 0 locks the run dir and a resume checks the config against the checkpoint's
-    (:func:`supermoe_rec.rundir.guard_run`): a refused request leaves the run dir as it was.
+    (:func:`supermoe_rec.training.rundir.guard_run`): a refused request leaves the run dir as it was.
     """
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
@@ -452,7 +452,8 @@ def _train(
         "train_samples_per_s": state["train_samples"] / max(state["train_seconds"], 1e-9),
         # Mean training loss of this rank's last (up to) 50 steps: world_size x its share of the global loss.
         "train_loss_recent": sum(recent_loss) / max(1, len(recent_loss)),
-        # Hyper-parameters this resume changed, accepted by train.resume_allow_changes (supermoe_rec/resume.py).
+        # Hyper-parameters this resume changed, accepted by train.resume_allow_changes
+        # (supermoe_rec/training/resume.py).
         "resume_changes": [c.as_dict() for c in resume_changes],
     }
     if "test" in trainer.loaders:

@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torchrec.distributed.model_parallel import get_unwrapped_module
 from torchrec.optim.keyed import KeyedOptimizer
 
-from supermoe_rec.config import ExperimentConfig, save_config
+from supermoe_rec.config.experiment import ExperimentConfig, save_config
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
 from supermoe_rec.data.vocab import Vocabulary, save_vocabularies

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
-    from supermoe_rec.seesaw import Report
+    from supermoe_rec.studies.seesaw import Report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DPI = 110
@@ -204,7 +204,7 @@ def plot_gains(report: Report, path: Path) -> None:
     """Bar chart of the mean MTL gain (± std over seeds) per architecture, one panel per task.
 
     Args:
-        report: the comparison's report (:class:`supermoe_rec.seesaw.Report`).
+        report: the comparison's report (:class:`supermoe_rec.studies.seesaw.Report`).
         path: the PNG to write.
     """
     archs = list(report["archs"])

@@ -12,7 +12,7 @@ Example::
     >>> check_run_name("../escape")
     Traceback (most recent call last):
     ...
-    supermoe_rec.configbase.ConfigError: train.name: '../escape' must be one path component ...
+    supermoe_rec.config.base.ConfigError: train.name: '../escape' must be one path component ...
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from supermoe_rec.config import ConfigError, ExperimentConfig, check_run_name, to_dict
-from supermoe_rec.resume import Change, check_resume
+from supermoe_rec.config.experiment import ConfigError, ExperimentConfig, check_run_name, to_dict
+from supermoe_rec.training.resume import Change, check_resume
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def guard_run(
     """
     import torch.distributed as dist
 
-    from supermoe_rec.checkpoint import CheckpointError
+    from supermoe_rec.training.checkpoint import CheckpointError
 
     guard = RunGuard(lock=None)
     error: tuple[str, str] | None = None
