@@ -182,7 +182,8 @@ def billion_point(
 
     from supermoe_rec.config.experiment import ExperimentConfig, apply_overrides
     from supermoe_rec.data.synthetic import SyntheticStream
-    from supermoe_rec.training.trainer import DistContext, build_trainer
+    from supermoe_rec.distributed.process_group import DistContext
+    from supermoe_rec.training.trainer import build_trainer
 
     torch.set_num_threads(threads)
     baseline = status_bytes("VmHWM")

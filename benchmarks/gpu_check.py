@@ -246,7 +246,8 @@ def expert_paths(device: torch.device, dry_run: bool, repeats: int = 5) -> dict[
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from supermoe_rec.training.trainer import build_trainer, init_distributed
+    from supermoe_rec.distributed.process_group import init_distributed
+    from supermoe_rec.training.trainer import build_trainer
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible (use --dry-run for the CPU smoke run)")

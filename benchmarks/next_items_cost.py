@@ -38,7 +38,8 @@ from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.splits import SplitData, load_data
-from supermoe_rec.training.trainer import build_trainer, init_distributed
+from supermoe_rec.distributed.process_group import init_distributed
+from supermoe_rec.training.trainer import build_trainer
 
 
 def synthetic_data(items: int, groups: int, history: int, seed: int = 0) -> SplitData:

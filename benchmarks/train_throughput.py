@@ -412,7 +412,8 @@ def prepare_case(case: Case, opts: Options, rank: int, world: int, cache: dict[s
     """Build the case's trainer (or plain twin) and pre-build all the batches it will step through."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from supermoe_rec.training.trainer import DistContext, build_trainer
+    from supermoe_rec.distributed.process_group import DistContext
+    from supermoe_rec.training.trainer import build_trainer
 
     cfg = experiment_config(case, opts)
     if case.data not in cache:

@@ -75,7 +75,7 @@ from supermoe_rec import (
     TaskType,
     encode_jagged,
 )
-from supermoe_rec.training.trainer import init_distributed
+from supermoe_rec.distributed.process_group import init_distributed
 
 TASKS = (
     TaskSpec("click", TaskType.BINARY),  # every row

@@ -43,7 +43,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
-# The launcher variables that supermoe_rec.training.trainer.init_distributed sets for an in-process world of one.
+# The launcher variables that supermoe_rec.distributed.process_group.init_distributed sets for a world of one.
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

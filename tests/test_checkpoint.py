@@ -400,8 +400,9 @@ def probe(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from supermoe_rec.config.experiment import load_config
+    from supermoe_rec.distributed.process_group import init_distributed
     from supermoe_rec.training.checkpoint import CheckpointManager
-    from supermoe_rec.training.trainer import build_trainer, init_distributed, train
+    from supermoe_rec.training.trainer import build_trainer, train
 
     cfg = load_config(argv[argv.index("--config") + 1], [a for a in argv if a.startswith("--") and "=" in a])
     ctx = init_distributed("cpu")

@@ -276,7 +276,9 @@ def upward_imports(layers: dict[str, int], package: Path) -> list[str]:
 
 def test_package_table_matches_the_imports() -> None:
     layers = package_layers((ROOT / "docs" / "design.md").read_text(encoding="utf-8"))
-    assert {"config", "data", "modules", "objectives", "models", "distributed", "training", "cli"} <= set(layers), layers
+    assert {"config", "data", "modules", "objectives", "models", "distributed", "training", "cli"} <= set(layers), (
+        layers
+    )
     problems = upward_imports(layers, ROOT / "supermoe_rec")
     assert not problems, "docs/design.md#package-layout does not match the code:\n" + "\n".join(problems)
 

@@ -116,8 +116,7 @@ def test_scores_equal_the_training_model(run_dir: Path, artifact: Path) -> None:
     from supermoe_rec.serving.export_artifact import ExportCheckError, check_artifact
 
     cfg = export.load_run_config(run_dir)
-    restore = getattr(export, "restore_model", None) or getattr(export, "restore_trainer")  # noqa: B009
-    restored, _ = restore(run_dir, cfg)
+    restored, _ = export.restore_model(run_dir, cfg)
     enc = UserEncoder.load(artifact)
     assert check_artifact(enc, restored) <= ATOL
     with torch.no_grad():

@@ -46,13 +46,13 @@ from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData, load_run_data
+from supermoe_rec.distributed.process_group import init_distributed
 from supermoe_rec.distributed.sharding import build_train_module, shard
 from supermoe_rec.evaluation import plots
 from supermoe_rec.models.train_module import StepOutput
 from supermoe_rec.modules.moe_stats import read_stats, reset_stats, set_collect_stats
 from supermoe_rec.modules.transformer import token_kind_labels
 from supermoe_rec.training.checkpoint import CheckpointManager, TrainState
-from supermoe_rec.training.trainer import init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,11 @@ def latest_rows(data: SplitData) -> dict[str, tuple[npt.NDArray[Any], IntArray]]
 # --------------------------------------------------------------------------------------------------- inference
 
 
-def _forward(restored: RestoredModel, batch: Any) -> StepOutput:
+def forward_batch(restored: RestoredModel, batch: Any) -> StepOutput:
+    """One forward pass of the restored train module over ``batch`` (its loss ignored): the model's outputs.
+
+    The caller chooses the mode (``restored.dmp.eval()``) and wraps it in ``torch.no_grad()``.
+    """
     _, out = restored.dmp(batch)
     assert isinstance(out, StepOutput)
     return out
@@ -192,7 +196,7 @@ def user_representations(restored: RestoredModel, batch_size: int | None = None)
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
                 # Every row is its own group, so representation g belongs to chunk[g].
-                out = _forward(restored, ds.batch(chunk)).model
+                out = forward_batch(restored, ds.batch(chunk)).model
                 if out.user is None or out.task_representations is None:
                     raise ConfigError(f"model.arch: {restored.cfg.model.arch.value} returned no user representation")
                 user_parts.append(out.user.float().cpu().numpy())  # (G, M)
@@ -234,7 +238,7 @@ def routing_statistics(restored: RestoredModel, split: str = "valid") -> dict[st
     reset_stats(restored.dmp)
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"routing ({split})", unit="batch", dynamic_ncols=True):
-            out = _forward(restored, batch).model
+            out = forward_batch(restored, batch).model
             if out.tokens_per_expert is None or out.task_expert_counts is None or out.tokens_per_expert.shape[0] == 0:
                 set_collect_stats(restored.dmp, False)
                 restored.dmp.train()

@@ -86,6 +86,7 @@ from supermoe_rec.data.movielens import ML100K_GENRES, MovieLens, fetch_movielen
 from supermoe_rec.data.protocol import AGE_EDGES, build_ml_mt
 from supermoe_rec.data.schema import FeatureSide, FeatureSpec, Schema
 from supermoe_rec.data.splits import SplitData, load_data
+from supermoe_rec.distributed.process_group import init_distributed
 from supermoe_rec.distributed.sharding import build_train_module, shard
 from supermoe_rec.evaluation import downstream as universal
 from supermoe_rec.evaluation import retrieval
@@ -100,7 +101,6 @@ from supermoe_rec.evaluation.export import (
 )
 from supermoe_rec.models.layout import FeatureLayout
 from supermoe_rec.models.supermoe import SuperMoEOverArch
-from supermoe_rec.training.trainer import init_distributed
 
 # scipy and scikit-learn ship no type information: their imports above carry type: ignore.
 

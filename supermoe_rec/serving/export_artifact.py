@@ -20,7 +20,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from supermoe_rec.serving.encoder import (
     make_dropless,
     schema_as_dict,
 )
+
+if TYPE_CHECKING:
+    from supermoe_rec.evaluation.export import RestoredModel
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +175,17 @@ def _dataset_users(ds: TabularDataset, rows: np.ndarray, schema: Schema) -> Mapp
     return MappedUsers(len(rows), profile, history, torch.from_numpy(ds.dense[rows]))
 
 
-def check_artifact(encoder: UserEncoder, trainer: Any, users: int = CHECK_USERS, atol: float = CHECK_ATOL) -> float:
+def check_artifact(
+    encoder: UserEncoder, restored: RestoredModel, users: int = CHECK_USERS, atol: float = CHECK_ATOL
+) -> float:
     """Largest |artifact - training model| over [USER] vectors, task representations and scores of ``users``
     training samples (their own candidates); raises :class:`ExportCheckError` above ``atol``.
 
     The training model runs in eval with dropless routing, as the artifact does.
     """
-    from supermoe_rec.evaluation.export import _forward
+    from supermoe_rec.evaluation.export import forward_batch
 
-    ds: TabularDataset = trainer.data.splits["train"]
+    ds: TabularDataset = restored.data.splits["train"]
     groups = np.linspace(0, ds.num_groups - 1, num=min(users, ds.num_groups)).astype(np.int64)
     groups = np.unique(groups)
     sizes = ds.group_sizes()[groups]
@@ -188,11 +193,11 @@ def check_artifact(encoder: UserEncoder, trainer: Any, users: int = CHECK_USERS,
     K = int(np.bincount(sizes).argmax())
     groups = groups[sizes == K]
     batch = ds.batch_of_groups(groups)
-    trainer.dmp.eval()
-    make_dropless(trainer.dmp)  # the export process's model only, as the artifact routes
+    restored.dmp.eval()
+    make_dropless(restored.dmp)  # the export process's model only, as the artifact routes
     with torch.no_grad():
-        ref = _forward(trainer, batch).model
-    trainer.dmp.train()
+        ref = forward_batch(restored, batch).model
+    restored.dmp.train()
     rows = ds.group_offsets[groups]  # each group's first row carries the user side
     candidate = encoder.candidate_feature
     cand = None
@@ -235,27 +240,26 @@ def export_artifact(run_dir: str | Path, out: str | Path, overrides: Sequence[st
             raise art.ArtifactError(f"{out}: exists and is not an artifact; refusing to overwrite it")
         shutil.rmtree(out)
     cfg = export.load_run_config(run_dir, overrides)
-    # export's restore (world of one, the run's BEST or LATEST weights, no optimizers): .dmp, .data, .cfg
-    restore: Any = getattr(export, "restore_model", None) or getattr(export, "restore_trainer")  # noqa: B009
-    trainer, tag = restore(run_dir, cfg)
-    schema: Schema = trainer.data.schema
-    root = get_unwrapped_module(trainer.dmp)
+    # export's restore: a world of one, the run's BEST (else LATEST) weights, no optimizers
+    restored, tag = export.restore_model(run_dir, cfg)
+    schema: Schema = restored.data.schema
+    root = get_unwrapped_module(restored.dmp)
     model = root.model if hasattr(root, "model") else root
     over_arch = model.over_arch
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files = [art.TABLES, art.OVER_ARCH, art.ITEM_CATALOG]
-    art.save_tensors(gather_tables(trainer.dmp, schema), tmp / art.TABLES)
+    art.save_tensors(gather_tables(restored.dmp, schema), tmp / art.TABLES)
     art.save_tensors(over_arch.state_dict(), tmp / art.OVER_ARCH)
     history = [f for f in schema.sequence_features if f.per_group and f.name != schema.next_items]
     candidate = [f for f in schema.sequence_features if not f.per_group and history and f.table == history[0].table]
     catalog: dict[str, torch.Tensor] = {}
     if candidate:
         rows = schema.table(candidate[0].table).num_embeddings
-        catalog = item_catalog(list(trainer.data.splits.values()), schema, candidate[0].name, rows)
+        catalog = item_catalog(list(restored.data.splits.values()), schema, candidate[0].name, rows)
     art.save_tensors(catalog, tmp / art.ITEM_CATALOG)
-    vocabularies = getattr(trainer.data, "vocabularies", {}) or {}
+    vocabularies = restored.data.vocabularies or {}
     if vocabularies:
         save_vocabularies(vocabularies, tmp / art.VOCAB)
         files.append(art.VOCAB)
@@ -305,7 +309,7 @@ def export_artifact(run_dir: str | Path, out: str | Path, overrides: Sequence[st
     art.write_manifest(tmp, manifest, files)
     if check:
         encoder = UserEncoder.load(tmp)
-        worst = check_artifact(encoder, trainer)
+        worst = check_artifact(encoder, restored)
         log.info("artifact check: max |artifact - training model| = %.3g over [USER], task reps and scores", worst)
     tmp.rename(out)
     log.info("wrote artifact %s (%d files, %.1f MiB)", out, len(files) + 1, art.artifact_bytes(out) / 2**20)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import socket
 import sys
 import time
 import warnings
@@ -47,6 +46,7 @@ from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData, load_data, load_run_data
 from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
 from supermoe_rec.data.vocab import save_vocabularies
+from supermoe_rec.distributed.process_group import DistContext, init_distributed
 from supermoe_rec.distributed.sharding import build_train_module, dense_optimizer, shard, sharding_constraints
 from supermoe_rec.errors import run_reporting
 from supermoe_rec.models.factory import build_model, parameter_report
@@ -65,48 +65,6 @@ log = logging.getLogger("supermoe_rec.training.trainer")  # not __name__: that i
 # Steps (and eval batches) between returns of freed heap memory to the OS (supermoe_rec.training.memory); the interval
 # trades peak RSS against speed, measured by benchmarks/train_memory.py.
 RELEASE_MEMORY_EVERY = 50
-
-
-# ----------------------------------------------------------------------------------------------- process group
-
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def init_distributed(device_name: str) -> DistContext:
-    """Join (or, for a plain single process, create) the process group: gloo on CPU, nccl on GPU."""
-    use_cuda = torch.cuda.is_available() if device_name == "auto" else device_name == "cuda"
-    if device_name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device: {device_name!r} is not one of ['auto', 'cpu', 'cuda']")
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' was asked for but no GPU is visible")
-    if "RANK" not in os.environ:  # a plain `python -m supermoe_rec.training.trainer`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 # --------------------------------------------------------------------------------------------------- building
@@ -534,4 +492,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["DistContext", "Trainer", "build_trainer", "evaluate", "init_distributed", "main", "train"]
+__all__ = ["Trainer", "build_trainer", "evaluate", "main", "train"]

@@ -113,7 +113,8 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from supermoe_rec.data.splits import load_data
-    from supermoe_rec.training.trainer import DistContext, build_trainer
+    from supermoe_rec.distributed.process_group import DistContext
+    from supermoe_rec.training.trainer import build_trainer
 
     ctx = DistContext(rank, world_size, rank, torch.device("cpu"))
     results: dict[str, Any] = {}
@@ -287,12 +288,13 @@ def test_row_wise_on_cpu_is_a_config_error_naming_the_table(
 ) -> None:
     import supermoe_rec.distributed.sharding as sharding_mod
     import supermoe_rec.training.trainer as train_mod
+    from supermoe_rec.distributed.process_group import DistContext
 
     built = []
     monkeypatch.setattr(sharding_mod, "build_model", lambda *a, **k: built.append(1))
     monkeypatch.setattr(train_mod, "build_model", lambda *a, **k: built.append(1))
     cfg = apply_overrides(ExperimentConfig(), ["--train.sharding={user: table_wise, item: row_wise}"])
-    ctx = train_mod.DistContext(0, 1, 0, torch.device("cpu"))
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"train\.sharding\.item: 'row_wise'.*cpu"):
         train_mod.build_trainer(cfg, ctx, ml100k_data)
     assert not built, "a model was built before the sharding was checked"
