@@ -17,9 +17,11 @@ on its ``ml-100k`` atomic files, which are the GroupLens ratings in ``u.data``'s
    rated before the target is excluded, as RecBole does for general models such as Pop). On ml-100k a target is
    never a seen item, so masking only removes competitors.
 5. HR@10 (= Recall@10 with one target), NDCG@10 = 1 / log2(rank + 1) when rank ≤ 10, MRR@10 = 1 / rank when
-   rank ≤ 10; each averaged over users.
+   rank ≤ 10 (rank 1 = best); each averaged over users
+   (:func:`supermoe_rec.objectives.ranking.rank_metrics`).
 6. **Ties**: an item scoring exactly the target's score ranks ahead of it when its item code is smaller (a stable
-   descending sort by code). RecBole ranks with ``torch.topk`` over its own item ids (first appearance in the file),
+   descending sort by code): the one rule of :mod:`supermoe_rec.objectives.ranking`, which training's evaluation and
+   serving's top-k use too. RecBole ranks with ``torch.topk`` over its own item ids (first appearance in the file),
    whose tie order differs; this only matters for models with tied scores (popularity).
 
 **Popularity** scores an item by its number of training interactions, i.e. every interaction except each user's
@@ -38,8 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import torch
 
 from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths
+from supermoe_rec.objectives.ranking import rank_metrics, target_ranks
 
 FloatArray = npt.NDArray[np.float64]
 SPLITS = ("valid", "test")
@@ -53,7 +57,6 @@ __all__ = [
     "K",
     "UserSequences",
     "popularity_scores",
-    "rank_metrics",
     "ranks",
     "score_and_rank",
     "seen_mask",
@@ -146,10 +149,11 @@ def seen_mask(values: IntArray, offsets: IntArray, num_rows: int) -> npt.NDArray
 
 
 def ranks(scores: FloatArray, targets: IntArray, mask: npt.NDArray[np.bool_] | None = None) -> IntArray:
-    """1-based rank of each user's target among all item codes.
+    """1-based rank of each user's target among all item codes, by
+    :func:`supermoe_rec.objectives.ranking.target_ranks` (rank 1 = best; ties: the smaller code first).
 
     Args:
-        scores: [U, V] scores; column 0 (unknown code) is ignored.
+        scores: [U, V] scores; column 0 (unknown code) is never ranked.
         targets: [U] target item codes (≥ 1).
         mask: [U, V] items excluded from the ranking (never the target), or None.
 
@@ -161,35 +165,18 @@ def ranks(scores: FloatArray, targets: IntArray, mask: npt.NDArray[np.bool_] | N
         >>> ranks(np.array([[0.0, 0.5, 0.9, 0.5, 0.1]]), np.array([3])).tolist()
         [3]
     """
-    scores = np.array(scores, dtype=np.float64)  # a copy: masking writes into it
     rows = np.arange(len(targets))
-    scores[:, 0] = -np.inf
-    if mask is not None:
-        if mask[rows, targets].any():
-            raise ValueError("a target is masked: the mask must hold only items seen before the target")
-        scores[mask] = -np.inf
-    target = scores[rows, targets][:, None]  # (U, 1)
-    smaller_code = np.arange(scores.shape[1])[None, :] < targets[:, None]  # (U, V)
-    ahead = (scores > target) | ((scores == target) & smaller_code)
-    ahead[:, 0] = False
-    out: IntArray = ahead.sum(axis=1).astype(np.int64) + 1
+    exclude = np.zeros(np.shape(scores), dtype=bool) if mask is None else np.array(mask, dtype=bool)
+    if mask is not None and exclude[rows, targets].any():
+        raise ValueError("a target is masked: the mask must hold only items seen before the target")
+    exclude[:, 0] = True
+    rank = target_ranks(
+        torch.from_numpy(np.array(scores, dtype=np.float64)),  # a copy: scores may be a read-only broadcast
+        torch.as_tensor(np.asarray(targets, dtype=np.int64)),
+        exclude=torch.from_numpy(exclude),
+    )
+    out: IntArray = rank.numpy().astype(np.int64)
     return out
-
-
-def rank_metrics(rank: IntArray, k: int = K) -> dict[str, float]:
-    """HR@k, NDCG@k (one relevant item: 1 / log2(rank + 1)) and MRR@k averaged over users.
-
-    Example::
-
-        >>> {m: round(v, 4) for m, v in rank_metrics(np.array([1, 3, 11])).items()}
-        {'hr@10': 0.6667, 'ndcg@10': 0.5, 'mrr@10': 0.4444}
-    """
-    hit = rank <= k
-    return {
-        f"hr@{k}": float(hit.mean()),
-        f"ndcg@{k}": float(np.where(hit, 1.0 / np.log2(rank + 1.0), 0.0).mean()),
-        f"mrr@{k}": float(np.where(hit, 1.0 / rank, 0.0).mean()),
-    }
 
 
 def score_and_rank(seqs: UserSequences, split: str, scores: FloatArray, k: int = K) -> Mapping[str, dict[str, float]]:
@@ -202,6 +189,6 @@ def score_and_rank(seqs: UserSequences, split: str, scores: FloatArray, k: int =
     full = np.broadcast_to(np.asarray(scores, dtype=np.float64), (len(targets), np.shape(scores)[-1]))
     mask = seen_mask(*seqs.seen(split), full.shape[1])
     return {
-        "unmasked": rank_metrics(ranks(full, targets), k),
-        "masked": rank_metrics(ranks(full, targets, mask), k),
+        "unmasked": rank_metrics(torch.from_numpy(ranks(full, targets)), k),
+        "masked": rank_metrics(torch.from_numpy(ranks(full, targets, mask)), k),
     }

@@ -16,6 +16,7 @@ from supermoe_rec.config.experiment import Objective
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.models.supermoe import ModelOutput, NextItemsInputs
 from supermoe_rec.objectives.next_items import NextItemsLoss, Softmax
+from supermoe_rec.objectives.ranking import NO_RANK, target_ranks
 from supermoe_rec.objectives.task_indicator import LossOutput, TaskIndicatorLoss
 
 
@@ -31,8 +32,9 @@ class StepOutput:
     labels: torch.Tensor
     task_mask: torch.Tensor
     user_index: torch.Tensor
-    # [G] 0-based rank of each group's first future item among the whole catalogue (full softmax only), for
-    # next-item retrieval metrics (HR@K, NDCG@K); None without the next-items objective.
+    # [G] 1-based rank of each group's first future item among the whole catalogue (full softmax only; 0: no
+    # future item), for next-item retrieval metrics (HR@K, NDCG@K; supermoe_rec.objectives.ranking's convention);
+    # None without the next-items objective.
     next_item_rank: torch.Tensor | None = None
 
 
@@ -91,25 +93,20 @@ class StepHead(nn.Module):
 
 
 def catalogue_rank(ni: NextItemsInputs) -> torch.Tensor:
-    """[G] 0-based rank of each group's first future item when the candidates are the whole catalogue: the items
-    scoring higher, plus tied items with a smaller id (the retrieval suite's rule). Groups without a future item
-    get -1.
+    """[G] 1-based rank of each group's first future item when the candidates are the whole catalogue, by
+    :func:`~supermoe_rec.objectives.ranking.target_ranks` (ties: the smaller item id first). Groups without a future
+    item get 0.
 
     Example::
 
         >>> ni = NextItemsInputs(torch.eye(2), torch.zeros(2, 1, 2), torch.tensor([[2], [1]]), torch.ones(2, 1),
         ...                      torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 2, 3]))
         >>> catalogue_rank(ni).tolist()  # user 0 scores items 1 and 3 above 2; user 1 scores only item 2 above 1
-        [2, 1]
+        [3, 2]
     """
     with torch.no_grad():
-        scores = ni.query @ ni.candidates.T  # (G, N)
-        target = ni.positive_ids[:, 0]  # (G,)
-        hit = ni.candidate_ids[None, :] == target[:, None]  # (G, N)
-        target_score = torch.where(hit, scores, float("-inf")).max(dim=1, keepdim=True).values  # (G, 1)
-        above = (scores > target_score) | ((scores == target_score) & (ni.candidate_ids[None, :] < target[:, None]))
-        rank = above.sum(dim=1)
-        return torch.where((ni.positive_mask[:, 0] > 0) & hit.any(dim=1), rank, torch.full_like(rank, -1))
+        rank = target_ranks(ni.query @ ni.candidates.T, ni.positive_ids[:, 0], ni.candidate_ids)
+        return torch.where(ni.positive_mask[:, 0] > 0, rank, torch.full_like(rank, NO_RANK))
 
 
 class TrainModule(nn.Module):

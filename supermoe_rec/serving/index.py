@@ -5,7 +5,8 @@ Dimension letters: U users (queries), N items, M vector width, k results per use
 - :func:`embed`: events parquet/CSV -> ``vectors.parquet`` with the schema's user column, ``user`` (the [USER]
   vector, list<float> of length M), one ``task_<name>`` column per task, ``history_length`` and ``seen_items``
   (the raw candidate ids of the user's history, which ``retrieve`` excludes).
-- :func:`topk_exact`: inner products in blocks of users with ``torch.topk``; excluded items score -inf.
+- :func:`topk_exact`: inner products in blocks of users, ranked by :func:`supermoe_rec.objectives.ranking.top_k`
+  (the one rank convention: rank 1 = best, ties: the smaller item row first); excluded items are never returned.
 - :class:`FaissIndex`: ``faiss-cpu`` inverted-file index (``IndexIVFFlat``, inner product): approximate, it asks for
   k + (most excluded items of any user) candidates and drops the excluded ones.
 """
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from supermoe_rec.data.errors import DataError
+from supermoe_rec.objectives.ranking import top_k
 from supermoe_rec.serving.encoder import Encoded, UserEncoder
 
 FloatArray = npt.NDArray[np.float32]
@@ -129,7 +131,7 @@ def read_vectors(path: str | Path, column: str = "user") -> tuple[pd.DataFrame, 
 def topk_exact(
     queries: torch.Tensor, items: torch.Tensor, k: int, exclude: Sequence[IntArray] | None = None, block: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k by inner product.
+    """Exact top-k by inner product, in the ranking order of :func:`supermoe_rec.objectives.ranking.top_k`.
 
     Args:
         queries: [U, M]. items: [N, M].
@@ -137,23 +139,23 @@ def topk_exact(
         block: users per matmul ([block, N] scores at a time).
 
     Returns:
-        (scores [U, k], item rows [U, k]), best first; -inf / -1 where fewer than k items remain.
+        (scores [U, k], item rows [U, k]), rank 1 first (ties: the smaller row first); -inf / -1 where fewer than k
+        items remain.
     """
-    U, N = queries.shape[0], items.shape[0]
-    k_eff = min(k, N)
+    U = queries.shape[0]
     scores_out = torch.full((U, k), float("-inf"))
     rows_out = torch.full((U, k), -1, dtype=torch.long)
     for start in range(0, U, block):
         end = min(start + block, U)
         scores = queries[start:end] @ items.T  # (b, N)
+        mask = None
         if exclude is not None:
             user = np.concatenate([np.full(len(exclude[u]), u - start) for u in range(start, end)]).astype(np.int64)
             rows = np.concatenate([np.asarray(exclude[u], dtype=np.int64) for u in range(start, end)])
+            mask = torch.zeros(scores.shape, dtype=torch.bool)
             if len(rows):
-                scores[torch.from_numpy(user), torch.from_numpy(rows)] = float("-inf")
-        top = torch.topk(scores, k_eff, dim=1)
-        scores_out[start:end, :k_eff] = top.values
-        rows_out[start:end, :k_eff] = torch.where(torch.isinf(top.values), -1, top.indices)
+                mask[torch.from_numpy(user), torch.from_numpy(rows)] = True
+        scores_out[start:end], rows_out[start:end] = top_k(scores, k, mask)
     return scores_out, rows_out
 
 

@@ -55,6 +55,7 @@ from supermoe_rec.modules.gating import bias_routers, update_router_biases
 from supermoe_rec.modules.moe_stats import read_stats, set_collect_stats, tensorboard_scalars
 from supermoe_rec.modules.transformer import token_kind_labels
 from supermoe_rec.objectives.next_items import CandidateSource, resolve_softmax
+from supermoe_rec.objectives.ranking import metrics_from_sums, rank_metric_sums
 from supermoe_rec.training.checkpoint import CheckpointManager, TrainState
 from supermoe_rec.training.memory import release_freed_memory
 from supermoe_rec.training.metrics import MultiTaskEvaluator, primary_metric
@@ -187,7 +188,7 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
     loader.set_epoch(0)
     evaluator = MultiTaskEvaluator(trainer.data.tasks)
     loss_sum = torch.zeros(3, dtype=torch.float64)  # Σ rows·loss, Σ rows, Σ rows·next-items loss
-    rank_sums = torch.zeros(4, dtype=torch.float64)  # next-item targets, hits@K, Σ NDCG@K, Σ MRR@K
+    rank_sums = torch.zeros(4, dtype=torch.float64)  # next-item targets, hits@K, Σ NDCG@K, Σ MRR@K (rank_metric_sums)
     trainer.dmp.eval()
     iterator = iter(loader)
     batches = 0
@@ -202,16 +203,7 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
             next_items = float(out.loss.next_items) if out.loss.next_items is not None else 0.0
             loss_sum += torch.tensor([float(out.loss.total) * rows, rows, next_items * rows])
             if out.next_item_rank is not None:
-                rank = out.next_item_rank[out.next_item_rank >= 0].double()
-                hit = rank < NEXT_ITEM_K
-                rank_sums += torch.stack(
-                    [
-                        torch.tensor(float(len(rank)), dtype=torch.float64),
-                        hit.double().sum(),
-                        torch.where(hit, 1.0 / torch.log2(rank + 2.0), 0.0).sum(),
-                        torch.where(hit, 1.0 / (rank + 1.0), 0.0).sum(),
-                    ]
-                )
+                rank_sums += rank_metric_sums(out.next_item_rank.cpu(), NEXT_ITEM_K)
             batches += 1
             if batches % RELEASE_MEMORY_EVERY == 0:
                 release_freed_memory()
@@ -224,13 +216,7 @@ def evaluate(trainer: Trainer, split: str, pipeline: TrainPipelineSparseDist) ->
         result["next_items_loss"] = float(loss_sum[2] / max(1.0, float(loss_sum[1])))
     if rank_sums[0] > 0:
         # Next-item retrieval over the whole catalogue (unmasked): each sample's next item ranked by its [USER].
-        n = float(rank_sums[0])
-        result["next_item"] = {
-            f"hr@{NEXT_ITEM_K}": float(rank_sums[1]) / n,
-            f"ndcg@{NEXT_ITEM_K}": float(rank_sums[2]) / n,
-            f"mrr@{NEXT_ITEM_K}": float(rank_sums[3]) / n,
-            "targets": int(n),
-        }
+        result["next_item"] = {**metrics_from_sums(rank_sums, NEXT_ITEM_K), "targets": int(rank_sums[0])}
     result["tasks"] = evaluator.compute()
     return result
 
