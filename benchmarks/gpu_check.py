@@ -156,10 +156,7 @@ def dense_step_flops(cfg: ExperimentConfig, batch: Batch, device: torch.device, 
     B = b.batch_size
     pooled = {k: torch.randn(B, dims[k], device=device, requires_grad=True) for k in b.sparse_features.keys()}  # noqa: SIM118
     lengths = {k: jt.lengths().long() for k, jt in b.sequence_features.to_dict().items()}
-    sequences = {
-        k: torch.randn(B, int(v.max()) if v.numel() else 0, dims[k], device=device, requires_grad=True)
-        for k, v in lengths.items()
-    }
+    values = {k: torch.randn(int(v.sum()), dims[k], device=device, requires_grad=True) for k, v in lengths.items()}
     loss_fn = TaskIndicatorLoss(
         schema.task_specs(),
         balance_loss_weight=cfg.train.loss.balance_loss_weight,
@@ -167,7 +164,7 @@ def dense_step_flops(cfg: ExperimentConfig, batch: Batch, device: torch.device, 
     )
     counter = FlopCounterMode(display=False)
     with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = over(SparseOutput(pooled, sequences, lengths), b)
+        out = over(SparseOutput(pooled, values, lengths), b)
         loss = loss_fn(out.predictions, b.labels, b.task_mask, out.balance_loss, out.z_loss)
         loss.total.backward()
     return int(counter.get_total_flops())

@@ -238,7 +238,7 @@ def make_batches(
 
 class PlainSparseArch(nn.Module):
     """The SparseArch's tables in plain PyTorch: ``nn.EmbeddingBag`` for pooled features, ``nn.Embedding`` for
-    sequence features (padded to [B, L_f, D]), both with sparse gradients. Same tables, widths, pooling and
+    sequence features (jagged values [N_f, D]), both with sparse gradients. Same tables, widths, pooling and
     N(0, 0.02) init; returns the same :class:`SparseOutput`."""
 
     def __init__(self, schema: Schema, embedding_dim: int) -> None:
@@ -272,17 +272,12 @@ class PlainSparseArch(nn.Module):
         for name, jt in batch.sparse_features.to_dict().items():
             bag = self.bags[self.pooled_table[name]]
             pooled[name] = bag(jt.values(), jt.offsets()[:-1].long())  # (B, D)
-        sequences, lengths = {}, {}
+        values, lengths = {}, {}
         for name, jt in batch.sequence_features.to_dict().items():
             table = self.embeddings[self.sequence_table[name]]
-            length = jt.lengths().long()
-            width = int(length.max()) if length.numel() else 0
-            valid = torch.arange(width) < length.unsqueeze(1)  # (B, L_f)
-            dense = table.weight.new_zeros(length.numel(), width, table.embedding_dim)  # (B, L_f, D)
-            dense[valid] = table(jt.values())  # positions in (row, position) order, as the values are
-            sequences[name] = dense
-            lengths[name] = length
-        return SparseOutput(pooled=pooled, sequences=sequences, lengths=lengths)
+            values[name] = table(jt.values())  # (N_f, D) in (row, position) order, as the ids are
+            lengths[name] = jt.lengths().long()
+        return SparseOutput(pooled=pooled, values=values, lengths=lengths)
 
 
 class PlainSuperMoE(nn.Module):

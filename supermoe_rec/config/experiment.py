@@ -107,6 +107,9 @@ class DataConfig:
     url_timeout_s: float = 5.0
     seed: int = 0
     max_history: int = 50
+    # Generative training: the most items one causal pass holds. A longer user is encoded as overlapping chunks
+    # (each target once, with the encoder's receptive field as context before it); docs/protocol.md.
+    chunk_length: int = 256
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     # Instead of the fractions: each user's last rating is test and the one before it valid, equal timestamps in
@@ -157,6 +160,15 @@ class EncoderConfig:
     item_interaction: bool = True
     # Residual and attention dropout of the encoder.
     dropout: float = 0.0
+    # Generative training (docs/design.md#generative-training): one causal pass over each user's sequence scores
+    # every sample of that user from the state before its target (supermoe_rec/modules/causal.py). false: the
+    # per-group encoder, one bidirectional pass per (user, position) group (the reference twin).
+    generative: bool = False
+
+    def receptive_field(self, window: int) -> int:
+        """Items a causal token's output can depend on with a ``window``-item band: every attention (the blocks,
+        and the task readout with task tokens) reaches ``window - 1`` items further back."""
+        return (self.num_layers + int(self.use_task_tokens)) * (window - 1) + 1
 
 
 class ScoreFunc(str, enum.Enum):

@@ -9,6 +9,7 @@ the history is looked up and encoded once per group, and every candidate of the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,12 @@ class Batch(Pipelineable):
         task_mask: [B, T] float32 in {0, 1}: 1 where row i carries a label for task t.
         group_index: [B] int64, the group of each row; non-decreasing, so groups are contiguous.
         user_index: [B] int64 user codes (per-user metrics such as GAUC).
+        position_index: [B] int64 or None. The generative layout (:mod:`supermoe_rec.data.generative`): a group's
+            history is a chunk of its user's whole sequence, and row i is scored from token ``position_index[i]``
+            of its group's causal pass (the state after that many of the chunk's items). None: the per-group
+            layout, every row reads the state after its group's whole history.
+        target_start: [G] int64 or None, generative layout only: the first token of each group whose next item is
+            a next-items target (earlier tokens are context shared with the previous chunk).
 
     Example::
 
@@ -46,6 +53,8 @@ class Batch(Pipelineable):
     task_mask: torch.Tensor
     group_index: torch.Tensor
     user_index: torch.Tensor
+    position_index: torch.Tensor | None = None
+    target_start: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -64,6 +73,8 @@ class Batch(Pipelineable):
             task_mask=self.task_mask.to(device=device, non_blocking=non_blocking),
             group_index=self.group_index.to(device=device, non_blocking=non_blocking),
             user_index=self.user_index.to(device=device, non_blocking=non_blocking),
+            position_index=_maybe(self.position_index, lambda x: x.to(device=device, non_blocking=non_blocking)),
+            target_start=_maybe(self.target_start, lambda x: x.to(device=device, non_blocking=non_blocking)),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -71,6 +82,9 @@ class Batch(Pipelineable):
         self.sequence_features.record_stream(stream)
         for t in (self.dense_features, self.labels, self.task_mask, self.group_index, self.user_index):
             t.record_stream(stream)  # type: ignore[arg-type]
+        for opt in (self.position_index, self.target_start):
+            if opt is not None:
+                opt.record_stream(stream)  # type: ignore[arg-type]
 
     def pin_memory(self) -> Batch:
         return Batch(
@@ -81,4 +95,10 @@ class Batch(Pipelineable):
             task_mask=self.task_mask.pin_memory(),
             group_index=self.group_index.pin_memory(),
             user_index=self.user_index.pin_memory(),
+            position_index=_maybe(self.position_index, torch.Tensor.pin_memory),
+            target_start=_maybe(self.target_start, torch.Tensor.pin_memory),
         )
+
+
+def _maybe(x: torch.Tensor | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    return None if x is None else fn(x)

@@ -26,7 +26,8 @@ import pandas as pd
 
 from supermoe_rec.config.experiment import DataConfig
 from supermoe_rec.data.errors import DataError, first_true
-from supermoe_rec.data.jagged import IntArray
+from supermoe_rec.data.generative import UserSequences
+from supermoe_rec.data.jagged import IntArray, offsets_from_lengths
 from supermoe_rec.data.movielens import MovieLens
 from supermoe_rec.data.schema import Schema
 
@@ -43,6 +44,9 @@ class ProtocolOutput:
     schema: Schema
     # Per split: ratings, positives, negatives, positives_without_negative, histories_truncated.
     split_counts: dict[str, dict[str, int]]
+    # Every user's whole sequence of item codes in the protocol's order (the generative layout reads it; a sample's
+    # "position" column is the index of its target in that sequence).
+    sequences: UserSequences | None = None
 
 
 def _codes(values: pd.Series) -> tuple[IntArray, int]:
@@ -248,7 +252,10 @@ def build_ml_mt(ml: MovieLens, cfg: DataConfig) -> ProtocolOutput:
         },
         source=f"{ml.name}-mt protocol",
     )
-    return ProtocolOutput(frames=frames, schema=schema, split_counts=split_counts)
+    sequences = UserSequences(
+        users=users["user_id"].to_numpy(), offsets=offsets_from_lengths(user_count.astype(np.int64)), items=r_item
+    )
+    return ProtocolOutput(frames=frames, schema=schema, split_counts=split_counts, sequences=sequences)
 
 
 def _future_items(

@@ -32,6 +32,7 @@ import pandas as pd
 
 from supermoe_rec.config.experiment import ConfigError, DataConfig
 from supermoe_rec.data.errors import DataError
+from supermoe_rec.data.generative import UserSequences
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.schema import Schema
 
@@ -123,6 +124,7 @@ def build_sequences(users: IntArray, seqs: list[IntArray], cfg: DataConfig, name
         frame = {
             "user_id": users[u_idx][group],
             "group_id": group,
+            "position": pos[group],
             "item": np.stack([positives, negatives], axis=1).reshape(-1),
             "click": np.tile([1.0, 0.0], len(u_idx)),
             "history": history[group],
@@ -153,4 +155,5 @@ def build_sequences(users: IntArray, seqs: list[IntArray], cfg: DataConfig, name
         },
         source=f"{name} protocol",
     )
-    return {"frames": frames, "schema": schema, "split_counts": counts, "num_items": num_items}
+    sequences = UserSequences.from_lists(users, seqs)
+    return {"frames": frames, "schema": schema, "split_counts": counts, "num_items": num_items, "sequences": sequences}

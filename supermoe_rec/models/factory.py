@@ -25,6 +25,7 @@ from supermoe_rec.models.layout import FeatureLayout
 from supermoe_rec.models.mlp import MultiTaskMLPRec
 from supermoe_rec.models.supermoe import SuperMoERec
 from supermoe_rec.modules.baselines import PLE, MMoE, SharedBottom
+from supermoe_rec.modules.causal import CausalMoEEncoder
 from supermoe_rec.modules.embeddings import SparseArch
 from supermoe_rec.modules.experts import BatchedExperts
 from supermoe_rec.modules.towers import MultiTaskTowers
@@ -75,7 +76,8 @@ def build_model(
 
     if cfg.arch in (Arch.SUPERMOE, Arch.DENSE_TRANSFORMER):
         dense = cfg.arch is Arch.DENSE_TRANSFORMER
-        encoder = MoETransformerEncoder(
+        encoder_cls = CausalMoEEncoder if cfg.encoder.generative else MoETransformerEncoder
+        encoder = encoder_cls(
             cfg,
             num_tasks=len(tasks),
             input_dim=history_dims.pop() if history_dims else cfg.embedding_dim,

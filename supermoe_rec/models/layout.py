@@ -65,7 +65,7 @@ def leader_rows(group_index: torch.Tensor) -> torch.Tensor:
 
 def concat_pooled(out: SparseOutput, names: tuple[str, ...], batch: int, like: torch.Tensor) -> torch.Tensor:
     """[B, Σ D_f] concatenation of pooled (or sum-pooled sequence) features; [B, 0] when there are none."""
-    parts = [out.pooled[n] if n in out.pooled else out.sequences[n].sum(dim=1) for n in names]
+    parts = [out.pooled[n] if n in out.pooled else out.padded(n).sum(dim=1) for n in names]
     if not parts:
         return like.new_zeros(batch, 0)
     return torch.cat(parts, dim=1)
@@ -80,7 +80,7 @@ def history_of(
     """
     if not names:
         return like.new_zeros(len(rows), 0, embedding_dim), rows.new_zeros(len(rows))
-    history = out.sequences[names[0]][rows]  # (G, L, D)
+    history = out.padded(names[0], rows)  # (G, L, D)
     for name in names[1:]:
-        history = history + out.sequences[name][rows]
+        history = history + out.padded(name, rows)
     return history, out.lengths[names[0]][rows]

@@ -24,6 +24,8 @@ from torch import nn
 
 from supermoe_rec.data.schema import ITEM_CANDIDATES
 from supermoe_rec.models.layout import FeatureLayout, concat_pooled, history_of, leader_rows
+from supermoe_rec.modules.causal import CausalEncoderOutput, CausalMoEEncoder, read_positions
+from supermoe_rec.modules.padding import pad_rows
 from supermoe_rec.modules.towers import MultiTaskTowers
 from supermoe_rec.modules.transformer import MoETransformerEncoder
 
@@ -76,6 +78,12 @@ class NextItemsInputs:
     candidate_ids: torch.Tensor
 
 
+def _padded_ids(batch: Batch, name: str, rows: torch.Tensor) -> torch.Tensor:
+    """Ids of sequence feature ``name`` at ``rows``, padded with 0: ``[R, L]`` int64."""
+    jt = batch.sequence_features[name]
+    return pad_rows(jt.values().long(), jt.lengths().long(), rows)
+
+
 class SuperMoEOverArch(nn.Module):
     """Everything above the embeddings: history/profile assembly, the MoE encoder and the towers.
 
@@ -100,7 +108,7 @@ class SuperMoEOverArch(nn.Module):
 
     def __init__(
         self,
-        encoder: MoETransformerEncoder,
+        encoder: MoETransformerEncoder | CausalMoEEncoder,
         towers: MultiTaskTowers,
         layout: FeatureLayout,
         profile_dim: int,
@@ -155,24 +163,50 @@ class SuperMoEOverArch(nn.Module):
     def _next_items(self, emb: SparseOutput, batch: Batch, rows: torch.Tensor, user: torch.Tensor) -> NextItemsInputs:
         name = self.layout.next_items
         assert name is not None
-        positives = emb.sequences[name][rows]  # (G, W, D)
+        positives = emb.padded(name, rows)  # (G, W, D)
         W = positives.shape[1]
         mask = torch.arange(W, device=rows.device)[None, :] < emb.lengths[name][rows][:, None]  # (G, W)
-        ids = batch.sequence_features[name].to_padded_dense(desired_length=W, padding_value=0)[rows]  # (G, W)
-        cand = emb.sequences[ITEM_CANDIDATES]  # (B, L_c, D), the ids spread over the rows
-        cand_lengths = emb.lengths[ITEM_CANDIDATES]  # (B,)
-        cand_mask = torch.arange(cand.shape[1], device=rows.device)[None, :] < cand_lengths[:, None]  # (B, L_c)
+        ids = _padded_ids(batch, name, rows)  # (G, W)
         return NextItemsInputs(
             query=self.user_query(user),
             positives=positives,
-            positive_ids=ids.long(),
+            positive_ids=ids,
             positive_mask=mask.to(positives.dtype),
-            candidates=cand[cand_mask],  # (N, D), in the ids' order
+            candidates=emb.values[ITEM_CANDIDATES],  # (N, D), in the ids' order
+            candidate_ids=batch.sequence_features[ITEM_CANDIDATES].values().long(),
+        )
+
+    def _generative_next_items(
+        self, emb: SparseOutput, batch: Batch, rows: torch.Tensor, states: torch.Tensor, lengths: torch.Tensor
+    ) -> NextItemsInputs:
+        """Every owned token of every group predicts the chunk's next item: token k the item at token k + 1.
+
+        Dimension letters: G groups, S = 1 + L tokens, P owned tokens with a next item, D item-table width.
+        """
+        assert batch.target_start is not None
+        name = self.layout.history[0]
+        S = states.shape[1]
+        k = torch.arange(S, device=states.device)[None, :]  # (1, S)
+        owned = (k >= batch.target_start[:, None]) & (k < lengths[:, None])  # (G, S): tokens with a next item
+        g_idx, k_idx = owned.nonzero(as_tuple=True)  # (P,), (P,)
+        items = emb.padded(name, rows)  # (G, L, D): item j sits on token j + 1
+        ids = _padded_ids(batch, name, rows)  # (G, L)
+        positives = items[g_idx, k_idx].unsqueeze(1)  # (P, 1, D)
+        return NextItemsInputs(
+            query=self.user_query(states[g_idx, k_idx]),  # (P, D)
+            positives=positives,
+            positive_ids=ids[g_idx, k_idx].unsqueeze(1),  # (P, 1)
+            positive_mask=positives.new_ones(positives.shape[:2]),  # (P, 1)
+            candidates=emb.values[ITEM_CANDIDATES],  # (N, D), in the ids' order
             candidate_ids=batch.sequence_features[ITEM_CANDIDATES].values().long(),
         )
 
     def forward(self, emb: SparseOutput, batch: Batch) -> ModelOutput:
-        """Returns: :class:`ModelOutput` with predictions [B] per task, user [G, M], task reps [G, T, M]."""
+        """Returns: :class:`ModelOutput` with predictions [B] per task, user [G, M], task reps [G, T, M].
+
+        With the causal encoder every row reads its token: ``batch.position_index`` in the generative layout, else
+        the token after its group's whole history (the per-group layout, e.g. a serving or probe batch).
+        """
         rows = leader_rows(batch.group_index)  # (G,)
         B = batch.batch_size
         profile = concat_pooled(emb, self.layout.profile, B, batch.labels)  # (B, P)
@@ -180,20 +214,38 @@ class SuperMoEOverArch(nn.Module):
         history, lengths = history_of(emb, self.layout.history, rows, self.embedding_dim, batch.labels)
         context = self.context(profile[rows]) if self.context is not None else None  # (G, M)
         enc = self.encoder(history, lengths, context)
-        task_reps = enc.tasks[batch.group_index]  # (B, T, M): every candidate reads its group's pass
+        next_items: NextItemsInputs | None = None
+        if isinstance(enc, CausalEncoderOutput):
+            position = batch.position_index if batch.position_index is not None else lengths[batch.group_index]
+            task_reps = read_positions(enc.tasks, batch.group_index, position)  # (B, T, M)
+            row_user = read_positions(enc.states, batch.group_index, position)  # (B, M)
+            user = enc.states[torch.arange(len(rows), device=rows.device), lengths]  # (G, M): after the history
+            group_tasks = enc.tasks[torch.arange(len(rows), device=rows.device), lengths]  # (G, T, M)
+            if self.item_table_dim:
+                next_items = (
+                    self._generative_next_items(emb, batch, rows, enc.states, lengths)
+                    if batch.target_start is not None
+                    else self._next_items(emb, batch, rows, user)
+                )
+        else:
+            task_reps = enc.tasks[batch.group_index]  # (B, T, M): every candidate reads its group's pass
+            row_user = enc.user[batch.group_index]  # (B, M)
+            user, group_tasks = enc.user, enc.tasks
+            if self.item_table_dim:
+                next_items = self._next_items(emb, batch, rows, user)
         shared = torch.cat([item, profile, batch.dense_features], dim=1)  # (B, I + P + F)
         if self.item_proj is not None:
             candidate = self.item_proj(item).unsqueeze(1)  # (B, 1, M)
             task_reps = torch.cat([task_reps, task_reps * candidate], dim=2)  # (B, T, 2M): rep, rep ⊙ item
         if self.read_user:
-            shared = torch.cat([enc.user[batch.group_index], shared], dim=1)  # (B, M + I + P + F)
+            shared = torch.cat([row_user, shared], dim=1)  # (B, M + I + P + F)
         inputs = {name: torch.cat([task_reps[:, t], shared], dim=1) for t, name in enumerate(self.task_names)}
         return ModelOutput(
-            next_items=self._next_items(emb, batch, rows, enc.user) if self.item_table_dim else None,
+            next_items=next_items,
             predictions=self.towers(inputs),
             group_index=batch.group_index,
-            user=enc.user,
-            task_representations=enc.tasks,
+            user=user,
+            task_representations=group_tasks,
             balance_loss=enc.balance_loss,
             z_loss=enc.z_loss,
             tokens_per_expert=enc.tokens_per_expert,
@@ -231,7 +283,7 @@ class SuperMoERec(nn.Module):
     def __init__(
         self,
         sparse_arch: SparseArch,
-        encoder: MoETransformerEncoder,
+        encoder: MoETransformerEncoder | CausalMoEEncoder,
         towers: MultiTaskTowers,
         layout: FeatureLayout,
         profile_dim: int,
@@ -257,7 +309,7 @@ class SuperMoERec(nn.Module):
         )
 
     @property
-    def encoder(self) -> MoETransformerEncoder:
+    def encoder(self) -> MoETransformerEncoder | CausalMoEEncoder:
         return self.over_arch.encoder
 
     @property

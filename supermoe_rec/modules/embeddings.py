@@ -1,11 +1,13 @@
 """SparseArch: TorchRec embedding collections for the pooled and the sequence features of a schema.
 
-Dimension letters: B rows, L_f padded length of sequence feature f, S = Σ_f L_f, D embedding dim, F features.
+Dimension letters: B rows, N_f ids of sequence feature f in the batch, L_f its padded length, D embedding dim,
+F features.
 
 - Pooled features (user profile, multi-hot genres, ...) go through one :class:`EmbeddingBagCollection`.
 - Sequence features (the history, and the target item as a sequence of length 1 sharing the item table) go
-  through either an unpooled :class:`EmbeddingCollection`, or an EmbeddingBagCollection in which every sequence
-  position is a bag of length 1 ("bags of one"). On CPU the EC's backward was measured at ~7x the cost of bags
+  through either an unpooled :class:`EmbeddingCollection`, or an EmbeddingBagCollection in which every id is a bag
+  of length 1 ("bags of one", :func:`bags_of_one`). Either way the output stays jagged (:class:`SparseOutput`):
+  consumers pad only the rows they read. On CPU the EC's backward was measured at ~7x the cost of bags
   of one (docs/design.md#embedding-lookup-speed-on-cpu), so ``SequenceLookup.AUTO`` picks bags of one on CPU and
   the EC elsewhere.
 
@@ -28,6 +30,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from supermoe_rec.config.experiment import SequenceLookup
 from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema
+from supermoe_rec.modules.padding import pad_rows
 
 # N(0, 0.02) learned far faster than N(0, 1) or TorchRec's uniform(±1/sqrt(rows)) on ml100k-mt
 # (docs/design.md#lessons-from-the-first-prototype).
@@ -63,17 +66,32 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 @dataclass
 class SparseOutput:
-    """Embeddings of one batch.
+    """Embeddings of one batch. Sequence features stay jagged: a consumer pads only the rows it reads.
 
     Attributes:
         pooled: feature -> [B, D] pooled embedding.
-        sequences: feature -> [B, L_f, D], left-aligned, zeros at padding.
+        values: feature -> [N_f, D], the embedding of each of the feature's ids, in the KJT's (row, position)
+            order; N_f = ``lengths[f].sum()``.
         lengths: feature -> [B] int64 sequence lengths.
     """
 
     pooled: dict[str, torch.Tensor]
-    sequences: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
     lengths: dict[str, torch.Tensor]
+
+    def padded(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature ``name`` padded to ``[R, L, D]`` for ``rows`` (all B rows when None), zeros at padding.
+
+        L is the longest of the chosen rows, so padding the few rows that carry a long per-group history (the
+        group leaders) costs O(G L D), not O(B L D).
+        """
+        values, lengths = self.values[name], self.lengths[name]
+        return pad_rows(values, lengths, rows)
+
+    @property
+    def sequences(self) -> dict[str, torch.Tensor]:
+        """Every sequence feature padded over all rows: feature -> [B, L_f, D] (small batches, tests)."""
+        return {name: self.padded(name) for name in self.values}
 
 
 def _tables_by_feature(features: tuple[FeatureSpec, ...]) -> dict[str, list[FeatureSpec]]:
@@ -83,40 +101,27 @@ def _tables_by_feature(features: tuple[FeatureSpec, ...]) -> dict[str, list[Feat
     return by_table
 
 
-def bags_of_one(kjt: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, list[int]]:
-    """Re-express jagged sequences as bags of length 0/1, one bag per (row, position): stride B * S.
+def bags_of_one(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """Re-express jagged sequences as bags of one id each, compactly: stride ``n = max_f N_f``.
 
-    Key f owns positions [off_f, off_f + L_f) of every row; its bags there have length 1 up to the row's length
-    and 0 after (zeros after pooling). Values are untouched: their order is already (key, row, position).
-
-    Returns:
-        the new KJT and the per-key padded lengths L_f.
+    Key f's N_f ids become its first N_f bags (length 1); its other ``n - N_f`` bags are empty (zeros after
+    pooling). Values are untouched. The cost is O(F n), whatever the padded width of the sequences: a batch whose
+    only long sequences are a few group histories pays for their ids, not for B x their length.
 
     Example::
 
-        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["h"], torch.tensor([5, 6, 7]), torch.tensor([2, 1]))
-        >>> out, max_lengths = bags_of_one(kjt)
-        >>> out.lengths().tolist(), out.stride(), max_lengths
-        ([1, 1, 1, 0], 4, [2])
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["h", "t"], torch.tensor([5, 6, 7, 8]),
+        ...                                           torch.tensor([3, 0, 1, 0]))
+        >>> out = bags_of_one(kjt)
+        >>> out.lengths().tolist(), out.stride()
+        ([1, 1, 1, 1, 0, 0], 3)
     """
     keys = kjt.keys()
     batch = kjt.stride()
-    lengths = kjt.lengths().view(len(keys), batch).long()  # (F, B)
-    max_lengths = lengths.max(dim=1).values.tolist() if batch else [0] * len(keys)
-    total = int(sum(max_lengths))
-    new_lengths = torch.zeros(len(keys), batch, total, dtype=torch.int32, device=lengths.device)  # (F, B, S)
-    offset = 0
-    for f, width in enumerate(max_lengths):
-        positions = torch.arange(width, device=lengths.device)
-        new_lengths[f, :, offset : offset + width] = (positions[None, :] < lengths[f, :, None]).to(torch.int32)
-        offset += width
-    out = KeyedJaggedTensor(
-        keys=keys,
-        values=kjt.values(),
-        lengths=new_lengths.view(-1),
-        stride=batch * total,  # (F*B*S,)
-    )
-    return out, [int(w) for w in max_lengths]
+    counts = kjt.lengths().view(len(keys), batch).long().sum(dim=1)  # (F,) N_f
+    n = max(int(counts.max()) if len(keys) else 0, 1)  # a KJT needs a stride >= 1
+    lengths = (torch.arange(n, device=counts.device)[None, :] < counts[:, None]).to(torch.int32)  # (F, n)
+    return KeyedJaggedTensor(keys=keys, values=kjt.values(), lengths=lengths.view(-1), stride=n)
 
 
 class SparseArch(nn.Module):
@@ -237,16 +242,17 @@ class SparseArch(nn.Module):
 
 def _finish(
     pooled: KeyedTensor | None,
-    sequences: dict[str, torch.Tensor],
-    lengths: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    sequence_features: KeyedJaggedTensor,
     grad_scale: float,
 ) -> SparseOutput:
     pooled_dict: dict[str, torch.Tensor] = pooled.to_dict() if pooled is not None else {}
     # TorchRec's default gradient division already averages table gradients over ranks (see SparseArch.grad_scale).
     if grad_scale != 1.0 and not get_gradient_division():
         pooled_dict = {k: scale_grad(v, grad_scale) for k, v in pooled_dict.items()}
-        sequences = {k: scale_grad(v, grad_scale) for k, v in sequences.items()}
-    return SparseOutput(pooled=pooled_dict, sequences=sequences, lengths=lengths)
+        values = {k: scale_grad(v, grad_scale) for k, v in values.items()}
+    lengths = {name: jt.lengths().long() for name, jt in sequence_features.to_dict().items()}
+    return SparseOutput(pooled=pooled_dict, values=values, lengths=lengths)
 
 
 def sparse_output_from_ec(
@@ -255,36 +261,23 @@ def sparse_output_from_ec(
     sequence_features: KeyedJaggedTensor,
     grad_scale: float,
 ) -> SparseOutput:
-    """Pad the EmbeddingCollection's jagged outputs to [B, L_f, D]."""
-    lengths = {name: jt.lengths().long() for name, jt in sequence_features.to_dict().items()}
-    sequences = {}
-    for name, jt in unpooled.items():
-        width = int(lengths[name].max().item()) if lengths[name].numel() else 0
-        sequences[name] = jt.to_padded_dense(desired_length=width, padding_value=0.0)  # (B, L_f, D)
-    return _finish(pooled, sequences, lengths, grad_scale)
+    """The EmbeddingCollection's jagged outputs: each feature's values [N_f, D]."""
+    return _finish(pooled, {name: jt.values() for name, jt in unpooled.items()}, sequence_features, grad_scale)
 
 
 def bags_of_one_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """:func:`bags_of_one` without the widths (a single output keeps it traceable as one graph node)."""
-    return bags_of_one(kjt)[0]
+    """:func:`bags_of_one` as one graph node for torch.fx (TorchRec's pipeline tracer)."""
+    return bags_of_one(kjt)
 
 
 def sparse_output_from_bags(
     pooled: KeyedTensor | None, bags: KeyedTensor, sequence_features: KeyedJaggedTensor, grad_scale: float
 ) -> SparseOutput:
-    """Cut the bags-of-one EBC output [B * S, D] per key back into [B, L_f, D]."""
-    lengths = {name: jt.lengths().long() for name, jt in sequence_features.to_dict().items()}
-    batch = sequence_features.stride()
-    widths = [int(lengths[k].max().item()) if batch else 0 for k in sequence_features.keys()]  # noqa: SIM118 (a KJT, not a dict)
-    total = sum(widths)
+    """Cut the compact bags-of-one EBC output ([n, D] per key) back to each feature's values [N_f, D]."""
     flat = bags.to_dict()
-    sequences = {}
-    offset = 0
-    for name, width in zip(sequence_features.keys(), widths, strict=True):
-        per_row = flat[name].view(batch, total, -1)  # (B, S, D)
-        sequences[name] = per_row[:, offset : offset + width]  # (B, L_f, D)
-        offset += width
-    return _finish(pooled, sequences, lengths, grad_scale)
+    counts = sequence_features.lengths().view(len(sequence_features.keys()), -1).long().sum(dim=1).tolist()
+    values = {name: flat[name][: int(n)] for name, n in zip(sequence_features.keys(), counts, strict=True)}
+    return _finish(pooled, values, sequence_features, grad_scale)
 
 
 # Leaf functions for torch.fx (TorchRec's pipeline tracer): called with proxies, run eagerly at execution time.

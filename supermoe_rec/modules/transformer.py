@@ -123,19 +123,24 @@ class MultiHeadSelfAttention(nn.Module):
 
     def _reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> Tensor:
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (G, heads, S, S)
-        # Every row keeps at least its special tokens as keys, so no row is all -inf (no NaN from softmax).
-        scores = scores.masked_fill(~mask, float("-inf"))
+        # Every row keeps at least one key (its special tokens, or itself under a causal mask), so no row is all
+        # -inf (no NaN from softmax).
+        # A bool mask keeps the True keys; a float mask adds a bias where allowed and -inf where not.
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = torch.softmax(scores, dim=-1)  # (G, heads, S, S)
         if dropout_p > 0:
             probs = F.dropout(probs, p=dropout_p)
         return probs @ v  # (G, heads, S, Dh)
 
-    def forward(self, x: Tensor, key_valid: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_valid: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """Attend.
 
         Args:
             x: ``[G, S, D]`` tokens (already normalised by the caller).
             key_valid: ``[G, S]`` bool, True for real tokens; every row needs at least one True.
+            attn_mask: optional additive float mask broadcastable to ``[G, heads, S, S]`` (a bias where a query may
+                attend, ``-inf`` where not) used *instead of* ``key_valid``: the causal encoder's band mask with its
+                relative-position bias (:mod:`supermoe_rec.modules.causal`). Every query row needs one finite entry.
 
         Returns:
             ``[G, S, D]`` attention output after the output projection (no residual).
@@ -144,7 +149,8 @@ class MultiHeadSelfAttention(nn.Module):
         H, Dh = self.num_heads, self.head_dim
         qkv: Tensor = self.qkv(x)  # (G, S, 3D)
         q, k, v = qkv.view(G, S, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (G, H, S, Dh)
-        mask = key_valid.view(G, 1, 1, S)  # (G, 1, 1, S) broadcast over heads and queries
+        # (G, 1, 1, S) broadcast over heads and queries, or the caller's additive mask
+        mask = key_valid.view(G, 1, 1, S) if attn_mask is None else attn_mask.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         if self.impl is AttentionImpl.REFERENCE:
             y = self._reference(q, k, v, mask, dropout_p)  # (G, H, S, Dh)
@@ -211,7 +217,12 @@ class EncoderBlock(nn.Module):
         return F.dropout(x, p=self.dropout, training=True) if self.training and self.dropout > 0 else x
 
     def forward(
-        self, x: Tensor, key_valid: Tensor, real_index: Tensor, token_kinds: Tensor
+        self,
+        x: Tensor,
+        key_valid: Tensor,
+        real_index: Tensor,
+        token_kinds: Tensor,
+        attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, MoEOutput | None]:
         """Run the block.
 
@@ -220,13 +231,15 @@ class EncoderBlock(nn.Module):
             key_valid: ``[G, S]`` bool, True for real tokens.
             real_index: ``[N]`` int64 flat indices (into ``G * S``) of the real tokens.
             token_kinds: ``[N]`` int64 token kind per real token (MoE ``task_ids``; unused by a dense FFN).
+            attn_mask: optional additive attention mask replacing the key-padding mask
+                (:meth:`MultiHeadSelfAttention.forward`).
 
         Returns:
             ``(x, moe_out)``: ``[G, S, D]`` tokens and the :class:`~supermoe_rec.modules.moe.MoEOutput` (``hidden``
             ``[N, D]``) or ``None`` for a dense FFN.
         """
         G, S, D = x.shape
-        x = x + self._drop(self.attn(self.attn_norm(x), key_valid))  # (G, S, D)
+        x = x + self._drop(self.attn(self.attn_norm(x), key_valid, attn_mask))  # (G, S, D)
         flat = x.reshape(G * S, D)  # (G*S, D)
         h: Tensor = self.ffn_norm(flat.index_select(0, real_index))  # (N, D)
         moe_out: MoEOutput | None = None

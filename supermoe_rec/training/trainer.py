@@ -42,6 +42,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
 from supermoe_rec.config.experiment import ConfigError, ExperimentConfig, TaskType, load_config, save_config, to_dict
+from supermoe_rec.data.generative import apply_layout
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData, load_data, load_run_data
 from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
@@ -125,7 +126,7 @@ def build_trainer(cfg: ExperimentConfig, ctx: DistContext, data: SplitData | Non
     """
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    data = data if data is not None else load_data(cfg.data)
+    data = apply_layout(data if data is not None else load_data(cfg.data), cfg)
     if "train" not in data.splits:
         raise ConfigError("data: a train split is required")
     constraints = sharding_constraints(cfg.train.sharding, data.schema, ctx.device)

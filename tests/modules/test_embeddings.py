@@ -10,6 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from supermoe_rec.config.experiment import SequenceLookup
 from supermoe_rec.data.splits import SplitData
 from supermoe_rec.modules.embeddings import SparseArch, bags_of_one, resolve_sequence_lookup
+from supermoe_rec.modules.padding import pad_rows
 
 
 def _pair(data: SplitData) -> tuple[SparseArch, SparseArch]:
@@ -70,12 +71,21 @@ def test_bags_of_one_layout() -> None:
     kjt = KeyedJaggedTensor.from_lengths_sync(
         ["h", "t"], torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 3, 1, 1, 1, 1])
     )
-    out, widths = bags_of_one(kjt)
-    assert widths == [3, 1]
-    assert out.stride() == 3 * 4
-    assert out["h"].lengths().tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0]
-    assert out["t"].lengths().tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]
+    out = bags_of_one(kjt)
+    # Three rows: h holds 0 + 3 + 1 ids, t 1 + 1 + 1. Compact: one bag per id, stride = the most ids of any key
+    # (4), not rows x the padded width (3 x 3 + 3 x 1 bags before).
+    assert out.stride() == 4
+    assert out["h"].lengths().tolist() == [1, 1, 1, 1]
+    assert out["t"].lengths().tolist() == [1, 1, 1, 0]
     assert torch.equal(out.values(), kjt.values())
+
+
+def test_pad_rows_pads_only_the_chosen_rows() -> None:
+    values = torch.arange(1.0, 7.0).view(6, 1)  # rows of lengths 0, 3, 1, 2
+    lengths = torch.tensor([0, 3, 1, 2])
+    out = pad_rows(values, lengths, torch.tensor([3, 0, 1]))
+    assert out[..., 0].tolist() == [[5.0, 6.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]
+    assert pad_rows(values, lengths, torch.tensor([2])).shape == (1, 1, 1)  # the chosen rows' width
 
 
 @pytest.mark.parametrize("lookup", [SequenceLookup.EMBEDDING_COLLECTION, SequenceLookup.BAGS_OF_ONE])
