@@ -12,8 +12,8 @@ the encoder pass change, so the task-indicator loss and every metric mean what t
 Chunks. A user's targets ``[lo, hi)`` (the positions of the split's rows) are cut into chunks of at most
 ``chunk_length - context`` targets. Chunk c owns the targets ``[a_c, b_c)`` and holds the items ``[s_c, b_c)`` with
 ``s_c = max(0, a_c - context)``: ``context`` items before its first target, so that with ``context`` at least the
-encoder's receptive field minus one a chunk gives its owned targets exactly what one pass over the whole sequence
-gives (the encoder's prefix property). Every target is owned by exactly one chunk. The next-items objective reads
+encoder's receptive field (the items a token's output depends on) a chunk gives its owned targets exactly what one
+pass over the whole sequence gives (the encoder's prefix property). Every target is owned by exactly one chunk. The next-items objective reads
 the same chunk: token k predicts the item at token k + 1, for the owned tokens ``k >= a_c - s_c``.
 
 Checks: each row's per-group history must be the tail of its user's sequence before p (the same window the
@@ -136,7 +136,7 @@ def regroup(
         sequences: every user's whole sequence.
         history: the name of the per-group history feature.
         chunk_length: the most items one pass holds (plus ``[START]``).
-        context: items before a chunk's first target (the encoder's receptive field minus one).
+        context: items before a chunk's first target (the encoder's receptive field).
 
     Returns:
         A new dataset (``ds`` is not changed) with ``position_index`` ``[R]`` and ``target_start`` ``[G]``, and the
@@ -290,5 +290,5 @@ def apply_layout(data: SplitData, cfg: ExperimentConfig) -> SplitData:
     ``data.chunk_length`` items, the encoder's receptive field as context), else unchanged. Idempotent."""
     if not cfg.model.encoder.generative or any(ds.position_index is not None for ds in data.splits.values()):
         return data
-    context = cfg.model.encoder.receptive_field(cfg.data.max_history) - 1
+    context = cfg.model.encoder.receptive_field(cfg.data.max_history)
     return to_generative(data, cfg.data.chunk_length, context)
