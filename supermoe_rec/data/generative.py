@@ -13,8 +13,9 @@ Chunks. A user's targets ``[lo, hi)`` (the positions of the split's rows) are cu
 ``chunk_length - context`` targets. Chunk c owns the targets ``[a_c, b_c)`` and holds the items ``[s_c, b_c)`` with
 ``s_c = max(0, a_c - context)``: ``context`` items before its first target, so that with ``context`` at least the
 encoder's receptive field (the items a token's output depends on) a chunk gives its owned targets exactly what one
-pass over the whole sequence gives (the encoder's prefix property). Every target is owned by exactly one chunk. The next-items objective reads
-the same chunk: token k predicts the item at token k + 1, for the owned tokens ``k >= a_c - s_c``.
+pass over the whole sequence gives (the encoder's prefix property). Every target is owned by exactly one chunk. The
+next-items objective reads the same chunk: token k predicts the item at token k + 1, for the owned tokens
+``k >= a_c - s_c``.
 
 Checks: each row's per-group history must be the tail of its user's sequence before p (the same window the
 per-group layout encodes), else a :class:`~supermoe_rec.data.errors.DataError` names the row.

@@ -17,8 +17,8 @@ import torch
 from supermoe_rec.config.experiment import (
     DataConfig,
     EncoderConfig,
-    LossConfig,
     ExperimentConfig,
+    LossConfig,
     ModelConfig,
     MoEConfig,
     NextItemsConfig,
