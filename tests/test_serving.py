@@ -29,6 +29,7 @@ from supermoe_rec.data.splits import load_data
 from supermoe_rec.evaluation.export import UserRepresentations, export_run, latest_rows
 from supermoe_rec.serving import ArtifactError, UserEncoder, artifact_bytes, read_manifest
 from supermoe_rec.serving.artifact import ITEM_CATALOG, MANIFEST, OVER_ARCH, TABLES
+from supermoe_rec.serving.encoder import Jagged
 from supermoe_rec.serving.export_artifact import export_artifact
 from supermoe_rec.serving.index import FaissIndex, topk_exact
 from tests.dist_utils import DIST_ENV, in_process_world
@@ -245,6 +246,96 @@ def test_unknown_and_hashed_ids_are_counted(encoder: UserEncoder) -> None:
     enc.schema = dataclasses.replace(encoder.schema, tables=tables)
     rows = enc.map_ids(np.array(["a", "zzz"], dtype=object), spec, "events", out)
     assert ((rows >= 0) & (rows < 1683)).all() and out.hashed_ids == {"target_item": 2}
+
+
+# ------------------------------------------------- training and serving: one id mapping, the same vectors
+
+
+@pytest.fixture(scope="module")
+def raw_events(run_dir: Path, ml100k: MovieLens, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 users' test rows (one each) in the training table's layout, written as CSV: list cells become text."""
+    cfg = load_config(run_dir / "config.yaml")
+    test = build_ml_mt(ml100k, cfg.data).frames["test"].reset_index(drop=True)
+    rows = test.groupby("user_id", sort=False).head(1).iloc[:40]
+    path = tmp_path_factory.mktemp("raw") / "events.csv"
+    # History as pandas writes a numpy array ("[82 152 ...]", wrapped), genres as ids joined by the separator.
+    rows.assign(genres=[" ".join(map(str, g)) for g in rows["genres"]]).to_csv(path, index=False)
+    return path
+
+
+def test_training_and_serving_map_the_same_events_to_the_same_ids_and_vectors(
+    run_dir: Path, encoder: UserEncoder, raw_events: Path
+) -> None:
+    """The same raw file through training's reader (TabularDataset, the training model) and through serving's
+    UserEncoder: identical table rows for every user-side feature, and the same [USER] vectors."""
+    from supermoe_rec.data.dataset import TabularDataset
+    from supermoe_rec.data.features import read_table
+    from supermoe_rec.evaluation import export
+    from supermoe_rec.serving.encoder import Encoded, make_dropless
+
+    restored, _ = export.restore_model(run_dir, export.load_run_config(run_dir))
+    schema, max_history = restored.data.schema, restored.cfg.data.max_history
+    ds = TabularDataset(read_table(raw_events), schema, str(raw_events), max_history, restored.data.vocabularies)
+    frame = read_table(raw_events)
+    users = encoder.user_rows(frame, str(raw_events))
+    counts = Encoded(user_keys=users["user_id"].to_numpy(), user=np.zeros((0, encoder.dim), np.float32), tasks={})
+    mapped = encoder.map_users(users, counts, str(raw_events))
+    assert set(mapped.profile) == {"user", "age", "gender", "occupation", "zip3"} and set(mapped.history) == {"history"}
+    # Stored row i of the dataset is input row input_row[i]; the encoder keeps users in input order (one row each).
+    by_input = np.argsort(ds.input_row)
+    assert len(users) == len(frame) == len(ds)
+    for name, jag in mapped.profile.items():
+        train = ds.features[name]
+        for u in range(len(users)):
+            r = by_input[u]
+            want = train.values[train.offsets[r] : train.offsets[r + 1]]
+            assert jag.values[jag_slice(jag, u)].tolist() == want.tolist(), (name, u)
+    for name, jag in mapped.history.items():
+        train = ds.features[name]
+        for u in range(len(users)):
+            r = by_input[u]
+            want = train.values[train.offsets[r] : train.offsets[r + 1]][-max_history:]
+            assert jag.values[jag_slice(jag, u)].tolist() == want.tolist(), (name, u)
+            assert len(want) > 0
+    # Vectors: the training model (eval, dropless routing, as served) on the dataset's rows, each its own group.
+    restored.dmp.eval()
+    make_dropless(restored.dmp)
+    with torch.no_grad():
+        trained = export.forward_batch(restored, ds.batch(by_input)).model.user
+    served = encoder.encode(frame).user
+    assert trained is not None
+    assert np.abs(trained.numpy() - served).max() <= ATOL
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("history", "[1 5000]", r"id 5000 is outside table 'item' of 1683 rows \(grow num_embeddings, or set vocab"),
+        ("occupation", "x", r"id 'x' is not an integer \(set vocab: true on table 'occupation'"),
+        ("history", "[1 [2]", r"opens a list"),
+    ],
+)
+def test_training_and_serving_refuse_bad_ids_with_the_same_message(
+    run_dir: Path, encoder: UserEncoder, raw_events: Path, column: str, value: str, message: str
+) -> None:
+    from supermoe_rec.data.dataset import TabularDataset
+    from supermoe_rec.data.features import read_table
+
+    frame = read_table(raw_events)
+    frame[column] = frame[column].astype(object)
+    frame.loc[3, column] = value
+    schema = load_data(load_config(run_dir / "config.yaml").data).schema
+    with pytest.raises(DataError, match=message) as training:
+        TabularDataset(frame, schema, "events.csv")
+    with pytest.raises(DataError, match=message) as serving:
+        encoder.encode(frame, source="events.csv")
+    # The same words after the location (serving names the row where it parses the cell itself).
+    assert str(training.value).split(f"column {column!r}: ")[1] == str(serving.value).split(f"column {column!r}: ")[1]
+
+
+def jag_slice(jag: Jagged, row: int) -> slice:
+    offsets = np.concatenate([[0], np.cumsum(jag.lengths.numpy())])
+    return slice(int(offsets[row]), int(offsets[row + 1]))
 
 
 # ------------------------------------------------------------------------------------ embed and retrieve

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +22,11 @@ from supermoe_rec.config.experiment import TaskType
 from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.errors import DataError, first_true
-from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths, row_of, take_rows
-from supermoe_rec.data.lists import flatten_lists, looks_like_list
-from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema, TableSpec
-from supermoe_rec.data.vocab import Vocabulary, hash_ids
+from supermoe_rec.data.features import feature_values, table_ids
+from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths, take_rows
+from supermoe_rec.data.lists import plain
+from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema
+from supermoe_rec.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -84,34 +84,6 @@ def spread_candidates(candidates: IntArray | None, rows: int) -> KeyedJaggedTens
     return KeyedJaggedTensor(
         keys=[ITEM_CANDIDATES], values=torch.from_numpy(ids), lengths=torch.from_numpy(lengths), stride=rows
     )
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or parquet interaction table; an empty or missing file is a :class:`DataError`."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(str(path), "is a directory, not a table file (name a .csv, .tsv or .parquet file)")
-    if not path.is_file():
-        raise DataError(str(path), "file not found")
-    if path.stat().st_size == 0:
-        raise DataError(str(path), "empty file")
-    if path.suffix in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
-    elif path.suffix in (".csv", ".tsv", ".txt"):
-        try:
-            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
-        except pd.errors.EmptyDataError as exc:
-            raise DataError(str(path), "empty file") from exc
-    else:
-        raise DataError(str(path), f"unknown table format {path.suffix!r} (use .csv, .tsv or .parquet)")
-    if frame.empty:
-        raise DataError(str(path), "no rows (empty table)")
-    return frame
-
-
-def plain(value: Any) -> Any:
-    """A numpy scalar as the Python value it holds, so messages read ``2555.0``, not ``np.float64(2555.0)``."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _jagged_row_hash(jag: Jagged) -> npt.NDArray[np.uint64]:
@@ -306,76 +278,16 @@ class TabularDataset:
     def _categorical(self, spec: FeatureSpec, raw_values: npt.NDArray[Any], lengths: IntArray) -> Jagged:
         table = self.schema.table(spec.table)
         offsets = offsets_from_lengths(lengths)
+        mapped = table_ids(raw_values, spec, table, self.source, self.vocabularies.get(table.name), offsets)
         if table.name in self.vocabularies:
-            ids = self.vocabularies[table.name].lookup(raw_values)
-            self.report.vocab_oov[spec.name] = int((ids == 0).sum())
-            return Jagged(ids, offsets)
-        return Jagged(self._as_ids(raw_values, offsets, spec, table), offsets)
+            self.report.vocab_oov[spec.name] = mapped.unknown
+        elif table.hash:
+            self.report.hashed_ids[spec.name] = mapped.hashed
+        return Jagged(mapped.ids, offsets)
 
     def _flatten(self, column: pd.Series, spec: FeatureSpec) -> tuple[npt.NDArray[Any], IntArray]:
-        """Flat values and per-row lengths of a scalar or list-valued column."""
-        if not spec.multi_valued:
-            values = column.to_numpy()
-            if values.dtype == object:
-                listy = np.fromiter((not pd.api.types.is_scalar(v) for v in values), dtype=bool, count=len(values))
-                if listy.any():
-                    raise DataError(
-                        self.source,
-                        "holds a list; set multi_valued: true on this feature",
-                        int(listy.argmax()),
-                        spec.column,
-                    )
-                texts = np.fromiter((looks_like_list(v) for v in values), dtype=bool, count=len(values))
-                if texts.any():
-                    row = first_true(texts)
-                    raise DataError(
-                        self.source,
-                        f"holds a list written as text ({values[row]!r}); set multi_valued: true on this feature",
-                        row,
-                        spec.column,
-                    )
-            missing = pd.isna(values)
-            # A vocab table maps a missing value to row 0 (counted in the report); elsewhere it is an error.
-            if missing.any() and self.schema.table(spec.table).vocab_spec is None:
-                raise DataError(self.source, "missing id", row=first_true(missing), column=spec.column)
-            return values, np.ones(len(column), dtype=np.int64)
-        # An absent list is an empty one (e.g. a user with no history yet); text cells are parsed (see lists.py).
-        return flatten_lists(column.to_numpy(), spec.separator, self.source, spec.column)
-
-    def _as_ids(self, values: npt.NDArray[Any], offsets: IntArray, spec: FeatureSpec, table: TableSpec) -> IntArray:
-        hashed, num_embeddings = table.hash, table.num_embeddings
-        if hashed:
-            self.report.hashed_ids[spec.name] = len(values)
-            return hash_ids(values, num_embeddings)  # shared with serving: the same rows at inference
-        if values.dtype.kind in "iu":
-            ids = values.astype(np.int64)
-        else:
-            numeric = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
-            bad = np.isnan(numeric) | (numeric != np.floor(numeric))
-            if bad.any():
-                j = first_true(bad)
-                raise DataError(
-                    self.source,
-                    f"id {plain(values[j])!r} is not an integer (set vocab: true on table {spec.table!r} to map "
-                    "its values to ids)",
-                    row=row_of(offsets, j),
-                    column=spec.column,
-                )
-            ids = numeric.astype(np.int64)
-        if len(ids):
-            if (ids < 0).any():
-                j = first_true(ids < 0)
-                raise DataError(self.source, f"negative id {ids[j]}", row=row_of(offsets, j), column=spec.column)
-            if (ids >= num_embeddings).any():
-                j = first_true(ids >= num_embeddings)
-                raise DataError(
-                    self.source,
-                    f"id {ids[j]} is outside table {spec.table!r} of {num_embeddings} rows "
-                    "(grow num_embeddings, or set vocab: true on the table)",
-                    row=row_of(offsets, j),
-                    column=spec.column,
-                )
-        return ids
+        """Flat values and per-row lengths of a scalar or list-valued column (:func:`feature_values`)."""
+        return feature_values(column.to_numpy(), spec, self.schema.table(spec.table), self.source)
 
     def _check_per_group(self, spec: FeatureSpec) -> None:
         """Rows of a group must agree on a per-group feature, since only the group's first row is kept."""

@@ -425,7 +425,7 @@ def infer_command(
     item: str | None = None,
 ) -> str:
     """The commented schema YAML for the table file at ``table`` (CSV, TSV or parquet)."""
-    from supermoe_rec.data.dataset import read_table
+    from supermoe_rec.data.features import read_table
 
     frame = read_table(table)
     labels = [part for spec in labels for part in spec.split(",") if part]

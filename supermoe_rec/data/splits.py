@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from supermoe_rec.config.experiment import ConfigError, DataConfig, TaskType
 from supermoe_rec.config.tasks import TaskSpec
-from supermoe_rec.data.dataset import TabularDataset, read_table
+from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.errors import DataError
+from supermoe_rec.data.features import read_table
 from supermoe_rec.data.movielens import MovieLens, fetch_movielens
 from supermoe_rec.data.protocol import SPLITS, build_ml_mt
 from supermoe_rec.data.schema import Schema

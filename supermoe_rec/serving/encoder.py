@@ -19,9 +19,10 @@ Input (``events``, a DataFrame in the schema's columns), in either of two shapes
   user's history is their items ordered by timestamp (stable), the last ``max_history`` kept; the profile comes
   from their last event.
 
-Ids are mapped as in training: ``vocab`` tables through the run's vocabulary (unknown values to row 0, counted),
-``hash`` tables hashed into range (counted), other tables must hold integer ids inside the table (else the same
-:class:`~supermoe_rec.data.errors.DataError` as training, naming the row and column).
+Ids are mapped by training's own code (:mod:`supermoe_rec.data.features`): list cells parsed as training parses
+them, ``vocab`` tables through the run's vocabulary (unknown values to row 0, counted), ``hash`` tables hashed into
+range (counted), other tables must hold integer ids inside the table (else the same
+:class:`~supermoe_rec.data.errors.DataError` as training, naming the column, and the row where it is known).
 
 Routing: every MoE router runs dropless, so a user's vector never depends on the users sharing its batch.
 """
@@ -44,6 +45,8 @@ import torch.nn.functional as F
 
 from supermoe_rec.config.experiment import Arch, ModelConfig, from_dict
 from supermoe_rec.data.errors import DataError, first_true
+from supermoe_rec.data.features import feature_values, table_ids
+from supermoe_rec.data.jagged import offsets_from_lengths
 from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSide, FeatureSpec, Schema
 from supermoe_rec.models.layout import FeatureLayout
 from supermoe_rec.models.supermoe import SuperMoEOverArch
@@ -313,42 +316,18 @@ class UserEncoder:
     def map_ids(
         self, values: npt.NDArray[Any], spec: FeatureSpec, source: str, counts: Encoded | None = None
     ) -> IntArray:
-        """Table rows of raw ``values`` of feature ``spec``, as training maps them (see the module docstring)."""
+        """Table rows of raw ``values`` of feature ``spec`` by training's mapping
+        (:func:`~supermoe_rec.data.features.table_ids`: the run's vocabulary, hashing, or integer ids inside the
+        table; the same errors). Unknown and hashed values are added to ``counts``."""
         table = self.schema.table(spec.table)
-        if table.name in self.vocabularies:
-            rows = np.asarray(self.vocabularies[table.name].lookup(values), dtype=np.int64)
-            if counts is not None:
-                counts.unknown_ids[spec.name] = counts.unknown_ids.get(spec.name, 0) + int((rows == 0).sum())
-            return rows
-        if table.hash:
-            from supermoe_rec.data.vocab import hash_ids  # the rows training hashes to (values as their text)
-
-            if counts is not None:
-                counts.hashed_ids[spec.name] = counts.hashed_ids.get(spec.name, 0) + len(values)
-            return hash_ids(values, table.num_embeddings)
-        if values.dtype.kind in "iu":
-            ids = values.astype(np.int64)
-        else:
-            numeric = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
-            bad = np.isnan(numeric) | (numeric != np.floor(numeric))
-            if bad.any():
-                j = first_true(bad)
-                raise DataError(
-                    source,
-                    f"id {values[j]!r} is not an integer (set hash: true on table {spec.table!r} to hash it)",
-                    column=spec.column,
-                )
-            ids = numeric.astype(np.int64)
-        outside = (ids < 0) | (ids >= table.num_embeddings)
-        if outside.any():
-            j = first_true(outside)
-            raise DataError(
-                source,
-                f"id {ids[j]} is outside table {spec.table!r} of {table.num_embeddings} rows "
-                "(grow num_embeddings, or set hash: true on the table)",
-                column=spec.column,
-            )
-        return ids
+        vocabulary = self.vocabularies.get(table.name)
+        mapped = table_ids(values, spec, table, source, vocabulary)
+        if counts is not None:
+            if vocabulary is not None:
+                counts.unknown_ids[spec.name] = counts.unknown_ids.get(spec.name, 0) + mapped.unknown
+            elif table.hash:
+                counts.hashed_ids[spec.name] = counts.hashed_ids.get(spec.name, 0) + mapped.hashed
+        return mapped.ids
 
     # ------------------------------------------------------------------------------------------ user rows
 
@@ -390,12 +369,13 @@ class UserEncoder:
             np.maximum.at(last_rank, codes, rank)
             last = order[last_rank]  # each user's last row (by time)
         out: dict[str, Any] = {user_col: uniques}
-        for column in dict.fromkeys([*(f.column for f in profile), *(d.column for d in s.dense_features)]):
+        for column in dict.fromkeys(d.column for d in s.dense_features):
             out[column] = events[column].to_numpy()[last]
+        for spec in profile:
+            out[spec.column] = self._cells(events, spec, last, source)
         if per_user:
-            for column in dict.fromkeys(history_cols):
-                cells = events[column].to_numpy()[last]
-                out[column] = [self._as_list(v, column, source) for v in cells]
+            for spec in self.history_features:
+                out[spec.column] = self._cells(events, spec, last, source, keep_last=self.max_history)
         else:
             assert self.candidate_feature is not None
             by_user = order[np.argsort(codes[order], kind="stable")]  # grouped by user, in time order within
@@ -406,18 +386,6 @@ class UserEncoder:
                 out[column] = lists
         return pd.DataFrame(out)
 
-    def _as_list(self, cell: Any, column: str, source: str) -> list[Any]:
-        if isinstance(cell, str):
-            spec = next(f for f in self.history_features if f.column == column)
-            items: list[Any] = cell.split(spec.separator) if cell.strip() else []
-        elif cell is None or (pd.api.types.is_scalar(cell) and pd.isna(cell)):
-            items = []
-        elif pd.api.types.is_scalar(cell):
-            raise DataError(source, f"expected a list of ids, got {cell!r}", column=column)
-        else:
-            items = list(cell)
-        return items[-self.max_history :]
-
     # ------------------------------------------------------------------------------------------- lookups
 
     def _pool(self, spec: FeatureSpec, ids: Jagged) -> torch.Tensor:
@@ -426,15 +394,22 @@ class UserEncoder:
         weight = self.tables[spec.table]
         return F.embedding_bag(ids.values, weight, _offsets(ids.lengths)[:-1], mode=mode)
 
-    def _jagged(
-        self, lists: Sequence[Sequence[Any]] | npt.NDArray[Any], spec: FeatureSpec, source: str, counts: Encoded
-    ) -> Jagged:
-        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-        flat = [v for x in lists for v in x]
-        values = np.asarray(flat) if flat else np.zeros(0, dtype=np.int64)
-        if values.dtype == object:
-            inferred = pd.Series(flat).infer_objects().to_numpy()
-            values = inferred if inferred.dtype != object else values
+    def _cells(
+        self, events: pd.DataFrame, spec: FeatureSpec, rows: IntArray, source: str, keep_last: int | None = None
+    ) -> list[Any]:
+        """Feature ``spec``'s cells of events ``rows``, parsed and checked as training reads the column
+        (:func:`~supermoe_rec.data.features.feature_values`, so errors name the events row): a list of ids per row
+        for a list column (its last ``keep_last`` ids), the raw value otherwise."""
+        values, lengths = feature_values(events[spec.column].to_numpy(), spec, self.schema.table(spec.table), source)
+        if not spec.multi_valued:
+            return list(values[rows])
+        offsets = offsets_from_lengths(lengths)
+        starts = offsets[rows] if keep_last is None else np.maximum(offsets[rows], offsets[rows + 1] - keep_last)
+        return [list(values[a:b]) for a, b in zip(starts, offsets[rows + 1], strict=True)]
+
+    def _jagged(self, cells: npt.NDArray[Any], spec: FeatureSpec, source: str, counts: Encoded) -> Jagged:
+        """Table rows of one feature's cells (from :meth:`user_rows`), mapped as training maps them."""
+        values, lengths = feature_values(cells, spec, self.schema.table(spec.table), source)
         ids = self.map_ids(values, spec, source, counts) if len(values) else np.zeros(0, dtype=np.int64)
         return Jagged(torch.from_numpy(ids), torch.from_numpy(lengths))
 
@@ -458,12 +433,10 @@ class UserEncoder:
         profile = {}
         for spec in s.sparse_features:
             if spec.side is FeatureSide.USER:
-                column = users[spec.column].to_numpy()
-                profile[spec.name] = self._jagged(
-                    list(column) if spec.multi_valued else [[v] for v in column], spec, source, counts
-                )
+                profile[spec.name] = self._jagged(users[spec.column].to_numpy(), spec, source, counts)
         history = {
-            spec.name: self._jagged(list(users[spec.column]), spec, source, counts) for spec in self.history_features
+            spec.name: self._jagged(users[spec.column].to_numpy(), spec, source, counts)
+            for spec in self.history_features
         }
         dense = torch.zeros(len(users), len(s.dense_features))
         for j, d in enumerate(s.dense_features):

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from supermoe_rec.data.errors import DataError
+from supermoe_rec.data.features import read_table
 from supermoe_rec.objectives.ranking import top_k
 from supermoe_rec.serving.encoder import Encoded, UserEncoder
 
@@ -36,30 +37,6 @@ FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
 INDEXES = ("exact", "faiss")
-
-
-def read_events(path: str | Path) -> pd.DataFrame:
-    """A parquet or CSV table; a missing, empty or unknown-format file is a :class:`DataError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), "file not found")
-    if path.stat().st_size == 0:
-        raise DataError(str(path), "empty file")
-    if path.suffix in (".parquet", ".pq"):
-        try:
-            frame = pd.read_parquet(path)
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            raise DataError(str(path), f"not a readable parquet file ({exc})") from exc
-    elif path.suffix in (".csv", ".tsv"):
-        try:
-            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
-        except pd.errors.EmptyDataError as exc:
-            raise DataError(str(path), "empty file") from exc
-    else:
-        raise DataError(str(path), f"unknown table format {path.suffix!r} (use .parquet, .csv or .tsv)")
-    if frame.empty:
-        raise DataError(str(path), "no rows (empty table)")
-    return frame
 
 
 def _as_list_column(matrix: FloatArray) -> pa.ListArray:
@@ -96,7 +73,7 @@ def embed(
     """Encode every user of ``events`` with the artifact; write ``out`` (parquet). Returns a summary (users, M,
     unknown and hashed id counts per feature)."""
     encoder = UserEncoder.load(artifact)
-    frame = read_events(events)
+    frame = read_table(events)
     users = encoder.user_rows(frame, str(events))
     encoded = encoder.encode(users, batch_size=batch_size, source=str(events), progress=progress)
     history = encoder.history_features
@@ -115,7 +92,7 @@ def embed(
 
 def read_vectors(path: str | Path, column: str = "user") -> tuple[pd.DataFrame, FloatArray]:
     """The frame of a ``vectors.parquet`` and its ``column`` as a [U, M] float32 matrix."""
-    frame = read_events(path)
+    frame = read_table(path)
     if column not in frame.columns:
         raise DataError(str(path), f"missing column (columns are {list(frame.columns)})", column=column)
     cells = frame[column].to_numpy()
@@ -294,4 +271,4 @@ def retrieve_main(artifact: str, vectors: str, out: str, k: int, index: str, col
     return 0
 
 
-__all__ = ["FaissIndex", "embed", "read_events", "read_vectors", "retrieve", "topk_exact", "vectors_table"]
+__all__ = ["FaissIndex", "embed", "read_vectors", "retrieve", "topk_exact", "vectors_table"]

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from supermoe_rec.data.dataset import TabularDataset, read_table
+from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.errors import DataError
+from supermoe_rec.data.features import read_table
 from supermoe_rec.data.schema import Schema
 
 from .test_byo import SCHEMA, shop_frame

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from supermoe_rec.config.experiment import ConfigError, DataConfig
-from supermoe_rec.data.dataset import TabularDataset, read_table
+from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.errors import DataError
+from supermoe_rec.data.features import read_table
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.splits import SplitData, load_data
 

@@ -93,7 +93,7 @@ def test_infer_integer_ids_and_csv_lists(tmp_path: Path) -> None:
     frame["launch_year"] = [None if i % 5 == 0 else 1990 + i % 3 for i in range(len(frame))]  # CSV: floats, NaN
     path = tmp_path / "t.csv"
     frame.to_csv(path, index=False)
-    from supermoe_rec.data.dataset import read_table
+    from supermoe_rec.data.features import read_table
 
     inferred = infer_schema(read_table(path), ["click:binary"])
     tables = {t["name"]: t for t in inferred.values["tables"]}
