@@ -312,7 +312,7 @@ def test_training_and_serving_map_the_same_events_to_the_same_ids_and_vectors(
     [
         ("history", "[1 5000]", r"id 5000 is outside table 'item' of 1683 rows \(grow num_embeddings, or set vocab"),
         ("occupation", "x", r"id 'x' is not an integer \(set vocab: true on table 'occupation'"),
-        ("history", "[1 [2]", r"opens a list"),
+        ("history", "[1 2", r"opens a list with .\[. but does not close it"),
     ],
 )
 def test_training_and_serving_refuse_bad_ids_with_the_same_message(
