@@ -170,6 +170,11 @@ class TabularDataset:
         else:
             sizes = np.ones(len(order), dtype=np.int64)
         self.input_row: IntArray = order  # input row of each stored row, for error messages
+        # The generative layout (supermoe_rec.data.generative.regroup) sets these: the token each row is scored
+        # from [N], and the first next-items target token of each group [G]. None: the per-group layout.
+        self.position_index: IntArray | None = None
+        self.target_start: IntArray | None = None
+        self.group_lengths: IntArray | None = None  # items of each group's chunk
         self.group_offsets: IntArray = offsets_from_lengths(sizes.astype(np.int64))
 
         self.labels: FloatArray = labels[order]
@@ -412,19 +417,29 @@ class TabularDataset:
         sizes = self.group_offsets[groups + 1] - self.group_offsets[groups]
         rows = concat_ranges(self.group_offsets[groups], sizes)
         group_index = np.repeat(np.arange(len(groups), dtype=np.int64), sizes)
-        return self._assemble(rows, group_index, candidates)
+        return self._assemble(rows, group_index, candidates, groups)
 
     def batch(self, rows: IntArray, candidates: IntArray | None = None) -> Batch:
-        """A batch of arbitrary rows, each its own group (evaluation, export)."""
+        """A batch of arbitrary rows, each its own group (evaluation, export); per-group layout only."""
+        if self.position_index is not None:
+            raise ValueError(f"{self.source}: a generative dataset is batched by groups (batch_of_groups)")
         return self._assemble(np.asarray(rows, dtype=np.int64), np.arange(len(rows), dtype=np.int64), candidates)
 
-    def _assemble(self, rows: IntArray, group_index: IntArray, candidates: IntArray | None = None) -> Batch:
+    def _assemble(
+        self, rows: IntArray, group_index: IntArray, candidates: IntArray | None = None, groups: IntArray | None = None
+    ) -> Batch:
         leader = np.ones(len(rows), dtype=bool)
         leader[1:] = group_index[1:] != group_index[:-1]
         sequences = self._kjt(self.schema.sequence_features, rows, leader)
         if self.schema.next_items is not None:
             sequences = KeyedJaggedTensor.concat([sequences, spread_candidates(candidates, len(rows))])
+        position_index = target_start = None
+        if self.position_index is not None and self.target_start is not None and groups is not None:
+            position_index = torch.from_numpy(self.position_index[rows])
+            target_start = torch.from_numpy(self.target_start[groups])
         return Batch(
+            position_index=position_index,
+            target_start=target_start,
             sparse_features=self._kjt(self.schema.sparse_features, rows, leader),
             sequence_features=sequences,
             dense_features=torch.from_numpy(self.dense[rows]),

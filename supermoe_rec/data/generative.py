@@ -216,6 +216,7 @@ def regroup(
             out.features[name] = Jagged(jag.values[concat_ranges(starts_, lengths)], offsets_from_lengths(lengths))
     out.position_index = p_sorted - s_arr[row_chunk]
     out.target_start = a_arr - s_arr
+    out.group_lengths = b_arr - s_arr  # items per chunk: the loader batches chunks of similar length
     report = GenerativeReport(
         users=len(starts),
         chunks=len(s_arr),

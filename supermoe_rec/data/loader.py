@@ -17,6 +17,9 @@ from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.jagged import IntArray
 
+# Batches per length-sorted pool of the generative layout (see ShardedBatchLoader._plan).
+BUCKET_POOL = 16
+
 
 class ShardedBatchLoader:
     """Iterate over one rank's batches of a :class:`TabularDataset`.
@@ -87,8 +90,22 @@ class ShardedBatchLoader:
         sizes = self.dataset.group_sizes()
         max_rows = max(int(sizes[s].sum()) for s in shards)
         # Same batch count on every rank; never more batches than the smallest shard has groups.
-        n_batches = min(math.ceil(max_rows / self.batch_size), min(len(s) for s in shards))
-        return list(np.array_split(shards[self.rank], max(n_batches, 1)))
+        n_batches = max(min(math.ceil(max_rows / self.batch_size), min(len(s) for s in shards)), 1)
+        mine = shards[self.rank]
+        lengths = getattr(self.dataset, "group_lengths", None)
+        if lengths is None or not self.shuffle:
+            return list(np.array_split(mine, n_batches))
+        # Generative layout: a batch pads its chunks to the longest one, so chunks of similar length go together.
+        # Within each pool of BUCKET_POOL batches' worth of (shuffled) groups the groups are sorted by length, then
+        # the batches are shuffled: every epoch still mixes users, and padding shrinks.
+        per_batch = math.ceil(len(mine) / n_batches)
+        pool = BUCKET_POOL * per_batch
+        order = np.concatenate(
+            [p[np.argsort(lengths[p], kind="stable")] for p in np.array_split(mine, max(1, -(-len(mine) // pool)))]
+        )
+        batches = np.array_split(order, n_batches)
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        return [batches[i] for i in rng.permutation(len(batches))]
 
     def __len__(self) -> int:
         return len(self._plan())

@@ -22,6 +22,8 @@ from supermoe_rec.config.tasks import TaskSpec
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.features import read_table
+from supermoe_rec.data.generative import UserSequences
+from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.movielens import MovieLens, fetch_movielens
 from supermoe_rec.data.protocol import SPLITS, build_ml_mt
 from supermoe_rec.data.schema import Schema
@@ -43,6 +45,11 @@ class SplitData:
     split_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Per vocab table, the vocabulary built from the train split (saved with the run as vocab.json).
     vocabularies: dict[str, Vocabulary] = field(default_factory=dict)
+    # Sources that know every user's whole sequence (MovieLens protocols, item-sequence files) give it here, with
+    # each split's target positions per stored row: what the generative layout needs
+    # (:func:`supermoe_rec.data.generative.to_generative`). None for tables.
+    sequences: UserSequences | None = None
+    positions: dict[str, IntArray] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[TaskSpec]:
@@ -151,7 +158,14 @@ def from_sequences(cfg: DataConfig) -> SplitData:
         "items": out["num_items"],
         "interactions": int(sum(len(s) for s in seqs)),
     }
-    return SplitData(schema=schema, splits=splits, info=info, split_info=out["split_counts"])  # type: ignore[arg-type]
+    return SplitData(
+        schema=schema,
+        splits=splits,
+        info=info,
+        split_info=out["split_counts"],  # type: ignore[arg-type]
+        sequences=out["sequences"],  # type: ignore[arg-type]
+        positions={s: frames[s]["position"].to_numpy(np.int64)[ds.input_row] for s, ds in splits.items()},
+    )
 
 
 def from_movielens(ml: MovieLens, cfg: DataConfig) -> SplitData:
@@ -166,7 +180,14 @@ def from_movielens(ml: MovieLens, cfg: DataConfig) -> SplitData:
     info: dict[str, Any] = {"dataset": f"{ml.name}-mt", "source": ml.source, **ml.summary()}
     info["negatives_seed"] = cfg.seed
     info["max_history"] = cfg.max_history
-    return SplitData(schema=schema, splits=splits, info=info, split_info=out.split_counts)
+    return SplitData(
+        schema=schema,
+        splits=splits,
+        info=info,
+        split_info=out.split_counts,
+        sequences=out.sequences,
+        positions={s: out.frames[s]["position"].to_numpy(np.int64)[ds.input_row] for s, ds in splits.items()},
+    )
 
 
 def from_tables(cfg: DataConfig, vocabularies: Mapping[str, Vocabulary] | None = None) -> SplitData:

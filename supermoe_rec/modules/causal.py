@@ -31,6 +31,7 @@ position p is scored from token p, so one pass over a user's sequence serves eve
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -40,9 +41,18 @@ from torch import Tensor, nn
 from supermoe_rec.config.experiment import Arch, ModelConfig
 from supermoe_rec.modules.experts import DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer, MoEOutput
-from supermoe_rec.modules.transformer import AttentionImpl, EncoderBlock
+from supermoe_rec.modules.transformer import AttentionImpl, EncoderBlock, MultiHeadSelfAttention
 
-__all__ = ["CausalEncoderOutput", "CausalMoEEncoder", "TaskReadout", "band_mask", "read_positions"]
+__all__ = [
+    "CausalEncoderOutput",
+    "CausalMoEEncoder",
+    "CausalSelfAttention",
+    "TaskReadout",
+    "band_mask",
+    "local_attention",
+    "read_positions",
+    "reference_band_attention",
+]
 
 _TOKEN_INIT_STD = 0.02  # as the per-group encoder's token embeddings (measured there on ml100k)
 
@@ -72,6 +82,132 @@ def band_mask(num_tokens: int, window: int, start_bias: Tensor, distance_bias: T
     start = start_bias.view(H, 1).expand(H, S)  # (H, S): every query sees [START]
     mask = torch.cat([start.unsqueeze(2), mask[:, :, 1:]], dim=2)  # (H, S, S)
     return mask.unsqueeze(0)  # (1, H, S, S)
+
+
+def local_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, start_bias: Tensor, distance_bias: Tensor, queries_per_token: int = 1
+) -> Tensor:
+    """Band attention computed block by block: what :func:`band_mask` allows, at O(S W) instead of O(S²).
+
+    Tokens are cut into blocks of ``Bs = min(W, S)``; the queries of block b attend to the keys of blocks b - 1 and b
+    (under the band) and to ``[START]``, so each query scores 2 Bs + 1 keys whatever the sequence length.
+
+    Args:
+        q: ``[G, H, S * Q, Dh]`` queries, token-major (query ``s * Q + r`` belongs to token s).
+        k, v: ``[G, H, S, Dh]``.
+        window: W.
+        start_bias, distance_bias: ``[H]`` and ``[H, W]``, as :func:`band_mask`.
+        queries_per_token: Q.
+
+    Returns:
+        ``[G, H, S * Q, Dh]``.
+    """
+    G, H, S, Dh = k.shape
+    Q = queries_per_token
+    Bs = max(1, min(window, S))
+    nb = -(-S // Bs)
+    pad = nb * Bs - S
+    # One empty block before block 0 stands for "the previous block" of the first queries.
+    kb = F.pad(k, (0, 0, Bs, pad)).unfold(2, 2 * Bs, Bs).transpose(-1, -2)  # (G, H, nb, 2Bs, Dh)
+    vb = F.pad(v, (0, 0, Bs, pad)).unfold(2, 2 * Bs, Bs).transpose(-1, -2)  # (G, H, nb, 2Bs, Dh)
+    kb = torch.cat([k[:, :, None, :1].expand(G, H, nb, 1, Dh), kb], dim=3)  # (G, H, nb, 2Bs+1, Dh), [START] first
+    vb = torch.cat([v[:, :, None, :1].expand(G, H, nb, 1, Dh), vb], dim=3)
+    qb = F.pad(q, (0, 0, 0, pad * Q)).view(G, H, nb, Bs * Q, Dh)  # (G, H, nb, Bs*Q, Dh)
+
+    i = torch.arange(Bs, device=k.device)  # query token within its block
+    c = torch.arange(2 * Bs, device=k.device)  # key slot: token b*Bs - Bs + c
+    dist = Bs + i[:, None] - c[None, :]  # (Bs, 2Bs) query - key
+    key_token = torch.arange(nb, device=k.device)[:, None, None] * Bs - Bs + c[None, None, :]  # (nb, 1, 2Bs)
+    allowed = (dist >= 0) & (dist < window) & (key_token >= 1)  # (nb, Bs, 2Bs); token 0 is the [START] slot
+    bias = distance_bias[:, dist.clamp(0, window - 1)]  # (H, Bs, 2Bs)
+    neg_inf = torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device)
+    mask = torch.where(allowed[None], bias[:, None], neg_inf)  # (H, nb, Bs, 2Bs)
+    mask = torch.cat([start_bias.view(H, 1, 1, 1).expand(H, nb, Bs, 1), mask], dim=3)  # (H, nb, Bs, 2Bs+1)
+    if Q > 1:
+        mask = mask.repeat_interleave(Q, dim=2)  # (H, nb, Bs*Q, 2Bs+1)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.unsqueeze(0).to(q.dtype))  # (G, H, nb, Bs*Q, Dh)
+    return y.reshape(G, H, nb * Bs * Q, Dh)[:, :, : S * Q]
+
+
+def reference_band_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, start_bias: Tensor, distance_bias: Tensor, queries_per_token: int = 1
+) -> Tensor:
+    """The plain reference of :func:`local_attention`: the whole ``[S, S]`` band mask and an explicit softmax."""
+    S, Dh = k.shape[2], k.shape[3]
+    mask = band_mask(S, window, start_bias, distance_bias).repeat_interleave(queries_per_token, dim=2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(Dh) + mask  # (G, H, S*Q, S)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+class _BandBias(nn.Module):
+    """The learned biases of one attention: per head, one for ``[START]`` and one per distance in ``[0, W)``."""
+
+    def __init__(self, num_heads: int, window: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.window = window
+        self.start = nn.Parameter(torch.zeros(num_heads, device=device))  # (H,)
+        self.distance = nn.Parameter(torch.zeros(num_heads, window, device=device))  # (H, W)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.start)
+        nn.init.zeros_(self.distance)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, impl: AttentionImpl, queries_per_token: int = 1) -> Tensor:
+        """Band attention of ``q`` over ``k, v`` under these biases (:func:`local_attention` or its reference)."""
+        fn = local_attention if impl is AttentionImpl.SDPA else reference_band_attention
+        return fn(q, k, v, self.window, self.start, self.distance, queries_per_token)
+
+
+class CausalSelfAttention(MultiHeadSelfAttention):
+    """Multi-head self-attention under the causal band, with relative-position biases (see the module docstring).
+
+    No dropout on the attention probabilities: it cost as much as the attention itself on CPU, and the residual
+    dropout of the blocks stays.
+
+    Args:
+        d_model: M.
+        num_heads: heads; must divide M.
+        window: W.
+        impl: :class:`~supermoe_rec.modules.transformer.AttentionImpl`: ``SDPA`` runs :func:`local_attention`,
+            ``REFERENCE`` the full-mask softmax.
+        device: where the parameters live.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> attn = CausalSelfAttention(8, num_heads=2, window=3)
+        >>> attn(torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)).shape
+        torch.Size([2, 5, 8])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        window: int,
+        impl: AttentionImpl = AttentionImpl.SDPA,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(d_model, num_heads, dropout=0.0, impl=impl, device=device)
+        self.bias = _BandBias(num_heads, window, device=device)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "bias"):
+            self.bias.reset_parameters()
+
+    def forward(self, x: Tensor, key_valid: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """Attend under the band (``key_valid`` and ``attn_mask`` are unused: causality makes padding unreachable).
+
+        Returns:
+            ``[G, S, M]`` attention output after the output projection (no residual).
+        """
+        G, S, M = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(G, S, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (G, H, S, Dh)
+        y = self.bias.attend(q, k, v, self.impl)  # (G, H, S, Dh)
+        out: Tensor = self.out(y.transpose(1, 2).reshape(G, S, M))
+        return out
 
 
 class CausalEncoderOutput(NamedTuple):
@@ -106,24 +242,6 @@ def read_positions(values: Tensor, group_index: Tensor, position_index: Tensor) 
     return values[group_index, position_index]
 
 
-class _BandBias(nn.Module):
-    """The learned biases of one attention: per head, one for ``[START]`` and one per distance in ``[0, W)``."""
-
-    def __init__(self, num_heads: int, window: int, device: torch.device | None = None) -> None:
-        super().__init__()
-        self.window = window
-        self.start = nn.Parameter(torch.zeros(num_heads, device=device))  # (H,)
-        self.distance = nn.Parameter(torch.zeros(num_heads, window, device=device))  # (H, W)
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.start)
-        nn.init.zeros_(self.distance)
-
-    def forward(self, num_tokens: int) -> Tensor:
-        """Returns: ``[1, H, S, S]`` additive mask (:func:`band_mask`)."""
-        return band_mask(num_tokens, self.window, self.start, self.distance)
-
-
 class TaskReadout(nn.Module):
     """Per-task representations at every token: a task query attends causally, then a (task-routed) FFN.
 
@@ -140,6 +258,7 @@ class TaskReadout(nn.Module):
         window: W, as the encoder's.
         ffn: ``[N, M] -> [N, M]``, dense or MoE.
         device: where the parameters live.
+        impl: :class:`~supermoe_rec.modules.transformer.AttentionImpl` of the readout's attention.
 
     Example::
 
@@ -157,8 +276,10 @@ class TaskReadout(nn.Module):
         window: int,
         ffn: DenseFFN | MoELayer,
         device: torch.device | None = None,
+        impl: AttentionImpl = AttentionImpl.SDPA,
     ) -> None:
         super().__init__()
+        self.impl = AttentionImpl(impl)
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"num_heads must be >= 1 and divide d_model={d_model}, got {num_heads}")
         self.d_model, self.num_heads, self.num_tasks = d_model, num_heads, num_tasks
@@ -199,8 +320,7 @@ class TaskReadout(nn.Module):
         q = self.q(self.query_norm(states).unsqueeze(2) + self.task_queries)  # (G, S, T, M)
         q = q.view(G, S * T, H, Dh).transpose(1, 2)  # (G, H, S*T, Dh), query row s*T + k
         k, v = self.kv(self.key_norm(states)).view(G, S, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (G, H, S, Dh)
-        mask = self.bias(S).repeat_interleave(T, dim=2)  # (1, H, S*T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (G, H, S*T, Dh)
+        y = self.bias.attend(q, k, v, self.impl, queries_per_token=T)  # (G, H, S*T, Dh)
         y = self.out(y.transpose(1, 2).reshape(G, S, T, M))  # (G, S, T, M)
         r = states.unsqueeze(2) + y  # (G, S, T, M)
 
@@ -294,12 +414,21 @@ class CausalMoEEncoder(nn.Module):
         self.input_proj: nn.Linear | None = nn.Linear(input_dim, M, device=device) if input_dim != M else None
         slots = [(i + 1) % config.moe.moe_every == 0 for i in range(enc.num_layers)]
         self.blocks = nn.ModuleList(
-            EncoderBlock(M, enc.num_heads, ffn_for(slot), enc.dropout, attention_impl, device=device) for slot in slots
+            EncoderBlock(
+                M,
+                enc.num_heads,
+                ffn_for(slot),
+                enc.dropout,
+                device=device,
+                attention=CausalSelfAttention(M, enc.num_heads, max_history, impl=attention_impl, device=device),
+            )
+            for slot in slots
         )
-        self.biases = nn.ModuleList(_BandBias(enc.num_heads, max_history, device=device) for _ in slots)
         self.readout: TaskReadout | None = None
         if self.use_task_tokens:
-            self.readout = TaskReadout(M, enc.num_heads, num_tasks, max_history, ffn_for(slots[-1]), device=device)
+            self.readout = TaskReadout(
+                M, enc.num_heads, num_tasks, max_history, ffn_for(slots[-1]), device=device, impl=attention_impl
+            )
         self.final_norm = nn.LayerNorm(M, device=device)
         self._reset_own_parameters()
 
@@ -325,10 +454,9 @@ class CausalMoEEncoder(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise everything (e.g. after ``to_empty`` on a meta-built encoder)."""
         self._reset_own_parameters()
-        for block, bias in zip(self.blocks, self.biases, strict=True):
-            assert isinstance(block, EncoderBlock) and isinstance(bias, _BandBias)
+        for block in self.blocks:
+            assert isinstance(block, EncoderBlock)
             block.reset_parameters()
-            bias.reset_parameters()
         if self.readout is not None:
             self.readout.reset_parameters()
         self.final_norm.reset_parameters()
@@ -375,8 +503,8 @@ class CausalMoEEncoder(nn.Module):
         token_kinds = kinds.expand(G, S).reshape(G * S).index_select(0, real_index)  # (N,)
 
         moe_outs: list[MoEOutput] = []
-        for block, bias in zip(self.blocks, self.biases, strict=True):
-            x, moe_out = block(x, real, real_index, token_kinds, attn_mask=bias(S))  # (G, S, M)
+        for block in self.blocks:
+            x, moe_out = block(x, real, real_index, token_kinds)  # (G, S, M)
             if moe_out is not None:
                 moe_outs.append(moe_out)
         if self.readout is not None:

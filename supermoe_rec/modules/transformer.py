@@ -178,6 +178,8 @@ class EncoderBlock(nn.Module):
         dropout: residual and attention dropout in training (0 disables it; dropout costs ~15% of a CPU step).
         attention_impl: :class:`AttentionImpl`.
         device: where to allocate parameters (``meta`` for deferred init).
+        attention: the attention module, when not the bidirectional default (the causal encoder's band attention,
+            :class:`~supermoe_rec.modules.causal.CausalSelfAttention`).
 
     Example::
 
@@ -198,11 +200,12 @@ class EncoderBlock(nn.Module):
         dropout: float = 0.0,
         attention_impl: AttentionImpl = AttentionImpl.SDPA,
         device: torch.device | None = None,
+        attention: MultiHeadSelfAttention | None = None,
     ) -> None:
         super().__init__()
         self.dropout = dropout
         self.attn_norm = nn.LayerNorm(d_model, device=device)
-        self.attn = MultiHeadSelfAttention(d_model, num_heads, dropout, impl=attention_impl, device=device)
+        self.attn = attention or MultiHeadSelfAttention(d_model, num_heads, dropout, impl=attention_impl, device=device)
         self.ffn_norm = nn.LayerNorm(d_model, device=device)
         self.ffn = ffn
 

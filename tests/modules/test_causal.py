@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from supermoe_rec.config.experiment import Arch, EncoderConfig, ModelConfig, MoEConfig
-from supermoe_rec.modules.causal import CausalMoEEncoder, band_mask
+from supermoe_rec.modules.causal import (
+    CausalMoEEncoder,
+    band_mask,
+    local_attention,
+    reference_band_attention,
+)
 from supermoe_rec.modules.transformer import AttentionImpl
 
 W = 3  # a window shorter than the sequences, so the band matters
@@ -94,14 +99,29 @@ def test_a_chunk_with_the_receptive_field_as_context_equals_the_whole_pass() -> 
     assert (short.tasks[0, a - s - 1] - whole.tasks[0, a]).abs().max() > 1e-4
 
 
-def test_sdpa_and_reference_attention_agree_under_the_band_mask() -> None:
-    enc = _encoder(Arch.DENSE_TRANSFORMER).eval()
+@pytest.mark.parametrize("length", [2, 3, 7, 11])  # shorter than, equal to and longer than the window
+def test_blocked_local_attention_equals_the_full_band_mask(length: int) -> None:
+    g = torch.Generator().manual_seed(length)
+    H, Q = 2, 3
+    q = torch.randn(2, H, (1 + length) * Q, 4, generator=g)
+    k, v = torch.randn(2, 2, H, 1 + length, 4, generator=g)
+    start, dist = torch.randn(H, generator=g), torch.randn(H, W, generator=g)
+    fast = local_attention(q, k, v, W, start, dist, queries_per_token=Q)
+    ref = reference_band_attention(q, k, v, W, start, dist, queries_per_token=Q)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+
+
+def test_sdpa_and_reference_attention_agree_in_the_encoder() -> None:
+    enc = _encoder(Arch.SUPERMOE).eval()
     history, lengths, context = _batch()
     fast = enc(history, lengths, context)
     for block in enc.blocks:
         block.attn.impl = AttentionImpl.REFERENCE  # type: ignore[union-attr]
+    assert enc.readout is not None
+    enc.readout.impl = AttentionImpl.REFERENCE
     ref = enc(history, lengths, context)
     torch.testing.assert_close(fast.states, ref.states, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.tasks, ref.tasks, atol=1e-5, rtol=0)
 
 
 def test_band_mask_rows_are_never_empty() -> None:
