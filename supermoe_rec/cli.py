@@ -208,7 +208,7 @@ def _representation_command(args: argparse.Namespace, overrides: Sequence[str]) 
 
         return export_main(args.run, args.out, overrides)
     from supermoe_rec.evaluation.probe import main as probe_main
-    from supermoe_rec.evaluation.probe import suite_command
+    from supermoe_rec.evaluation.suite import suite_command
 
     if args.suite or args.suite_aggregate:
         return suite_command(

@@ -28,6 +28,7 @@ JOB_MODULES = (
     "supermoe_rec.evaluation.export",
     "supermoe_rec.distributed.planner",
     "supermoe_rec.evaluation.probe",
+    "supermoe_rec.evaluation.suite",
 )
 # Prefixes the building blocks (supermoe_rec.modules) must not import.
 FORBIDDEN_FROM_MODULES = ("supermoe_rec.distributed", *JOB_MODULES)

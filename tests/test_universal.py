@@ -18,7 +18,7 @@ from supermoe_rec.data.movielens import ML100K_GENRES, MovieLens
 from supermoe_rec.evaluation import downstream as universal
 from supermoe_rec.evaluation import retrieval
 from supermoe_rec.evaluation.plots import PNG_SIGNATURE
-from supermoe_rec.evaluation.probe import aggregate_suites
+from supermoe_rec.evaluation.suite import aggregate_suites
 from supermoe_rec.objectives.ranking import rank_metrics
 
 # ------------------------------------------------------------------------------------------- retrieval metrics
@@ -141,6 +141,22 @@ def test_popularity_is_the_train_count_and_matches_recbole(ml100k: MovieLens) ->
 
 
 # ------------------------------------------------------------------------------------------- downstream protocol
+
+
+def test_one_user_split_for_the_suite_and_the_probes() -> None:
+    # The suite: a 60/20/20 permutation. The probes: a stratified 70/30 split by the attribute.
+    suite = universal.split_users(10, seed=0)
+    assert (len(suite.train), len(suite.valid), len(suite.test), suite.stratified) == (6, 2, 2, False)
+    labels = np.array(["a"] * 30 + ["b"] * 10 + ["c"] * 2)
+    probe = universal.split_users(len(labels), seed=3, fractions=(0.7, 0.0, 0.3), labels=labels)
+    assert probe.stratified and len(probe.valid) == 0
+    assert sorted(np.concatenate([probe.train, probe.test]).tolist()) == list(range(len(labels)))
+    # Each class keeps its share among the 13 held-out users: 9 a, 3 b, 1 c.
+    assert {c: int((labels[probe.test] == c).sum()) for c in "abc"} == {"a": 9, "b": 3, "c": 1}
+    lonely = universal.split_users(5, seed=0, fractions=(0.6, 0.0, 0.4), labels=np.array(list("aabbc")))
+    assert not lonely.stratified  # class c has one user: a plain seeded split
+    with pytest.raises(ValueError, match="no valid users"):
+        universal.split_users(10, seed=0, labels=np.zeros(10))
 
 
 def test_the_chooser_never_receives_test_users() -> None:
@@ -294,7 +310,7 @@ def test_suite_tasks(ml100k: MovieLens) -> None:
     import dataclasses
 
     from supermoe_rec.config.experiment import DataConfig
-    from supermoe_rec.evaluation.probe import suite_tasks
+    from supermoe_rec.evaluation.suite import suite_tasks
 
     keys = np.arange(1, 944)
     tasks = suite_tasks(ml100k, DataConfig(), keys)

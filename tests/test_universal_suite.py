@@ -15,7 +15,7 @@ from supermoe_rec.config.experiment import load_config
 from supermoe_rec.data.movielens import MovieLens
 from supermoe_rec.evaluation import retrieval
 from supermoe_rec.evaluation.export import load_run_config, restore_model
-from supermoe_rec.evaluation.probe import (
+from supermoe_rec.evaluation.suite import (
     STAND_IN,
     _retrieval_template,
     item_scorer,

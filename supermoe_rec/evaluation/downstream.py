@@ -45,6 +45,7 @@ from sklearn.metrics import (  # type: ignore[import-untyped]
     r2_score,
     roc_auc_score,
 )
+from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
 from sklearn.multiclass import OneVsRestClassifier  # type: ignore[import-untyped]
 from sklearn.neural_network import MLPClassifier, MLPRegressor  # type: ignore[import-untyped]
 from sklearn.pipeline import make_pipeline  # type: ignore[import-untyped]
@@ -118,22 +119,46 @@ class Task:
 
 @dataclass(frozen=True)
 class UserSplit:
-    """Positions (into the suite's user order) of the train, valid and test users; disjoint, ascending."""
+    """Positions (into a user order) of the train, valid and test users; disjoint, ascending.
+
+    ``stratified``: whether the split kept each label's share (:func:`split_users` with ``labels``).
+    """
 
     train: IntArray
     valid: IntArray
     test: IntArray
+    stratified: bool = False
 
 
-def split_users(num_users: int, seed: int, fractions: Sequence[float] = SPLIT_FRACTIONS) -> UserSplit:
-    """One seeded permutation of the users, cut into train / valid / test by ``fractions`` (valid and test rounded).
+def split_users(
+    num_users: int,
+    seed: int,
+    fractions: Sequence[float] = SPLIT_FRACTIONS,
+    labels: npt.NDArray[Any] | None = None,
+) -> UserSplit:
+    """The one seeded split of users into train / valid / test positions, for the suite and the probes.
+
+    Without ``labels`` (the suite): one seeded permutation of the users, cut by ``fractions`` (valid and test
+    rounded). With ``labels`` (the probes: one attribute per user, no valid users): scikit-learn's
+    ``train_test_split`` with ``fractions[2]`` held out, stratified by the labels when every class has 2+ users.
 
     Example::
 
         >>> s = split_users(10, seed=0)
         >>> len(s.train), len(s.valid), len(s.test)
         (6, 2, 2)
+        >>> s = split_users(10, seed=0, fractions=(0.7, 0.0, 0.3), labels=np.array(list("aabbbaabba")))
+        >>> len(s.train), len(s.valid), len(s.test), s.stratified
+        (7, 0, 3, True)
     """
+    if labels is not None:
+        if fractions[1] != 0:
+            raise ValueError("a stratified split (labels given) has no valid users: fractions[1] must be 0")
+        stratified = bool(pd.Series(labels).value_counts().min() >= 2)
+        train, test = train_test_split(
+            np.arange(num_users), test_size=fractions[2], random_state=seed, stratify=labels if stratified else None
+        )
+        return UserSplit(np.sort(train), np.zeros(0, dtype=np.int64), np.sort(test), stratified)
     order = np.random.default_rng(seed).permutation(num_users).astype(np.int64)
     n_valid = round(fractions[1] * num_users)
     n_test = round(fractions[2] * num_users)
@@ -160,7 +185,7 @@ def future_tasks(
     genres: Sequence[str],
 ) -> list[Task]:
     """Tasks about each user's future after the vector's time (the ml-mt split: see
-    :mod:`supermoe_rec.evaluation.probe`).
+    :mod:`supermoe_rec.evaluation.suite`).
 
     A user's ratings are sorted by (timestamp, item_id) as the ml-mt protocol sorts them; the vector's time t0 is
     the timestamp of the user's last train rating, and the *next items* are the user's valid + test ratings (the
