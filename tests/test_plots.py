@@ -13,6 +13,8 @@ from supermoe_rec.evaluation.plots import (
     PNG_SIGNATURE,
     plot_expert_load,
     plot_routing_heatmap,
+    plot_scaling,
+    plot_suite_primary,
     plot_training_curves,
     primary_metric_name,
     row_normalise,
@@ -90,3 +92,35 @@ def test_routing_heatmap_png(tmp_path: Path) -> None:
     _check_png(plot_routing_heatmap(counts, labels, tmp_path / "heat.png"))
     with pytest.raises(ValueError, match="row labels"):
         plot_routing_heatmap(counts, labels[:-1], tmp_path / "bad.png")
+
+
+def test_scaling_png(tmp_path: Path) -> None:
+    def arm(params: float, speed: float, shared: int) -> dict[str, Any]:
+        return {
+            "params_total": params,
+            "samples_per_s": speed,
+            "shape": {"num_shared_experts": shared},
+            "tasks": {"watch": {"mean": 0.7, "std": 0.01, "metric": "auc"}},
+        }
+
+    summary = {"arms": {"dense": arm(1e6, 900.0, 0), "e4_s0_bias": arm(4e6, 700.0, 0), "e4_s1_bias": arm(4e6, 650, 1)}}
+    _check_png(plot_scaling(summary, tmp_path / "scaling.png"), min_width=600)  # a task panel and the speed panel
+
+
+def test_suite_primary_png(tmp_path: Path) -> None:
+    tasks = {"gender": {"type": "classes", "primary": "macro_f1"}, "active_30d": {"type": "binary", "primary": "auc"}}
+    scores = {"gender": {"linear_macro_f1": 0.6, "mlp_macro_f1": 0.55}, "active_30d": {"linear_auc": 0.7}}
+    result = {
+        "tasks": tasks,
+        "families": ["linear", "mlp"],
+        "embeddings": {"user": scores, "majority": scores},
+        "std": {"embeddings": {"user": {"gender": {"linear_macro_f1": 0.02}}}},
+    }
+    _check_png(plot_suite_primary(result, tmp_path / "suite.png"), min_width=600)
+
+
+def test_no_module_draws_through_pyplot() -> None:
+    """Every figure is drawn here, on the Agg canvas: no module of the package imports pyplot."""
+    package = Path(__file__).resolve().parents[1] / "supermoe_rec"
+    offenders = [str(p) for p in package.rglob("*.py") if "matplotlib.pyplot" in p.read_text(encoding="utf-8")]
+    assert not offenders, offenders

@@ -8,9 +8,10 @@ from typing import Any
 
 from supermoe_rec.config.experiment import Arch, ExperimentConfig, TaskType
 from supermoe_rec.config.tasks import TaskSpec
+from supermoe_rec.evaluation.plots import plot_scaling
 from supermoe_rec.modules.moe_recipe import active_params
 from supermoe_rec.studies.executor import RunSpec
-from supermoe_rec.studies.scale import WIN_STD, plan_arms, plot, render_markdown, summarize
+from supermoe_rec.studies.scale import WIN_STD, plan_arms, render_markdown, summarize
 
 
 def test_plan_arms_dense_then_every_shape_at_the_default_active_size() -> None:
@@ -57,5 +58,5 @@ def test_summary_verdicts_in_pooled_std_and_the_aim(tmp_path: Path) -> None:
     assert summary["aim"]["met_by"] == ["e4_s0_bias"]
     md = render_markdown(summary, seeds=2, command="supermoe-rec scale ...")
     assert "| e4_s0_bias | 4 | 1 |" in md and "wins: e4_s0_bias" in md and "met by e4_s0_bias" in md
-    plot(summary, tmp_path / "chart.png")
+    plot_scaling(summary, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000

@@ -27,7 +27,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -89,7 +88,6 @@ __all__ = [
     "future_tasks",
     "majority_scores",
     "mean_predictor_rmse",
-    "plot_primary",
     "score_model",
     "split_users",
     "tfidf_features",
@@ -437,47 +435,3 @@ def iter_metrics(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> Ite
         for task, metrics in tasks.items():
             for metric, value in metrics.items():
                 yield kind, task, metric, value
-
-
-# -------------------------------------------------------------------------------------------------------- chart
-
-
-def plot_primary(result: Mapping[str, Any], out_png: str | Path) -> Path:
-    """Bar chart of each task's primary metric per kind and family; error bars from ``result["std"]`` when present.
-
-    Drawn on a :class:`~matplotlib.figure.Figure` with the Agg canvas (no pyplot), as
-    :mod:`supermoe_rec.evaluation.plots`.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    tasks = list(result["tasks"])
-    kinds = list(result["embeddings"])
-    families = list(result.get("families", FAMILIES))
-    std = result.get("std", {}).get("embeddings", {})
-    cols = min(3, len(tasks))
-    rows = -(-len(tasks) // cols)
-    fig = Figure(figsize=(5.0 * cols, 3.6 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    width = 0.8 / len(families)
-    x = np.arange(len(kinds))
-    for i, task in enumerate(tasks):
-        ax = axes[i // cols][i % cols]
-        metric = PRIMARY[result["tasks"][task]["type"]]
-        for j, family in enumerate(families):
-            key = f"{family}_{metric}"
-            heights = [result["embeddings"][k].get(task, {}).get(key, np.nan) for k in kinds]
-            errors = [std.get(k, {}).get(task, {}).get(key, 0.0) for k in kinds] if std else None
-            ax.bar(x + (j - (len(families) - 1) / 2) * width, heights, width, yerr=errors, label=family, capsize=2)
-        ax.set_title(f"{task}: {metric}", fontsize=10)
-        ax.set_xticks(x, kinds, rotation=45, ha="right", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    for i in range(len(tasks), rows * cols):
-        axes[i // cols][i % cols].set_visible(False)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(result.get("title", "universality suite"), fontsize=11)
-    path = Path(out_png)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=110)
-    return path

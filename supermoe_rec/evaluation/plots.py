@@ -1,5 +1,6 @@
-"""PNG plots of a run (training curves, MoE expert load, per-token-kind routing) and of a comparison (MTL gain per
-task). Arrays in, PNG out.
+"""Every PNG the project draws: of a run (training curves, MoE expert load, per-token-kind routing), of a comparison
+(MTL gain per task), of the MoE scaling study (quality and speed against parameters) and of the universality suite
+(each task's primary metric per kind). Arrays or report dicts in, PNG out.
 
 Dimension letters: Λ MoE layers, E experts, T tasks (routing rows are ``[USER]``, the T task tokens, ``history``).
 
@@ -37,6 +38,8 @@ __all__ = [
     "plot_expert_load",
     "plot_gains",
     "plot_routing_heatmap",
+    "plot_scaling",
+    "plot_suite_primary",
     "plot_training_curves",
     "primary_metric_name",
     "row_normalise",
@@ -210,7 +213,6 @@ def plot_gains(report: Report, path: Path) -> None:
     archs = list(report["archs"])
     tasks = list(next(iter(report["archs"].values()))["tasks"])
     fig = Figure(figsize=(max(4.0, 1.2 + 0.9 * len(archs)) * len(tasks), 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, task in zip(axes, tasks, strict=True):
         entries = [report["archs"][a]["tasks"][task] for a in archs]
@@ -228,4 +230,79 @@ def plot_gains(report: Report, path: Path) -> None:
         ax.set_title(f"{task} ({entries[0]['metric'].upper()}: {direction})")
         ax.set_ylabel("MTL gain")
     fig.suptitle(f"MTL gain per task, mean ± std over {len(report['seeds'])} seed(s); above 0: multi-task helps")
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
+
+
+def plot_scaling(summary: Mapping[str, Any], out_png: str | Path) -> Path:
+    """Quality (one panel per task) against total parameters, and samples/s against total parameters beside it.
+
+    Args:
+        summary: the MoE scaling study's summary (:func:`supermoe_rec.studies.scale.summarize`).
+        out_png: the PNG to write.
+    """
+    arms = summary["arms"]
+    tasks = list(next(iter(arms.values()))["tasks"])
+    fig = Figure(figsize=(4.2 * (len(tasks) + 1), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(tasks) + 1, squeeze=False)
+    styles = {"aux_loss": "o", "bias": "s", "none": "^"}
+    for i, task in enumerate([*tasks, None]):
+        ax = axes[0][i]
+        for name, a in arms.items():
+            x = a["params_total"]
+            balance = name.rsplit("_", 1)[-1] if name != "dense" else None
+            marker = "*" if name == "dense" else styles.get(balance or "", "o")
+            shared = (a["shape"] or {}).get("num_shared_experts", 0)
+            color = "black" if name == "dense" else ("tab:orange" if shared else "tab:blue")
+            if task is None:
+                ax.scatter([x], [a["samples_per_s"]], marker=marker, color=color)
+            else:
+                c = a["tasks"][task]
+                ax.errorbar([x], [c["mean"]], yerr=[c["std"]], fmt=marker, color=color, capsize=2)
+            ax.annotate(name, (x, a["samples_per_s"] if task is None else a["tasks"][task]["mean"]), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("total parameters")
+        ax.set_title(
+            "train samples/s" if task is None else f"{task} ({arms[next(iter(arms))]['tasks'][task]['metric']})"
+        )
+    fig.suptitle(
+        "MoE scaling at fixed active parameters (blue: no shared expert, orange: 1 shared; o aux_loss, s bias)"
+    )
+    return _save(fig, out_png)
+
+
+def plot_suite_primary(result: Mapping[str, Any], out_png: str | Path) -> Path:
+    """Bar chart of each task's primary metric per kind and model family; error bars from ``result["std"]`` when
+    present.
+
+    Args:
+        result: a universality suite result (:func:`supermoe_rec.evaluation.suite.suite_run` or
+            :func:`~supermoe_rec.evaluation.suite.aggregate_suites`): ``tasks`` (each with its ``primary`` metric),
+            ``embeddings``, ``families`` and, for an aggregate, ``std``.
+        out_png: the PNG to write.
+    """
+    tasks = list(result["tasks"])
+    kinds = list(result["embeddings"])
+    families = list(result["families"])
+    std = result.get("std", {}).get("embeddings", {})
+    cols = min(3, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig = Figure(figsize=(5.0 * cols, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    width = 0.8 / len(families)
+    x = np.arange(len(kinds))
+    for i, task in enumerate(tasks):
+        ax = axes[i // cols][i % cols]
+        metric = result["tasks"][task]["primary"]
+        for j, family in enumerate(families):
+            key = f"{family}_{metric}"
+            heights = [result["embeddings"][k].get(task, {}).get(key, np.nan) for k in kinds]
+            errors = [std.get(k, {}).get(task, {}).get(key, 0.0) for k in kinds] if std else None
+            ax.bar(x + (j - (len(families) - 1) / 2) * width, heights, width, yerr=errors, label=family, capsize=2)
+        ax.set_title(f"{task}: {metric}", fontsize=10)
+        ax.set_xticks(x, kinds, rotation=45, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for i in range(len(tasks), rows * cols):
+        axes[i // cols][i % cols].set_visible(False)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(result.get("title", "universality suite"), fontsize=11)
+    return _save(fig, out_png)

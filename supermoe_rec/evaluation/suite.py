@@ -68,6 +68,7 @@ from supermoe_rec.evaluation.export import (
     restore_model,
     user_representations,
 )
+from supermoe_rec.evaluation.plots import plot_suite_primary
 from supermoe_rec.evaluation.probe import check_behaviour_only, item_bags, user_attributes
 from supermoe_rec.models.layout import FeatureLayout
 from supermoe_rec.models.supermoe import SuperMoEOverArch
@@ -638,7 +639,7 @@ def aggregate_suites(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUITE_JSON).write_text(json.dumps(out, indent=2) + "\n")
     (out_dir / SUITE_MD).write_text(suite_markdown(out, out["std"]) + f"\n![primary metrics]({SUITE_PNG})\n")
-    downstream.plot_primary(out, out_dir / SUITE_PNG)
+    plot_suite_primary(out, out_dir / SUITE_PNG)
     return out
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, load_config
 from supermoe_rec.config.tasks import TaskSpec
+from supermoe_rec.evaluation.plots import plot_scaling
 from supermoe_rec.modules.moe_recipe import ExpertShape, active_params, choose_expert_shape
 from supermoe_rec.studies.executor import RunSpec, check_counts, execute, make_run, read_test_metric
 from supermoe_rec.studies.seesaw import mean_std
@@ -201,44 +202,6 @@ def render_markdown(summary: Mapping[str, Any], seeds: int, command: str) -> str
     return "\n".join(lines)
 
 
-def plot(summary: Mapping[str, Any], path: Path) -> None:
-    """Quality (one panel per task) against total parameters, and samples/s against total parameters beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = summary["arms"]
-    tasks = list(next(iter(arms.values()))["tasks"])
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.6), squeeze=False)
-    styles = {"aux_loss": "o", "bias": "s", "none": "^"}
-    for i, task in enumerate([*tasks, None]):
-        ax = axes[0][i]
-        for name, a in arms.items():
-            x = a["params_total"]
-            balance = name.rsplit("_", 1)[-1] if name != "dense" else None
-            marker = "*" if name == "dense" else styles.get(balance or "", "o")
-            shared = (a["shape"] or {}).get("num_shared_experts", 0)
-            color = "black" if name == "dense" else ("tab:orange" if shared else "tab:blue")
-            if task is None:
-                ax.scatter([x], [a["samples_per_s"]], marker=marker, color=color)
-            else:
-                c = a["tasks"][task]
-                ax.errorbar([x], [c["mean"]], yerr=[c["std"]], fmt=marker, color=color, capsize=2)
-            ax.annotate(name, (x, a["samples_per_s"] if task is None else a["tasks"][task]["mean"]), fontsize=6)
-        ax.set_xscale("log")
-        ax.set_xlabel("total parameters")
-        ax.set_title(
-            "train samples/s" if task is None else f"{task} ({arms[next(iter(arms))]['tasks'][task]['metric']})"
-        )
-    fig.suptitle(
-        "MoE scaling at fixed active parameters (blue: no shared expert, orange: 1 shared; o aux_loss, s bias)"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def scale(
     config: str | Path,
     seeds: int = 2,
@@ -278,9 +241,9 @@ def scale(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SCALING_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / SCALING_MD).write_text(render_markdown(summary, seeds, summary["command"]))
-    plot(summary, out_dir / SCALING_PNG)
+    plot_scaling(summary, out_dir / SCALING_PNG)
     log.info("wrote %s", out_dir / SCALING_MD)
     return summary
 
 
-__all__ = ["Arm", "plan_arms", "plan_runs", "plot", "render_markdown", "scale", "summarize"]
+__all__ = ["Arm", "plan_arms", "plan_runs", "render_markdown", "scale", "summarize"]
