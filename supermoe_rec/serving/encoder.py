@@ -50,6 +50,7 @@ from supermoe_rec.data.jagged import offsets_from_lengths
 from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSide, FeatureSpec, Schema
 from supermoe_rec.models.layout import FeatureLayout
 from supermoe_rec.models.supermoe import SuperMoEOverArch
+from supermoe_rec.modules.causal import CausalMoEEncoder
 from supermoe_rec.modules.gating import TopKRouter
 from supermoe_rec.modules.towers import MultiTaskTowers
 from supermoe_rec.modules.transformer import MoETransformerEncoder
@@ -87,7 +88,8 @@ def build_over_arch(model: ModelConfig, schema: Schema, max_history: int) -> Sup
     tasks = schema.task_specs()
     dense = model.arch is Arch.DENSE_TRANSFORMER
     enc = model.encoder
-    encoder = MoETransformerEncoder(
+    encoder_cls = CausalMoEEncoder if enc.generative else MoETransformerEncoder
+    encoder = encoder_cls(
         model,
         num_tasks=len(tasks),
         input_dim=history_dims.pop() if history_dims else model.embedding_dim,
@@ -127,11 +129,24 @@ def make_dropless(module: torch.nn.Module) -> int:
 
 @dataclass
 class _Embeddings:
-    """Duck type of :class:`supermoe_rec.modules.embeddings.SparseOutput` (that module imports TorchRec)."""
+    """Duck type of :class:`supermoe_rec.modules.embeddings.SparseOutput` (that module imports TorchRec).
+
+    Serving pads each sequence feature itself, so ``padded`` selects rows of ``sequences``; ``values`` holds only
+    the next-items candidates, which are empty at inference.
+    """
 
     pooled: dict[str, torch.Tensor]
     sequences: dict[str, torch.Tensor]
     lengths: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def padded(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        padded = self.sequences[name]  # (B, L, D)
+        if rows is None:
+            return padded
+        picked = padded[rows]  # (R, L, D): trimmed to the chosen rows' longest, as SparseOutput.padded does
+        width = int(self.lengths[name][rows].max()) if len(rows) else 0
+        return picked[:, :width]
 
 
 @dataclass
@@ -146,6 +161,9 @@ class _NoIds:
     def values(self) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long)
 
+    def lengths(self) -> torch.Tensor:
+        return torch.zeros(self.rows, dtype=torch.long)
+
 
 @dataclass
 class _Rows:
@@ -155,6 +173,9 @@ class _Rows:
     dense_features: torch.Tensor
     labels: torch.Tensor
     sequence_features: dict[str, _NoIds] = field(default_factory=dict)
+    # Serving encodes each user's whole history and reads the state after it (the per-group layout).
+    position_index: torch.Tensor | None = None
+    target_start: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -506,12 +527,14 @@ class UserEncoder:
             group_index=group_index, dense_features=users.dense[group_index], labels=torch.zeros(B, len(s.tasks))
         )
         next_table = s.next_items_table()
+        candidates: dict[str, torch.Tensor] = {}
         if next_table is not None:  # the next-items head reads its candidates too: none at inference
             width = self.tables[next_table.name].shape[1]
             sequences[ITEM_CANDIDATES] = torch.zeros(B, 0, width)
             lengths[ITEM_CANDIDATES] = torch.zeros(B, dtype=torch.long)
+            candidates = {ITEM_CANDIDATES: torch.zeros(0, width)}
             rows_.sequence_features = {name: _NoIds(B) for name in (ITEM_CANDIDATES, s.next_items or "")}
-        out = self.over_arch(cast(Any, _Embeddings(pooled, sequences, lengths)), cast(Any, rows_))
+        out = self.over_arch(cast(Any, _Embeddings(pooled, sequences, lengths, candidates)), cast(Any, rows_))
         assert out.user is not None and out.task_representations is not None
         predictions = {name: out.predictions[name].reshape(G, K) for name in self.task_names}
         return out.user, out.task_representations, predictions
