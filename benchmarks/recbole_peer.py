@@ -189,7 +189,7 @@ def _deadline_s(deadline: str | None) -> float:
     """Seconds from now to the next ``HH:MM`` UTC (inf without one)."""
     if deadline is None:
         return float("inf")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     hh, mm = (int(x) for x in deadline.split(":"))
     end = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
     if end <= now:
@@ -320,7 +320,7 @@ def inner(args: argparse.Namespace) -> int:
             continue
         for row_name, row in run_model(name, args, budget_s):
             row["command"] = command
-            row["finished_utc"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            row["finished_utc"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             _write(args.out, row_name, row, header)
     return 0
 

@@ -7,6 +7,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
 PY=${PYTHON:-python3}
+# The one supported Python, as setup.cfg (python_requires), mypy and ruff state it.
+SUPPORTED_PYTHON=3.11
+
+python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo none; }
+if [[ -x "$VENV/bin/python" ]]; then
+  have=$(python_version "$VENV/bin/python")
+  where="$VENV/bin/python"
+else
+  have=$(python_version "$PY")
+  where=$PY
+fi
+if [[ "$have" != "$SUPPORTED_PYTHON" ]]; then
+  echo "bootstrap: $where is Python $have; supermoe-rec supports Python $SUPPORTED_PYTHON" \
+    "(run PYTHON=python$SUPPORTED_PYTHON scripts/bootstrap.sh, after removing $VENV if it was made by another)" >&2
+  exit 1
+fi
 
 if [[ -n "${SUPERMOE_STACK:-}" ]]; then
   stack=$SUPERMOE_STACK
