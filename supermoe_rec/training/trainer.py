@@ -228,8 +228,13 @@ def _early_stopping_value(cfg: ExperimentConfig, valid: dict[str, Any]) -> tuple
     if name == "loss":
         return float(valid["loss"]), False
     task, _, metric = name.partition(".")
+    if task == "next_item" and metric in valid.get("next_item", {}):
+        return float(valid["next_item"][metric]), True  # hr@K, ndcg@K, mrr@K: retrieval, higher is better
     if task not in valid["tasks"] or metric not in valid["tasks"][task]:
-        raise ConfigError(f"train.early_stopping_metric: {name!r} is not a valid metric (use loss or task.metric)")
+        raise ConfigError(
+            f"train.early_stopping_metric: {name!r} is not a valid metric (use loss, task.metric or, with the "
+            "next-items objective and a full softmax, next_item.ndcg@10 / hr@10 / mrr@10)"
+        )
     return float(valid["tasks"][task][metric]), metric in ("auc", "gauc")
 
 

@@ -16,7 +16,8 @@ gradient of the global loss, so compared with the 1-process run:
 
 The model is small and deterministic: no dropout, dropless MoE (capacity depends on the local token count) and no
 auxiliary losses (each rank adds its own balance/z loss, which is not the global one outside expert parallelism).
-Column-wise sharding needs embedding_dim >= 2 x 128 (TorchRec's minimum column shard) to give 2 shards.
+Column-wise sharding needs embedding_dim >= 2 x 128 (TorchRec's minimum column shard) to give 2 shards. The
+``+generative`` case trains the generative layout (one causal pass per user chunk) with the sampled joint objective.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ STEPS = 2
 SPARSE_LR = 1.0  # large enough that the table updates stand well above the tolerance
 TOL = 1e-5
 # Sharding type -> embedding dim: column_wise shards are >= 128 columns wide, so 256 gives one shard per rank.
-CASES = {"table_wise": 16, "column_wise": 256, "table_wise+next_items": 16}
+CASES = {"table_wise": 16, "column_wise": 256, "table_wise+next_items": 16, "table_wise+next_items+generative": 16}
 # The next-items case trains the [USER] vector too (joint), with the sampled softmax: the same sampled ids on every
 # rank plus in-batch negatives gathered from all ranks, logQ corrected (supermoe_rec/objectives/next_items.py).
 NEXT_ITEMS = [
@@ -49,6 +50,10 @@ NEXT_ITEMS = [
     "--train.next_items.softmax=sampled",
     "--train.next_items.num_sampled=64",
 ]
+# Generative training: one causal pass per user chunk, every position a target of the sampled next-items softmax and
+# of the towers; a step holds whole chunks (each with its rows), rank r of 2 gets chunks[r::2].
+GENERATIVE = ["--model.encoder.generative=true", "--data.next_window=1"]
+GENERATIVE_GROUPS_PER_STEP = 16
 SHARDED_TABLES = ("item", "user")  # sharded as the case says
 # Every other table is pinned too, so that 1 and 2 processes get the same plan (the planner alone picks
 # data_parallel for some small tables at one world size and table_wise at the other, and data-parallel tables are
@@ -67,7 +72,8 @@ OTHER_TABLES = {
 def _overrides(case: str) -> list[str]:
     sharding = case.split("+")[0]
     return [
-        *(NEXT_ITEMS if case.endswith("+next_items") else []),
+        *(NEXT_ITEMS if "+next_items" in case else []),
+        *(GENERATIVE if case.endswith("+generative") else []),
         "--model.encoder.num_layers=1",
         "--model.encoder.d_model=32",
         f"--model.embedding_dim={CASES[case]}",
@@ -95,9 +101,9 @@ def _initial_table(index: int, rows: int, dim: int) -> torch.Tensor:
     return torch.randn(rows, dim, generator=g) * 0.1
 
 
-def _step_groups(num_groups: int) -> list[np.ndarray]:
+def _step_groups(num_groups: int, per_step: int = GROUPS_PER_STEP) -> list[np.ndarray]:
     perm = np.random.default_rng(7).permutation(num_groups)
-    return [perm[k * GROUPS_PER_STEP : (k + 1) * GROUPS_PER_STEP] for k in range(STEPS)]
+    return [perm[k * per_step : (k + 1) * per_step] for k in range(STEPS)]
 
 
 def _is_table(key: str) -> bool:
@@ -112,6 +118,7 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
     """Build the trainer per sharding case, set identical tables, run STEPS pipeline steps; return what to compare."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+    from supermoe_rec.data.generative import apply_layout
     from supermoe_rec.data.splits import load_data
     from supermoe_rec.distributed.process_group import DistContext
     from supermoe_rec.training.trainer import build_trainer
@@ -121,8 +128,9 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
     for sharding in CASES:
         start = time.monotonic()
         cfg = apply_overrides(ExperimentConfig(data=data_cfg), _overrides(sharding))
-        data = load_data(cfg.data)
+        data = apply_layout(load_data(cfg.data), cfg)
         train = data.splits["train"]
+        per_step = GENERATIVE_GROUPS_PER_STEP if sharding.endswith("+generative") else GROUPS_PER_STEP
         trainer = build_trainer(cfg, ctx, data)
         dmp = trainer.dmp
 
@@ -152,7 +160,7 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
         source = trainer.loaders["train"].candidates
         batches = [
             train.batch_of_groups(g[rank::world_size], source(step) if source is not None else None)
-            for step, g in enumerate(_step_groups(train.num_groups))
+            for step, g in enumerate(_step_groups(train.num_groups, per_step))
         ]
         pipeline = TrainPipelineSparseDist(dmp, trainer.optimizer, ctx.device)
         iterator = iter(batches)
@@ -190,6 +198,7 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
             "dense": dense,
             "grads": grads,
             "plan": plan,
+            "generative": batches[0].position_index is not None,
             "seconds": time.monotonic() - start,
         }
     return results
@@ -226,7 +235,8 @@ def test_two_rank_dmp_matches_one_process(runs: dict[int, list[dict[str, Any]]],
         for table in SHARDED_TABLES:
             assert ranks[0]["plan"][table][1] == [0, 1], ranks[0]["plan"]
 
-    if sharding.endswith("+next_items"):  # the next-items loss is part of the total, and is itself global
+    assert ref["generative"] == ranks[0]["generative"] == sharding.endswith("+generative")  # the layout trained
+    if "+next_items" in sharding:  # the next-items loss is part of the total, and is itself global
         assert ref["next_items"] and ref["next_items"][0] > 0
         mean = sum(r["next_items"][0] for r in ranks) / W
         assert mean == pytest.approx(ref["next_items"][0], abs=TOL, rel=TOL)
