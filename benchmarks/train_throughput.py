@@ -22,6 +22,16 @@ Cases (each a row of the table):
 - ``world``: 1 process (all cores) or 2 processes (``torch.multiprocessing.spawn`` + gloo, 1 thread each, the
   per-rank batch size kept, as training does: samples/s counts the rows of all ranks).
 
+``--generative``: generative training against the per-group path, side by side on real ml100k. Cases: the
+``ml100k`` (configs/ml100k.yaml, ml100k-mt) and ``ml100k_universal`` (configs/ml100k_universal.yaml on RecBole's
+leave-one-out split) configs, each with ``grouping`` ``groups`` (one encoder pass per (user, position), batches of
+``--batch-size`` rows) and ``generative`` (``model.encoder.generative``: one causal pass per user chunk, batches of
+``--generative-batch-size`` rows), and ``plain_causal``: a plain-PyTorch causal transformer of the universal
+config's size (``nn.Embedding`` items, ``nn.TransformerEncoder`` with a causal mask, learned positions, the full
+softmax at every position, Adam; no TorchRec, no MoE) on the same generative batches. Every case also reports
+``targets_per_s``: positive rows per second (one next-item target or one positive sample each), the unit in which
+the per-group and generative paths compare.
+
 Timing: every case of a world is built first and warmed up; then ``--repeats`` rounds each time one window of
 ``--steps`` steps of every case in turn (interleaved, so a burst of load from other users hits all cases alike).
 Each case keeps its best window (slowest rank), because on the shared 2-core machines contention only ever adds
@@ -33,6 +43,7 @@ variants (self CPU time per op, inclusive time per pipeline stage) and the ops w
     python benchmarks/train_throughput.py --data ml100k --archs supermoe --worlds 1 --out runs/t.json
     python benchmarks/train_throughput.py --profile --data ml100k --worlds 1 --out runs/t.json  # + torch.profiler
     python benchmarks/train_throughput.py --quick --out /tmp/t.json  # smoke: tiny, seconds
+    python benchmarks/train_throughput.py --generative --threads 1 --out runs/bench_generative.json
 """
 
 from __future__ import annotations
@@ -60,9 +71,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from supermoe_rec.config.experiment import DataConfig, ExperimentConfig, apply_overrides
+from supermoe_rec.config.experiment import DataConfig, ExperimentConfig, apply_overrides, load_config
 from supermoe_rec.data.batch import Batch
 from supermoe_rec.data.dataset import TabularDataset
+from supermoe_rec.data.generative import apply_layout
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.schema import Schema
 from supermoe_rec.data.splits import SplitData, load_data
@@ -70,10 +82,12 @@ from supermoe_rec.data.synthetic import SyntheticStream, synthetic_schema
 from supermoe_rec.models.factory import build_model
 from supermoe_rec.models.supermoe import ModelOutput, SuperMoERec
 from supermoe_rec.modules.embeddings import EMBEDDING_INIT_STD, SparseOutput
+from supermoe_rec.objectives.next_items import CandidateSource, resolve_softmax
 from supermoe_rec.objectives.task_indicator import TaskIndicatorLoss
 
 ARCHS = ("supermoe", "dense_transformer", "mmoe")
 DATASETS = ("ml100k", "synthetic")
+UNIVERSAL = "ml100k_universal"  # configs/ml100k_universal.yaml on the leave-one-out split (the --generative cases)
 
 
 def load_average() -> float:
@@ -125,6 +139,7 @@ class Options:
 
     batch_size: int
     warmup: int
+    generative_batch_size: int
     steps: int
     repeats: int
     threads: int
@@ -156,13 +171,26 @@ def make_cases(
     return cases
 
 
+def generative_cases() -> list[Case]:
+    """``--generative``: each config per group and generative, and the plain causal twin (1 process)."""
+    return [
+        Case("ml100k"),
+        Case("ml100k", grouping="generative"),
+        Case(UNIVERSAL),
+        Case(UNIVERSAL, grouping="generative"),
+        Case(UNIVERSAL, impl="plain_causal", lookup="nn.Embedding", grouping="generative", sparse_optimizer="adam"),
+    ]
+
+
 def experiment_config(case: Case, opts: Options) -> ExperimentConfig:
     """The configs/ml100k.yaml model on the case's data, arch and sequence lookup."""
+    generative = case.grouping == "generative"
     overrides = [
         f"--model.arch={case.arch}",
         f"--model.sequence_lookup={case.lookup if case.impl == 'torchrec' else 'auto'}",
-        f"--train.batch_size={opts.batch_size}",
-        f"--train.sparse_optimizer={case.sparse_optimizer}",
+        f"--train.batch_size={opts.generative_batch_size if generative else opts.batch_size}",
+        f"--model.encoder.generative={str(generative).lower()}",
+        f"--train.sparse_optimizer={case.sparse_optimizer if case.impl == 'torchrec' else 'rowwise_adagrad'}",
         "--train.tensorboard=false",
         "--train.device=cpu",
         "--data.try_url=false",
@@ -173,6 +201,9 @@ def experiment_config(case: Case, opts: Options) -> ExperimentConfig:
             f"--data.synthetic_users={opts.synthetic_users}",
             f"--data.synthetic_items={opts.synthetic_items}",
         ]
+    if case.data == UNIVERSAL:
+        root = Path(__file__).resolve().parents[1]
+        return load_config(root / "configs" / "ml100k_universal.yaml", ["--data.leave_one_out=true", *overrides])
     return apply_overrides(ExperimentConfig(), overrides)
 
 
@@ -223,11 +254,17 @@ def make_batches(
         loader = ShardedBatchLoader(data.splits["train"], cfg.train.batch_size, rank, world, shuffle=True, seed=0)
         plan = loader._plan()  # the loader's own group shards, so both groupings see the same rows
         dataset = loader.dataset
-        for groups in plan[:count]:
+        table = data.schema.next_items_table()
+        source = None
+        if table is not None:  # the next-items objective's candidates, as the trainer's loader draws them
+            n = table.num_embeddings
+            source = CandidateSource(resolve_softmax(cfg.train.next_items, n), n, cfg.train.next_items.num_sampled)
+        for k, groups in enumerate(plan[:count]):
+            candidates = source(k) if source is not None else None
             if case.grouping == "rows":
-                batches.append(dataset.batch(dataset.rows_of_groups(groups)))
+                batches.append(dataset.batch(dataset.rows_of_groups(groups), candidates))
             else:
-                batches.append(dataset.batch_of_groups(groups))
+                batches.append(dataset.batch_of_groups(groups, candidates))
         if len(batches) < count:
             raise ValueError(f"ml100k: only {len(batches)} batches per rank, {count} needed")
     return batches, (time.perf_counter() - start) / max(1, count) * 1e3
@@ -331,6 +368,65 @@ class PlainTrainer:
         return batch.batch_size
 
 
+class PlainCausal(nn.Module):
+    """A plain-PyTorch causal transformer of the universal config's size, trained as SASRec with cross-entropy.
+
+    ``nn.Embedding`` items (width M), learned absolute positions, ``nn.TransformerEncoder`` (pre-LN, GELU, a causal
+    mask, M model width, the config's layers, heads and FFN width, no dropout), the full softmax over the item table
+    at every owned position of the generative batch: token k predicts the chunk's item k. No TorchRec, no MoE.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, schema: Schema) -> None:
+        super().__init__()
+        enc = cfg.model.encoder
+        table = schema.next_items_table()
+        assert table is not None, "the plain causal twin needs the next-items objective"
+        self.items = nn.Embedding(table.num_embeddings, enc.d_model)
+        self.start = nn.Parameter(torch.zeros(enc.d_model))
+        self.positions = nn.Embedding(cfg.data.chunk_length + 1, enc.d_model)
+        layer = nn.TransformerEncoderLayer(
+            enc.d_model, enc.num_heads, enc.ffn_hidden, dropout=0.0, activation="gelu", batch_first=True,
+            norm_first=True,
+        )  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, enc.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(enc.d_model)
+        for w in (self.items.weight, self.positions.weight):
+            nn.init.normal_(w, 0.0, EMBEDDING_INIT_STD)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        assert batch.target_start is not None
+        history = batch.sequence_features["history"]
+        lengths = history.lengths().long()
+        rows = lengths.nonzero().squeeze(1)  # the chunks' leader rows
+        ids = history.to_padded_dense(padding_value=0)[rows].long()  # (G, L)
+        G, L = ids.shape
+        x = torch.cat([self.start.expand(G, 1, -1), self.items(ids)], dim=1)  # (G, 1 + L, M)
+        x = x + self.positions.weight[: L + 1]
+        causal = nn.Transformer.generate_square_subsequent_mask(L + 1)
+        h = self.norm(self.encoder(x, mask=causal, is_causal=True))  # (G, 1 + L, M)
+        k = torch.arange(L + 1)[None, :]
+        owned = (k >= batch.target_start[:, None]) & (k < lengths[rows][:, None])  # tokens with a next item
+        g_idx, k_idx = owned.nonzero(as_tuple=True)
+        logits = h[g_idx, k_idx] @ self.items.weight.T  # (P, N)
+        return nn.functional.cross_entropy(logits, ids[g_idx, k_idx])
+
+
+class PlainCausalTrainer:
+    """forward, backward, Adam: the plain causal twin's training step."""
+
+    def __init__(self, cfg: ExperimentConfig, schema: Schema) -> None:
+        torch.manual_seed(cfg.train.seed)
+        self.model = PlainCausal(cfg, schema)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+
+    def progress(self, it: Iterator[Batch]) -> int:
+        batch = next(it)
+        self.opt.zero_grad(set_to_none=True)
+        self.model(batch).backward()
+        self.opt.step()
+        return batch.batch_size
+
+
 # -------------------------------------------------------------------------------------------------- running
 
 
@@ -413,7 +509,7 @@ def prepare_case(case: Case, opts: Options, rank: int, world: int, cache: dict[s
     cfg = experiment_config(case, opts)
     if case.data not in cache:
         cache[case.data] = synthetic_split_data(cfg.data) if case.data == "synthetic" else load_data(cfg.data)
-    data: SplitData = cache[case.data]
+    data: SplitData = apply_layout(cache[case.data], cfg)  # generative cases: chunks of users' sequences
     # Profile only the supermoe step variants (TorchRec vs plain, EC vs bags of one), to keep the output readable.
     profile_steps = opts.profile_steps if case.arch == "supermoe" and case.grouping == "groups" else 0
     count = opts.warmup + opts.steps * opts.repeats + profile_steps + 2  # +2: the pipeline reads ahead
@@ -426,6 +522,12 @@ def prepare_case(case: Case, opts: Options, rank: int, world: int, cache: dict[s
 
         def step() -> int:
             return plain.progress(it)
+
+    elif case.impl == "plain_causal":
+        causal = PlainCausalTrainer(cfg, data.schema)
+
+        def step() -> int:
+            return causal.progress(it)
 
     else:
         ctx = DistContext(rank, world, rank, torch.device("cpu"))
@@ -453,6 +555,9 @@ def prepare_case(case: Case, opts: Options, rank: int, world: int, cache: dict[s
         result["sharding"] = sharding
     result["assemble_ms"] = assemble_ms
     result["groups_per_step"] = float(np.mean([b.num_groups for b in batches]))
+    # Positive rows: one next-item target, or one positive sample with its negative, each.
+    positives = sum(float(((b.labels[:, 0] == 1) & (b.task_mask[:, 0] == 1)).sum()) for b in batches)
+    result["positive_fraction"] = positives / max(1, sum(b.batch_size for b in batches))
     for _ in range(opts.warmup):
         step()
     prepared = Prepared(case, step, result, profile_steps)
@@ -471,6 +576,7 @@ def measure(prepared: list[Prepared], opts: Options, world: int) -> None:
         seconds, rows = min(p.windows, key=lambda w: w[0] / w[1])
         p.result.update(
             samples_per_s=rows / seconds,
+            targets_per_s=rows / seconds * p.result["positive_fraction"],
             ms_per_step=seconds / opts.steps * 1e3,
             rows_per_step=rows / opts.steps,
             window_samples_per_s=[n / s for s, n in p.windows],
@@ -531,7 +637,8 @@ def _row_text(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"{r['label']:70s} ERROR {r['error']}"
     return (
-        f"{r['label']:62s} {r['samples_per_s']:9.0f} samples/s {r['ms_per_step']:8.1f} ms/step "
+        f"{r['label']:62s} {r['samples_per_s']:9.0f} samples/s {r['targets_per_s']:9.0f} targets/s "
+        f"{r['ms_per_step']:8.1f} ms/step "
         f"(G/step {r['groups_per_step']:.0f}, load {r['load_avg_1m']:.2f})"
     )
 
@@ -559,6 +666,10 @@ def add_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     datasets = dict.fromkeys(r["data"] for r in results)
     archs = dict.fromkeys(r["arch"] for r in results)
+    for d in datasets:  # generative against per-group: the same rows, so samples/s and targets/s ratios agree
+        ratio("generative/per-group", Case(d, grouping="generative"), Case(d))
+    twin = generative_cases()[-1]
+    ratio("generative/plain causal", Case(UNIVERSAL, grouping="generative"), twin)
     for world in (1, 2):
         for d in datasets:
             base = Case(d, world=world)
@@ -584,6 +695,8 @@ def main() -> None:
     parser.add_argument("--no-lookups", action="store_true", help="skip the EmbeddingCollection lookup cases")
     parser.add_argument("--no-grouping", action="store_true", help="skip the one-group-per-row case")
     parser.add_argument("--batch-size", type=int, default=512, help="rows per step per rank")
+    parser.add_argument("--generative", action="store_true", help="only the generative vs per-group cases (ml100k)")
+    parser.add_argument("--generative-batch-size", type=int, default=2048, help="rows per step of generative cases")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one window per case); the best counts")
@@ -602,6 +715,7 @@ def main() -> None:
         args.synthetic_users, args.synthetic_items, args.wait_s = 1000, 1000, 0
     opts = Options(
         batch_size=args.batch_size,
+        generative_batch_size=args.generative_batch_size,
         warmup=args.warmup,
         steps=args.steps,
         repeats=args.repeats,
@@ -612,6 +726,8 @@ def main() -> None:
         quick=args.quick,
     )
     cases = make_cases(args.data, args.archs, args.worlds, not args.no_plain, not args.no_lookups, not args.no_grouping)
+    if args.generative:
+        cases, args.worlds = generative_cases(), [1]
     load, waited = wait_for_quiet(args.max_load, args.wait_s)
     print(f"{len(cases)} cases, {os.cpu_count()} CPUs, load average {load:.2f} (waited {waited:.0f} s)", flush=True)
     started = time.perf_counter()

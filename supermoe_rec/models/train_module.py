@@ -83,8 +83,9 @@ class StepHead(nn.Module):
             else:
                 total = loss.total  # supervised: the next-items loss is measured, not trained
             loss = dataclasses.replace(loss, total=total, next_items=ni_loss.detach())
-            # Batches built without candidates (export, probes) carry no catalogue to rank against.
-            if self.next_items_loss.softmax is Softmax.FULL and ni.candidate_ids.numel():
+            # Batches built without candidates (export, probes) carry no catalogue to rank against; training steps
+            # skip the ranking (a second catalogue-wide scoring that only evaluation reports).
+            if not self.training and self.next_items_loss.softmax is Softmax.FULL and ni.candidate_ids.numel():
                 rank = catalogue_rank(ni)
         out.predictions = {k: v.detach() for k, v in out.predictions.items()}
         out.next_items = None  # the loss has read it: the step output keeps no graph
