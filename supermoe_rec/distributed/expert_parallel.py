@@ -1,13 +1,13 @@
-"""Expert parallelism: the E experts of an MoE layer split across the W ranks of a process group.
+"""Expert parallelism: the E experts of an MoE layer split across the P ranks of a process group.
 
-Dimension letters: N tokens (this rank's), N_g tokens over all ranks, D model dim, H expert hidden, E experts (all
-ranks), E_l = E / W experts per rank, W ranks in the expert group, K top-k, C capacity (slots per expert).
+Dimension letters: N tokens (this rank's), N_g tokens over all ranks, M model dim, H expert hidden, E experts (all
+ranks), E_l = E / P experts per rank, P ranks in the expert group, K top-k, C capacity (slots per expert).
 
 **Layout.** Rank r holds experts ``[r*E_l, (r+1)*E_l)`` (:func:`local_expert_range`). Routing stays local: every
-rank routes its own tokens with its replica of the router and scatters them into the usual ``[E, C, D]`` buffer
+rank routes its own tokens with its replica of the router and scatters them into the usual ``[E, C, M]`` buffer
 (:meth:`~supermoe_rec.modules.experts.BatchedExperts.dispatch`). Because the experts are ordered by owner, that
-buffer is already ``[W, E_l, C, D]``, block w being what rank w must receive. One ``all_to_all`` delivers to each
-rank ``[W, E_l, C, D]`` (its E_l experts' slots from every rank), the experts run on ``[E_l, W*C, D]``, a second
+buffer is already ``[P, E_l, C, M]``, block w being what rank w must receive. One ``all_to_all`` delivers to each
+rank ``[P, E_l, C, M]`` (its E_l experts' slots from every rank), the experts run on ``[E_l, P*C, M]``, a second
 ``all_to_all`` sends the outputs home, and the combine is local. ``all_to_all_single`` needs one buffer shape on
 all ranks, so C is agreed with an ``all_reduce(MAX)``:
 
@@ -17,17 +17,17 @@ all ranks, so C is agreed with an ``all_reduce(MAX)``:
 
 **Gradient convention** (the one :class:`~supermoe_rec.objectives.task_indicator.TaskIndicatorLoss` uses). Each rank's
 loss is
-``L_r = W * (its share of the global loss)``, so ``mean_r L_r`` equals the single-process loss ``L`` on the
+``L_r = P * (its share of the global loss)``, so ``mean_r L_r`` equals the single-process loss ``L`` on the
 concatenated batch, and DDP's gradient *average* of the replicated (dense, router) parameters is the
 single-process gradient. The all-to-alls here are autograd functions whose backward is the reverse all-to-all, so
-rank r's backward computes, for every tensor it owns, the gradient of ``sum_s L_s = W * L``:
+rank r's backward computes, for every tensor it owns, the gradient of ``sum_s L_s = P * L``:
 
-- activations (e.g. the layer input x): ``W * dL/dx``, as in any data-parallel run under this convention;
-- replicated parameters: ``W * dL/dθ`` restricted to the rank's own tokens; DDP's average over the W ranks gives
+- activations (e.g. the layer input x): ``P * dL/dx``, as in any data-parallel run under this convention;
+- replicated parameters: ``P * dL/dθ`` restricted to the rank's own tokens; DDP's average over the P ranks gives
   exactly ``dL/dθ``;
-- expert parameters: ``W * dL/dφ`` (all W ranks' tokens reach them) and they are *not* averaged by DDP (they are
+- expert parameters: ``P * dL/dφ`` (all P ranks' tokens reach them) and they are *not* averaged by DDP (they are
   not replicated, see :func:`expert_parallel_parameter_names`), so :class:`ExpertParallelExperts` multiplies their
-  gradient by ``1/W`` (an identity op on the weights with gradient ``g/W``, in ``compute``). Their gradient then
+  gradient by ``1/P`` (an identity op on the weights with gradient ``g/P``, in ``compute``). Their gradient then
   equals the single-process gradient of ``L``. (TorchRec's ``set_gradient_division(True)`` does the same for
   sharded embedding tables.) This requires the data-parallel group, the group whose size is the loss's
   ``world_size``, to be the expert group.
@@ -41,8 +41,8 @@ statistics (``tokens_per_expert``, ``dropped_fraction``, ``task_expert_counts``)
 
 **Collectives.** Forward and backward issue collectives, so every rank of the group must call the layer the same
 number of times, with the same arguments present (``task_ids`` given on all ranks or none), and back-propagate
-through it (a rank with no tokens passes an empty ``[0, D]`` input). Collectives in forward: two small
-``all_reduce`` (counts, capacity), one ``all_reduce`` of ``E+1`` floats, two ``all_to_all`` of ``E*C*D``; the same
+through it (a rank with no tokens passes an empty ``[0, M]`` input). Collectives in forward: two small
+``all_reduce`` (counts, capacity), one ``all_reduce`` of ``E+1`` floats, two ``all_to_all`` of ``E*C*M``; the same
 ``all_to_all`` and the ``E+1`` all-reduce again in backward.
 
 **Wiring.** :class:`~supermoe_rec.modules.moe.MoELayer` always builds all E experts; expert parallelism is applied
@@ -125,11 +125,11 @@ def all_to_all(x: Tensor, group: ProcessGroup | None = None) -> Tensor:
     """Differentiable ``all_to_all_single`` with equal splits along dim 0.
 
     Args:
-        x: ``[W * M, ...]``; block w (rows ``[w*M, (w+1)*M)``) goes to rank w.
+        x: ``[P * Q, ...]``; block w (rows ``[w*Q, (w+1)*Q)``) goes to rank w.
         group: process group (``None``: the default group).
 
     Returns:
-        ``[W * M, ...]``; block w came from rank w. Backward is the reverse exchange.
+        ``[P * Q, ...]``; block w came from rank w. Backward is the reverse exchange.
     """
     return cast(Tensor, _AllToAll.apply(x, group))  # type: ignore[no-untyped-call]
 
@@ -166,18 +166,18 @@ def all_reduce_sum_no_grad(x: Tensor, group: ProcessGroup | None = None) -> Tens
 
 
 def local_expert_range(num_experts: int, rank: int, world_size: int) -> range:
-    """Global ids of the experts that ``rank`` holds: ``[rank*E/W, (rank+1)*E/W)``.
+    """Global ids of the experts that ``rank`` holds: ``[rank*E/P, (rank+1)*E/P)``.
 
     Args:
         num_experts: E, all ranks together.
-        rank: r, in ``[0, W)``.
-        world_size: W, ranks in the expert group.
+        rank: r, in ``[0, P)``.
+        world_size: P, ranks in the expert group.
 
     Returns:
-        ``range`` of E/W expert ids.
+        ``range`` of E/P expert ids.
 
     Raises:
-        ValueError: E is not a positive multiple of W, or the rank is out of range.
+        ValueError: E is not a positive multiple of P, or the rank is out of range.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
@@ -191,28 +191,28 @@ def local_expert_range(num_experts: int, rank: int, world_size: int) -> range:
 
 
 class ExpertParallelExperts(BatchedExperts):
-    """This rank's E/W experts of an expert-parallel MoE layer; tokens reach them through all-to-alls.
+    """This rank's E/P experts of an expert-parallel MoE layer; tokens reach them through all-to-alls.
 
-    Dimension letters: N tokens (this rank's), D model dim, H expert hidden, E experts (all ranks), E_l = E/W local
-    experts, W ranks, C capacity.
+    Dimension letters: N tokens (this rank's), M model dim, H expert hidden, E experts (all ranks), E_l = E/P local
+    experts, P ranks, C capacity.
 
     A :class:`~supermoe_rec.modules.experts.BatchedExperts` whose parameters hold only the local experts
-    (``w1 [E_l, D, H]``, ``b1 [E_l, H]``, ``w2 [E_l, H, D]``, ``b2 [E_l, D]``), under the same names, so a
+    (``w1 [E_l, M, H]``, ``b1 [E_l, H]``, ``w2 [E_l, H, M]``, ``b2 [E_l, M]``), under the same names, so a
     single-process state dict maps onto it by slicing dim 0 (:meth:`from_experts` does exactly that).
     ``num_experts`` is E_l; ``global_num_experts`` is E; ``expert_offset`` is the global id of local expert 0.
 
-    Init draws the full ``[E, ...]`` weights and keeps this rank's slice, so with the same seed the W-rank layer
+    Init draws the full ``[E, ...]`` weights and keeps this rank's slice, so with the same seed the P-rank layer
     holds exactly the experts of the 1-rank layer (and ranks seeded alike do not hold copies of each other's
     experts). That costs one transient full-size tensor per weight at init; a model too big for that should be
     built on ``meta`` and loaded from a sharded checkpoint.
 
     The forward is always the batched path (the per-expert ``REFERENCE`` loop has no buffers to exchange; the
-    single-process layer is the reference). Expert gradients are scaled by ``1/W`` (see the module docstring).
+    single-process layer is the reference). Expert gradients are scaled by ``1/P`` (see the module docstring).
 
     Args:
-        d_model: D.
+        d_model: M.
         hidden: H.
-        num_experts: E, the total over all ranks; must be divisible by W.
+        num_experts: E, the total over all ranks; must be divisible by P.
         group: the expert process group (``None``: the default group). ``torch.distributed`` must be initialised.
         impl: must be :attr:`ExpertImpl.FAST`.
         device: where to allocate the local weights (``meta`` for deferred init).
@@ -254,7 +254,7 @@ class ExpertParallelExperts(BatchedExperts):
         lo, hi = self.expert_offset, self.expert_offset + self.num_experts
         with torch.no_grad():
             for weight, fan_in in ((self.w1, self.d_model), (self.w2, self.hidden)):
-                full = weight.new_empty((self.global_num_experts, *weight.shape[1:]))  # (E, D, H) or (E, H, D)
+                full = weight.new_empty((self.global_num_experts, *weight.shape[1:]))  # (E, M, H) or (E, H, M)
                 nn.init.normal_(full, std=1.0 / math.sqrt(fan_in))
                 weight.copy_(full[lo:hi])
         nn.init.zeros_(self.b1)
@@ -288,39 +288,39 @@ class ExpertParallelExperts(BatchedExperts):
         return all_reduce_sum_no_grad(counts, self.group)
 
     def compute(self, buf: Tensor) -> Tensor:
-        """Run the local experts; their parameter gradients are scaled by ``1/W``.
+        """Run the local experts; their parameter gradients are scaled by ``1/P``.
 
         Args:
-            buf: ``[E_l, W*C, D]`` slots received from all ranks.
+            buf: ``[E_l, P*C, M]`` slots received from all ranks.
 
         Returns:
-            ``[E_l, W*C, D]`` expert outputs.
+            ``[E_l, P*C, M]`` expert outputs.
         """
         s = 1.0 / self.world_size
         w1, b1, w2, b2 = (scale_grad(p, s) for p in (self.w1, self.b1, self.w2, self.b2))
-        h = F.gelu(torch.baddbmm(b1.unsqueeze(1), buf, w1))  # (E_l, W*C, H)
-        return torch.baddbmm(b2.unsqueeze(1), h, w2)  # (E_l, W*C, D)
+        h = F.gelu(torch.baddbmm(b1.unsqueeze(1), buf, w1))  # (E_l, P*C, H)
+        return torch.baddbmm(b2.unsqueeze(1), h, w2)  # (E_l, P*C, M)
 
     def forward(self, x: Tensor, plan: DispatchPlan) -> Tensor:
         """Dispatch locally, exchange, run the local experts, exchange back, combine locally.
 
         Args:
-            x: ``[N, D]`` this rank's tokens (N may be 0).
+            x: ``[N, M]`` this rank's tokens (N may be 0).
             plan: this rank's :class:`~supermoe_rec.modules.gating.DispatchPlan` over all E experts, with the
                 capacity agreed by all ranks (:func:`globalize_router_output`).
 
         Returns:
-            ``[N, D]`` combined expert outputs (no residual); 0 for a token whose assignments were all dropped.
+            ``[N, M]`` combined expert outputs (no residual); 0 for a token whose assignments were all dropped.
         """
         if plan.num_experts != self.global_num_experts:
             raise ValueError(f"plan routes over {plan.num_experts} experts, layer has {self.global_num_experts}")
-        W, E_l, C, D = self.world_size, self.num_experts, plan.capacity, x.shape[1]
-        buf = self.dispatch(x, plan)  # (E, C, D) = (W*E_l, C, D): block w is for rank w's experts
-        recv = all_to_all(buf, self.group)  # (W*E_l, C, D): block w holds rank w's tokens for the local experts
-        recv = recv.view(W, E_l, C, D).transpose(0, 1).reshape(E_l, W * C, D)  # (E_l, W*C, D)
-        out = self.compute(recv)  # (E_l, W*C, D)
-        out = out.view(E_l, W, C, D).transpose(0, 1).reshape(W * E_l, C, D)  # (W*E_l, C, D): block w goes home
-        back = all_to_all(out, self.group)  # (E, C, D): this rank's slots, from every expert
+        P, E_l, C, M = self.world_size, self.num_experts, plan.capacity, x.shape[1]
+        buf = self.dispatch(x, plan)  # (E, C, M) = (P*E_l, C, M): block w is for rank w's experts
+        recv = all_to_all(buf, self.group)  # (P*E_l, C, M): block w holds rank w's tokens for the local experts
+        recv = recv.view(P, E_l, C, M).transpose(0, 1).reshape(E_l, P * C, M)  # (E_l, P*C, M)
+        out = self.compute(recv)  # (E_l, P*C, M)
+        out = out.view(E_l, P, C, M).transpose(0, 1).reshape(P * E_l, C, M)  # (P*E_l, C, M): block w goes home
+        back = all_to_all(out, self.group)  # (E, C, M): this rank's slots, from every expert
         return self.combine(back, plan, x.shape[0])
 
 
@@ -400,7 +400,7 @@ def parallelize_experts(model: nn.Module, group: ProcessGroup | None = None) -> 
     """Split the experts of every :class:`~supermoe_rec.modules.moe.MoELayer` in ``model`` over ``group``'s ranks.
 
     Each layer's ``experts`` (all E) is replaced, in place, by :meth:`ExpertParallelExperts.from_experts`: this
-    rank's E/W of the same weights. Call it on the built model before DMP/DDP wraps it; models without MoE layers
+    rank's E/P of the same weights. Call it on the built model before DMP/DDP wraps it; models without MoE layers
     are returned unchanged.
 
     Args:

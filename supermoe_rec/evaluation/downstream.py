@@ -1,6 +1,6 @@
 """The universality protocol: frozen user vectors, the same small downstream models for every kind of vector.
 
-Dimension letters: U users, F feature width, C classes or labels.
+Dimension letters: U users, F feature width, Y classes or labels.
 
 **Protocol** (RecSys Challenge 2025 style). Every kind of user vector is frozen and gets exactly the same
 downstream models, fitted per task:
@@ -101,7 +101,7 @@ class Task:
     Attributes:
         name: the task's name in the report.
         type: one of ``classes``, ``binary``, ``multilabel``, ``regression``.
-        y: [U] labels (strings for classes, 0/1 for binary, floats for regression) or [U, C] 0/1 for multi-label.
+        y: [U] labels (strings for classes, 0/1 for binary, floats for regression) or [U, Y] 0/1 for multi-label.
         description: one line for the report.
     """
 
@@ -297,7 +297,7 @@ def score_model(model: Any, task_type: str, x: Features, y: npt.NDArray[Any]) ->
         pred = np.asarray(model.predict(x), dtype=np.float64)
         return {"r2": float(r2_score(y, pred)), "rmse": float(np.sqrt(mean_squared_error(y, pred)))}
     if task_type == MULTILABEL:
-        proba = np.asarray(model.predict_proba(x), dtype=np.float64)  # (U, C)
+        proba = np.asarray(model.predict_proba(x), dtype=np.float64)  # (U, Y)
         aucs = [_auc(y[:, c], proba[:, c]) for c in range(y.shape[1])]
         scored = [a for a in aucs if not np.isnan(a)]
         return {"mean_auc": float(np.mean(scored)) if scored else float("nan"), "labels_scored": float(len(scored))}

@@ -195,12 +195,12 @@ class MMoE(nn.Module):
 class _CGCLevel(nn.Module):
     """One Customized Gate Control level of PLE.
 
-    Dimension letters: B batch, F input features, H expert output width, S shared experts, K experts per task,
+    Dimension letters: B batch, F input features, H expert output width, E_s shared experts, E_t experts per task,
     T tasks.
 
-    Task t's gate reads task t's input and mixes ``[task t's K experts, the S shared experts]`` (in that order).
+    Task t's gate reads task t's input and mixes ``[task t's E_t experts, the E_s shared experts]`` (in that order).
     The shared gate, present on every level but the last, reads the shared input and mixes
-    ``[task 0's K experts, ..., task T-1's K experts, the S shared experts]``.
+    ``[task 0's E_t experts, ..., task T-1's E_t experts, the E_s shared experts]``.
     """
 
     def __init__(
@@ -232,15 +232,15 @@ class _CGCLevel(nn.Module):
         self, task_inputs: dict[str, torch.Tensor], shared_input: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, torch.Tensor], torch.Tensor | None]:
         """Returns (task outputs name -> [B, H], shared output [B, H] or None, task gates, shared gate weights)."""
-        shared_out = _run_experts(self.shared_experts, shared_input)  # S x (B, H)
-        task_out = {n: _run_experts(self.task_experts[n], task_inputs[n]) for n in self.task_names}  # K x (B, H)
+        shared_out = _run_experts(self.shared_experts, shared_input)  # E_s x (B, H)
+        task_out = {n: _run_experts(self.task_experts[n], task_inputs[n]) for n in self.task_names}  # E_t x (B, H)
         outputs: dict[str, torch.Tensor] = {}
         gates: dict[str, torch.Tensor] = {}
         for n in self.task_names:
             outputs[n], gates[n] = _mix(self.task_gates[n], task_inputs[n], task_out[n] + shared_out)
         if self.shared_gate is None:
             return outputs, None, gates, None
-        all_experts = [e for n in self.task_names for e in task_out[n]] + shared_out  # (T*K + S) x (B, H)
+        all_experts = [e for n in self.task_names for e in task_out[n]] + shared_out  # (T*E_t + E_s) x (B, H)
         shared_mix, shared_weights = _mix(self.shared_gate, shared_input, all_experts)
         return outputs, shared_mix, gates, shared_weights
 
@@ -248,22 +248,23 @@ class _CGCLevel(nn.Module):
 class PLE(nn.Module):
     """Progressive Layered Extraction: stacked CGC levels of shared and task-specific experts.
 
-    Dimension letters: B batch, F input features, H expert output width (``expert_hidden[-1]``), S shared experts
-    per level, K experts per task per level, T tasks.
+    Dimension letters: B batch, F input features, H expert output width (``expert_hidden[-1]``), E_s shared experts
+    per level, E_t experts per task per level, T tasks.
 
-    Every level has S shared experts and K experts of its own per task. Task t's gate reads task t's representation
-    from the previous level and mixes its own K experts with the S shared experts; the shared gate (every level but
-    the last) reads the shared representation and mixes all T·K + S experts, producing the next level's shared input.
+    Every level has E_s shared experts and E_t experts of its own per task. Task t's gate reads task t's
+    representation from the previous level and mixes its own E_t experts with the E_s shared experts; the shared gate
+    (every level but the last) reads the shared representation and mixes all T·E_t + E_s experts, producing the next
+    level's shared input.
     Level 0 feeds x to everything; later levels take inputs of width H. Explicitly separating task experts from shared
     ones is what lets tasks avoid pulling one representation in opposite directions (the seesaw phenomenon).
 
-    The last forward's gate weights are kept, detached: ``last_task_gates[level][task]`` is [B, K + S] and
-    ``last_shared_gates[level]`` is [B, T·K + S] (no entry for the last level).
+    The last forward's gate weights are kept, detached: ``last_task_gates[level][task]`` is [B, E_t + E_s] and
+    ``last_shared_gates[level]`` is [B, T·E_t + E_s] (no entry for the last level).
 
     Args:
         in_features: F.
-        num_shared_experts: S (may be 0 if ``num_task_experts`` > 0).
-        num_task_experts: K (may be 0 if ``num_shared_experts`` > 0).
+        num_shared_experts: E_s (may be 0 if ``num_task_experts`` > 0).
+        num_task_experts: E_t (may be 0 if ``num_shared_experts`` > 0).
         expert_hidden: widths of each expert MLP's layers (non-empty; each followed by the activation).
         tasks: the T tasks; their names key the gates and the output.
         num_levels: number of stacked CGC levels (1 is a single CGC).
@@ -280,7 +281,7 @@ class PLE(nn.Module):
         >>> out = model(torch.randn(4, 8))
         >>> out["like"].shape
         torch.Size([4, 16])
-        >>> model.last_task_gates[0]["like"].shape, model.last_shared_gates[0].shape  # K+S=3, T*K+S=4
+        >>> model.last_task_gates[0]["like"].shape, model.last_shared_gates[0].shape  # E_t+E_s=3, T*E_t+E_s=4
         (torch.Size([4, 3]), torch.Size([4, 4]))
     """
 

@@ -1,18 +1,18 @@
 """Expert FFNs stored as batched weights, plus the dense FFN twin used by ablations.
 
-Dimension letters: N tokens, D model dim, H expert hidden width, E experts, K top-k, C capacity (slots per expert).
+Dimension letters: N tokens, M model dim, H expert hidden width, E experts, K top-k, C capacity (slots per expert).
 
 :class:`BatchedExperts` runs the E two-layer GELU FFNs ``y = gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` on the
 tokens a :class:`~supermoe_rec.modules.gating.DispatchPlan` sends them, and combines the outputs weighted by the
 gates. Two implementations, selected by :class:`ExpertImpl`, must agree (outputs and gradients):
 
-- ``FAST``, with a capacity (the capacity path): scatter kept assignments into an ``[E, C, D]`` buffer, two
+- ``FAST``, with a capacity (the capacity path): scatter kept assignments into an ``[E, C, M]`` buffer, two
   ``torch.bmm`` calls, gather back. Work is ``E * C ~= capacity_factor * N * K`` rows, so compute per token depends
   on K, not on E.
 - ``FAST``, dropless (``plan.dropless``, the dropless fast path): the N*K assignments are sorted by expert and run
   as one grouped matmul over contiguous segments (:func:`grouped_backend` picks how): ``torch._grouped_mm`` on CUDA
   under bf16 (no padding); on CPU, where ``torch._grouped_mm``'s backward fails in torch 2.13, either the padded
-  ``[E, C_max, D]`` bmm (C_max the largest segment) or a loop of one ``addmm`` per non-empty segment, whichever
+  ``[E, C_max, M]`` bmm (C_max the largest segment) or a loop of one ``addmm`` per non-empty segment, whichever
   ``benchmarks/moe_layer.py`` measured faster for the shape (:data:`LOOP_MAX_EXPERTS`). The sorted rows are
   gathered and scattered by permutation functions whose backward is another permutation, so no ``index_add``
   runs in the backward.
@@ -49,12 +49,12 @@ class GroupedBackend(str, enum.Enum):
     """How the dropless fast path runs its grouped matmul (``BatchedExperts.grouped_backend``)."""
 
     AUTO = "auto"  # grouped_backend(): grouped_mm on CUDA under bf16, else loop for E <= LOOP_MAX_EXPERTS, else bmm
-    BMM = "bmm"  # padded [E, C_max, D] buffer and torch.bmm
+    BMM = "bmm"  # padded [E, C_max, M] buffer and torch.bmm
     LOOP = "loop"  # one addmm per non-empty expert segment
     GROUPED_MM = "grouped_mm"  # torch._grouped_mm (CUDA, bf16)
 
 
-# On the 2-core CPU dev machine (benchmarks/moe_layer.py, D=64, H=128, 4096 tokens, K=2) the segment loop beats the
+# On the 2-core CPU dev machine (benchmarks/moe_layer.py, M=64, H=128, 4096 tokens, K=2) the segment loop beats the
 # padded bmm up to this many experts; above it the loop's per-expert dispatch overhead dominates. See BENCHMARKS.md.
 LOOP_MAX_EXPERTS = 16
 
@@ -99,7 +99,7 @@ class _DispatchSorted(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (inverse,) = ctx.saved_tensors
         K = ctx.top_k
-        g = grad.index_select(0, inverse)  # (N*K, D) token-major
+        g = grad.index_select(0, inverse)  # (N*K, M) token-major
         return g.view(-1, K, g.shape[1]).sum(dim=1), None, None, None
 
 
@@ -119,20 +119,20 @@ class _Permute(torch.autograd.Function):
 
 def _init_ffn_weight(weight: Tensor, fan_in: int) -> None:
     # LeCun-normal (std = 1/sqrt(fan_in)): keeps activation variance roughly constant through each matmul at the
-    # small widths this project uses (D=64); a fixed std of 0.02 would shrink the FFN output ~10x at D=64.
+    # small widths this project uses (M=64); a fixed std of 0.02 would shrink the FFN output ~10x at M=64.
     nn.init.normal_(weight, std=1.0 / math.sqrt(fan_in))
 
 
 class BatchedExperts(nn.Module):
-    """E GELU FFN experts with batched weights ``w1 [E, D, H]``, ``b1 [E, H]``, ``w2 [E, H, D]``, ``b2 [E, D]``.
+    """E GELU FFN experts with batched weights ``w1 [E, M, H]``, ``b1 [E, H]``, ``w2 [E, H, M]``, ``b2 [E, M]``.
 
-    Dimension letters: N tokens, D model dim, H expert hidden, E experts, K top-k, C capacity.
+    Dimension letters: N tokens, M model dim, H expert hidden, E experts, K top-k, C capacity.
 
-    Init: weights normal with std ``1/sqrt(fan_in)`` (fan_in D for w1, H for w2), biases zero. The same init as
+    Init: weights normal with std ``1/sqrt(fan_in)`` (fan_in M for w1, H for w2), biases zero. The same init as
     :class:`DenseFFN`, so dense-vs-MoE ablations start alike.
 
     Args:
-        d_model: D.
+        d_model: M.
         hidden: H, hidden width of each expert.
         num_experts: E.
         impl: :class:`ExpertImpl` (``FAST`` batched bmm, or ``REFERENCE`` per-expert loop). Also settable later
@@ -170,10 +170,10 @@ class BatchedExperts(nn.Module):
         self.collect_stats = False
         self.last_activity: tuple[Tensor, int] | None = None  # (inactive count, hidden units seen) of the last call
         self._slot_used: Tensor | None = None  # (E, C) real slots of the current capacity-path call, for the stats
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden, device=device))  # (E, D, H)
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden, device=device))  # (E, M, H)
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden, device=device))  # (E, H)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model, device=device))  # (E, H, D)
-        self.b2 = nn.Parameter(torch.empty(num_experts, d_model, device=device))  # (E, D)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model, device=device))  # (E, H, M)
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model, device=device))  # (E, M)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -205,68 +205,68 @@ class BatchedExperts(nn.Module):
 
     @staticmethod
     def _kept_assignments(plan: DispatchPlan) -> tuple[Tensor, Tensor, Tensor]:
-        """Token index, buffer row (``e * C + position``) and gate of every kept assignment, each ``[M]``."""
+        """Token index, buffer row (``e * C + position``) and gate of every kept assignment, each ``[A]``."""
         K = plan.expert_index.shape[1]
-        kept = plan.kept.reshape(-1).nonzero().squeeze(1)  # (M,) flat n*K + k of kept assignments
-        token = torch.div(kept, K, rounding_mode="floor")  # (M,)
+        kept = plan.kept.reshape(-1).nonzero().squeeze(1)  # (A,) flat n*K + k of kept assignments
+        token = torch.div(kept, K, rounding_mode="floor")  # (A,)
         row = (plan.expert_index.reshape(-1) * plan.capacity + plan.position.reshape(-1)).index_select(0, kept)
-        gate = plan.gates.reshape(-1).index_select(0, kept)  # (M,)
+        gate = plan.gates.reshape(-1).index_select(0, kept)  # (A,)
         return token, row, gate
 
     def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tensor:
         """Scatter kept assignments into the expert buffer.
 
         Args:
-            x: ``[N, D]`` tokens.
+            x: ``[N, M]`` tokens.
             plan: the routing plan.
 
         Returns:
-            ``[E, C, D]`` buffer; unused slots are zero.
+            ``[E, C, M]`` buffer; unused slots are zero.
         """
-        E, C, D = plan.num_experts, plan.capacity, x.shape[1]
+        E, C, M = plan.num_experts, plan.capacity, x.shape[1]
         token, row, _ = self._kept_assignments(plan)
-        buf = x.new_zeros(E * C, D).index_copy(0, row, x.index_select(0, token))  # (E*C, D)
-        return buf.view(E, C, D)  # (E, C, D)
+        buf = x.new_zeros(E * C, M).index_copy(0, row, x.index_select(0, token))  # (E*C, M)
+        return buf.view(E, C, M)  # (E, C, M)
 
     def compute(self, buf: Tensor) -> Tensor:
         """Run every expert on its slots.
 
         Args:
-            buf: ``[E, C, D]`` dispatched tokens.
+            buf: ``[E, C, M]`` dispatched tokens.
 
         Returns:
-            ``[E, C, D]`` expert outputs (unused slots hold bias-only values that :meth:`combine` never reads).
+            ``[E, C, M]`` expert outputs (unused slots hold bias-only values that :meth:`combine` never reads).
         """
         pre = torch.baddbmm(self.b1.unsqueeze(1), buf, self.w1)  # (E, C, H)
         if self.collect_stats:
             self._record_activity(pre, self._slot_used)
-        return torch.baddbmm(self.b2.unsqueeze(1), F.gelu(pre), self.w2)  # (E, C, D)
+        return torch.baddbmm(self.b2.unsqueeze(1), F.gelu(pre), self.w2)  # (E, C, M)
 
     def combine(self, out: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
         """Gather expert outputs back to tokens, weighted by their gates.
 
         Args:
-            out: ``[E, C, D]`` expert outputs.
+            out: ``[E, C, M]`` expert outputs.
             plan: the routing plan used by :meth:`dispatch`.
             num_tokens: N.
 
         Returns:
-            ``[N, D]``; a token with no kept assignment gets exactly 0.
+            ``[N, M]``; a token with no kept assignment gets exactly 0.
         """
-        E, C, D = out.shape
+        E, C, M = out.shape
         token, row, gate = self._kept_assignments(plan)
-        y = out.reshape(E * C, D).index_select(0, row) * gate.to(out.dtype).unsqueeze(1)  # (M, D)
-        return out.new_zeros(num_tokens, D).index_add(0, token, y)  # (N, D)
+        y = out.reshape(E * C, M).index_select(0, row) * gate.to(out.dtype).unsqueeze(1)  # (A, M)
+        return out.new_zeros(num_tokens, M).index_add(0, token, y)  # (N, M)
 
     def _forward_reference(self, x: Tensor, plan: DispatchPlan) -> Tensor:
-        out = x.new_zeros(x.shape)  # (N, D)
+        out = x.new_zeros(x.shape)  # (N, M)
         for e in range(self.num_experts):
             # No skip for experts without tokens: the empty matmuls keep every parameter in the graph (zero
             # grads rather than None), exactly like the fast path, which DDP and the equivalence tests rely on.
-            token, choice = ((plan.expert_index == e) & plan.kept).nonzero(as_tuple=True)  # (M_e,), (M_e,)
-            h = F.gelu(x.index_select(0, token) @ self.w1[e] + self.b1[e])  # (M_e, H)
-            y = h @ self.w2[e] + self.b2[e]  # (M_e, D)
-            gate = plan.gates[token, choice].to(x.dtype)  # (M_e,)
+            token, choice = ((plan.expert_index == e) & plan.kept).nonzero(as_tuple=True)  # (A_e,), (A_e,)
+            h = F.gelu(x.index_select(0, token) @ self.w1[e] + self.b1[e])  # (A_e, H)
+            y = h @ self.w2[e] + self.b2[e]  # (A_e, M)
+            gate = plan.gates[token, choice].to(x.dtype)  # (A_e,)
             out = out.index_add(0, token, y * gate.unsqueeze(1))
         return out
 
@@ -274,11 +274,11 @@ class BatchedExperts(nn.Module):
         """Apply the experts chosen by ``plan`` and sum their gated outputs per token.
 
         Args:
-            x: ``[N, D]`` tokens.
+            x: ``[N, M]`` tokens.
             plan: :class:`~supermoe_rec.modules.gating.DispatchPlan` with ``[N, K]`` fields and capacity C.
 
         Returns:
-            ``[N, D]`` combined expert outputs (no residual); exactly 0 for a token whose assignments were all
+            ``[N, M]`` combined expert outputs (no residual); exactly 0 for a token whose assignments were all
             dropped.
         """
         if self.impl is ExpertImpl.REFERENCE:
@@ -295,7 +295,7 @@ class BatchedExperts(nn.Module):
     def _forward_sorted(self, x: Tensor, plan: DispatchPlan, backend: GroupedBackend) -> Tensor:
         """The dropless fast path: every assignment kept, rows sorted by expert, one grouped matmul."""
         N, K = plan.expert_index.shape
-        D = x.shape[1]
+        M = x.shape[1]
         flat = plan.expert_index.reshape(-1)  # (N*K,) token-major: row n*K + k
         order = torch.argsort(flat, stable=True)  # (N*K,) sorted row -> assignment
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
@@ -305,9 +305,9 @@ class BatchedExperts(nn.Module):
         if backend is GroupedBackend.GROUPED_MM:
             y_sorted = self._grouped_mm(x_sorted, counts, flat.index_select(0, order))
         else:
-            y_sorted = self._segment_loop(x_sorted, counts)  # (N*K, D)
-        y = cast(Tensor, _Permute.apply(y_sorted, inverse, order)).view(N, K, D)  # type: ignore[no-untyped-call]
-        return (y * plan.gates.to(y.dtype).unsqueeze(2)).sum(dim=1)  # (N, D)
+            y_sorted = self._segment_loop(x_sorted, counts)  # (N*K, M)
+        y = cast(Tensor, _Permute.apply(y_sorted, inverse, order)).view(N, K, M)  # type: ignore[no-untyped-call]
+        return (y * plan.gates.to(y.dtype).unsqueeze(2)).sum(dim=1)  # (N, M)
 
     def _segment_loop(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         """One ``addmm`` pair per non-empty expert segment of the sorted rows."""
@@ -321,7 +321,7 @@ class BatchedExperts(nn.Module):
             if self.collect_stats:
                 with torch.no_grad():
                     inactive, seen = inactive + (pre <= 0).sum(), seen + pre.numel()
-            outs.append(torch.addmm(self.b2[e], F.gelu(pre), self.w2[e]))  # (n, D)
+            outs.append(torch.addmm(self.b2[e], F.gelu(pre), self.w2[e]))  # (n, M)
         if self.collect_stats:
             self.last_activity = (inactive, seen)
         return torch.cat(outs)
@@ -331,11 +331,11 @@ class BatchedExperts(nn.Module):
         offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) segment ends
         dtype = torch.bfloat16
         with torch.autocast(x_sorted.device.type, enabled=False):
-            pre = torch._grouped_mm(x_sorted.to(dtype), self.w1.to(dtype), offs=offs)  # (M, H)
+            pre = torch._grouped_mm(x_sorted.to(dtype), self.w1.to(dtype), offs=offs)  # (A, H)
             pre = pre + self.b1.to(dtype).index_select(0, expert_sorted)
             if self.collect_stats:
                 self._record_activity(pre)
-            y = torch._grouped_mm(F.gelu(pre), self.w2.to(dtype), offs=offs)  # (M, D)
+            y = torch._grouped_mm(F.gelu(pre), self.w2.to(dtype), offs=offs)  # (A, M)
             y = y + self.b2.to(dtype).index_select(0, expert_sorted)
         return y.to(x_sorted.dtype)
 
@@ -346,12 +346,12 @@ class DenseFFN(nn.Module):
     For a "dense FFN of the same active size per token" as a top-K MoE with expert hidden H, use ``hidden = K * H``:
     the FLOPs per token then match the MoE's expert FLOPs (without the capacity padding).
 
-    Dimension letters: N tokens, D model dim, H hidden width.
+    Dimension letters: N tokens, M model dim, H hidden width.
 
     Init: as :class:`BatchedExperts` (normal, std 1/sqrt(fan_in); zero biases).
 
     Args:
-        d_model: D.
+        d_model: M.
         hidden: H.
         device: where to allocate weights (``meta`` for deferred init).
 
@@ -367,10 +367,10 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.d_model = d_model
         self.hidden = hidden
-        self.w1 = nn.Parameter(torch.empty(d_model, hidden, device=device))  # (D, H)
+        self.w1 = nn.Parameter(torch.empty(d_model, hidden, device=device))  # (M, H)
         self.b1 = nn.Parameter(torch.empty(hidden, device=device))  # (H,)
-        self.w2 = nn.Parameter(torch.empty(hidden, d_model, device=device))  # (H, D)
-        self.b2 = nn.Parameter(torch.empty(d_model, device=device))  # (D,)
+        self.w2 = nn.Parameter(torch.empty(hidden, d_model, device=device))  # (H, M)
+        self.b2 = nn.Parameter(torch.empty(d_model, device=device))  # (M,)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -382,10 +382,10 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Args:
-            x: ``[N, D]`` tokens.
+            x: ``[N, M]`` tokens.
 
         Returns:
-            ``[N, D]`` FFN output (no residual).
+            ``[N, M]`` FFN output (no residual).
         """
         h = F.gelu(torch.addmm(self.b1, x, self.w1))  # (N, H)
-        return torch.addmm(self.b2, h, self.w2)  # (N, D)
+        return torch.addmm(self.b2, h, self.w2)  # (N, M)

@@ -1,6 +1,6 @@
 """Top-k softmax router and the dispatch plan it produces (GShard/Switch style).
 
-Dimension letters: N tokens (already-flattened real tokens, N = number of non-padding B*L positions), D model dim,
+Dimension letters: N tokens (already-flattened real tokens, N = number of non-padding B*L positions), M model dim,
 E experts, K top-k, C capacity (slots per expert).
 
 Routing is split in two, so that expert parallelism (:mod:`supermoe_rec.distributed.expert_parallel`) swaps the
@@ -52,10 +52,10 @@ class DispatchPlan(NamedTuple):
         kept: ``[N, K]`` bool, the assignment fits under the capacity.
         gates: ``[N, K]`` float32, combine weights (differentiable w.r.t. the router). Dropped assignments keep
             their gate value here; the expert side must ignore them via ``kept``.
-        capacity: C, slots per expert in the dispatch buffer ``[E, C, D]``.
+        capacity: C, slots per expert in the dispatch buffer ``[E, C, M]``.
         num_experts: E.
         dropless: the router ran without a capacity (every assignment is kept, C is the largest per-expert count),
-            so the experts may take the sorted grouped path instead of the padded ``[E, C, D]`` buffer.
+            so the experts may take the sorted grouped path instead of the padded ``[E, C, M]`` buffer.
     """
 
     expert_index: Tensor
@@ -168,9 +168,9 @@ def make_dispatch_plan(
 class TopKRouter(nn.Module):
     """Top-k router with capacity, Switch (K=1) / GShard (K=2) style, with the recipe's scoring and balancing options.
 
-    Dimension letters: N tokens, D model dim, E experts, K top-k, C capacity.
+    Dimension letters: N tokens, M model dim, E experts, K top-k, C capacity.
 
-    - Logits ``x @ W^T`` (no bias), softmax over E in float32 (bf16 softmax makes the top-k unstable).
+    - Logits ``x @ weight^T`` (no bias), softmax over E in float32 (bf16 softmax makes the top-k unstable).
     - Combine weights: for K >= 2 the top-k probabilities renormalised to sum to 1 over the chosen experts. For
       K = 1 the raw top-1 probability (Switch): renormalising would make the gate the constant 1.0, and the router
       would then get no gradient from the task loss, only from the auxiliary losses.
@@ -190,15 +190,15 @@ class TopKRouter(nn.Module):
       training load is accumulated for :func:`update_router_biases`. ``bias`` and ``none`` return a zero
       ``balance_loss``.
     - With ``num_kinds > 0`` (``config.task_routers``) every token also has a kind (for SUPERMOE: ``[USER]``, each
-      task token, history) and its logits are ``x @ (W + W_kind)^T``: a per-kind router on top of the shared one.
-      ``W_kind`` starts at zero, so training starts from shared routing and learns where kinds should part.
+      task token, history) and its logits are ``x @ (weight + kind_weight)^T``: a per-kind router on top of the shared
+      one. ``kind_weight`` starts at zero, so training starts from shared routing and learns where kinds should part.
 
     Args:
-        d_model: D, input width.
+        d_model: M, input width.
         config: :class:`~supermoe_rec.config.experiment.MoEConfig` (``num_experts``, ``top_k``, capacity factors,
             ``dropless``, ``router_jitter``, ``router_noise`` are read here).
         device: where to allocate the gate weight (``meta`` for deferred init).
-        num_kinds: R, token kinds with their own router residual ``kind_weight`` ``[R, E, D]`` (0: one shared
+        num_kinds: R, token kinds with their own router residual ``kind_weight`` ``[R, E, M]`` (0: one shared
             router for every token).
 
     Example::
@@ -232,7 +232,7 @@ class TopKRouter(nn.Module):
         if config.bias_update_rate <= 0:
             raise ValueError(f"bias_update_rate must be > 0, got {config.bias_update_rate}")
         self.bias_update_rate = float(config.bias_update_rate)
-        self.weight = nn.Parameter(torch.empty(config.num_experts, d_model, device=device))  # (E, D)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, d_model, device=device))  # (E, M)
         self.expert_bias: Tensor | None
         if self.load_balance == "bias":
             # State (saved in checkpoints), never trained by gradients: update_router_biases moves it.
@@ -246,11 +246,11 @@ class TopKRouter(nn.Module):
         self.num_kinds = num_kinds
         self.kind_weight = (
             nn.Parameter(torch.empty(num_kinds, config.num_experts, d_model, device=device)) if num_kinds else None
-        )  # (R, E, D)
+        )  # (R, E, M)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Small init, normal with std sqrt(0.1 / D): near-uniform routing at the start, so experts begin
+        """Small init, normal with std sqrt(0.1 / M): near-uniform routing at the start, so experts begin
         balanced and the balance loss starts near 1."""
         nn.init.normal_(self.weight, std=math.sqrt(0.1 / self.d_model))
         if self.kind_weight is not None:
@@ -270,7 +270,7 @@ class TopKRouter(nn.Module):
         """Route tokens.
 
         Args:
-            x: ``[N, D]`` tokens.
+            x: ``[N, M]`` tokens.
             kinds: ``[N]`` int64 kind per token in ``[0, R)``; required when the router has ``num_kinds > 0``,
                 ignored otherwise.
 
@@ -280,7 +280,7 @@ class TopKRouter(nn.Module):
         """
         N = x.shape[0]
         E, K = self.num_experts, self.top_k
-        h = x.float()  # (N, D)
+        h = x.float()  # (N, M)
         if self.training and self.router_jitter > 0:
             h = h * torch.empty_like(h).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
         logits = F.linear(h, self.weight.float())  # (N, E)

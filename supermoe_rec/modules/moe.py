@@ -1,7 +1,7 @@
 """Sparse Mixture-of-Experts FFN layer: :class:`TopKRouter` + :class:`BatchedExperts`.
 
 Dimension letters: B batch, L length, N tokens (real, non-padding B*L positions, flattened by the caller),
-D model dim, H expert hidden, E experts, K top-k, C capacity, T tasks.
+M model dim, H expert hidden, E experts, K top-k, C capacity, T tasks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class MoEOutput(NamedTuple):
     """What :class:`MoELayer` returns.
 
     Attributes:
-        hidden: ``[N, D]`` FFN output only; the caller adds the residual. A token whose assignments were all
+        hidden: ``[N, M]`` FFN output only; the caller adds the residual. A token whose assignments were all
             dropped gets exactly 0, so it passes through the residual unchanged.
         balance_loss: scalar load-balancing loss ``E * sum_e f_e * P_e`` (unweighted; 1.0 when uniform); a constant
             0 unless ``config.load_balance`` is ``aux_loss``.
@@ -43,7 +43,7 @@ class MoEOutput(NamedTuple):
 class MoELayer(nn.Module):
     """Sparse MoE FFN: top-k softmax routing with capacity, E batched GELU experts, auxiliary losses.
 
-    Dimension letters: N tokens, D model dim, H expert hidden, E experts, K top-k, C capacity, T tasks.
+    Dimension letters: N tokens, M model dim, H expert hidden, E experts, K top-k, C capacity, T tasks.
 
     Per token the layer runs K experts of width H, so compute per token depends on K and not on E; parameters grow
     with E. Routing (:class:`~supermoe_rec.modules.gating.TopKRouter`, producing a dispatch plan) is kept apart from
@@ -51,8 +51,8 @@ class MoELayer(nn.Module):
     the dispatch/combine with all-to-alls. The losses are returned unweighted; ``train.loss.balance_loss_weight`` and
     ``train.loss.z_loss_weight`` are applied by the loss module.
 
-    The recipe (``config``): ``num_shared_experts`` S adds S always-active experts of width H (``shared``, one
-    :class:`~supermoe_rec.modules.experts.DenseFFN` of width S*H) to the routed output; ``score_func`` and
+    The recipe (``config``): ``num_shared_experts`` E_s adds E_s always-active experts of width H (``shared``, one
+    :class:`~supermoe_rec.modules.experts.DenseFFN` of width E_s*H) to the routed output; ``score_func`` and
     ``load_balance`` are the router's (:mod:`~supermoe_rec.modules.gating`; under ``bias`` the trainer calls
     :func:`~supermoe_rec.modules.gating.update_router_biases` after every step); ``dropless`` runs the dropless
     fast path. Diagnostics accumulate in ``stats`` while ``collect_stats`` is set
@@ -63,7 +63,7 @@ class MoELayer(nn.Module):
     whose :meth:`~supermoe_rec.modules.experts.BatchedExperts.globalize` makes the losses and statistics global.
 
     Args:
-        d_model: D.
+        d_model: M.
         config: :class:`~supermoe_rec.config.experiment.MoEConfig` (E, K, H, capacity factors, dropless, router noise).
         num_tasks: T, for the ``task_expert_counts`` routing statistic (0: not tracked) and, with
             ``config.task_routers``, the number of per-task router residuals.
@@ -76,7 +76,7 @@ class MoELayer(nn.Module):
         >>> from supermoe_rec.config.experiment import MoEConfig
         >>> _ = torch.manual_seed(0)
         >>> layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, expert_hidden=32), num_tasks=3)
-        >>> x = torch.randn(2 * 5, 16)  # (B*L, D) real tokens
+        >>> x = torch.randn(2 * 5, 16)  # (B*L, M) real tokens
         >>> out = layer(x, task_ids=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0]))
         >>> out.hidden.shape, out.tokens_per_expert.shape, out.task_expert_counts.shape
         (torch.Size([10, 16]), torch.Size([4]), torch.Size([3, 4]))
@@ -104,9 +104,9 @@ class MoELayer(nn.Module):
             raise ValueError(f"num_shared_experts must be >= 0, got {config.num_shared_experts}")
         self.router = TopKRouter(d_model, config, device=device, num_kinds=num_tasks if config.task_routers else 0)
         self.experts = BatchedExperts(d_model, config.expert_hidden, config.num_experts, impl=impl, device=device)
-        # S shared experts of width H, always active: one dense FFN of width S * H is exactly their sum.
-        S = config.num_shared_experts
-        self.shared = DenseFFN(d_model, S * config.expert_hidden, device=device) if S > 0 else None
+        # E_s shared experts of width H, always active: one dense FFN of width E_s * H is exactly their sum.
+        E_s = config.num_shared_experts
+        self.shared = DenseFFN(d_model, E_s * config.expert_hidden, device=device) if E_s > 0 else None
         # Diagnostics (supermoe_rec.modules.moe_stats.set_collect_stats): off unless asked for.
         self.collect_stats = False
         self.stats = MoEStatsAccumulator(config.num_experts, num_tasks)
@@ -133,23 +133,23 @@ class MoELayer(nn.Module):
         """Route and run the experts.
 
         Args:
-            x: ``[N, D]`` real tokens (N may be 0).
+            x: ``[N, M]`` real tokens (N may be 0).
             task_ids: optional ``[N]`` int64 task id in ``[0, T)`` per token, for ``task_expert_counts`` and, with
                 ``config.task_routers``, for routing (then required).
 
         Returns:
-            :class:`MoEOutput` with ``hidden`` ``[N, D]``, scalar ``balance_loss``, ``z_loss`` and
+            :class:`MoEOutput` with ``hidden`` ``[N, M]``, scalar ``balance_loss``, ``z_loss`` and
             ``dropped_fraction``, ``tokens_per_expert`` ``[E]`` and ``task_expert_counts`` ``[T, E]`` or ``None``.
         """
         if x.dim() != 2 or x.shape[1] != self.d_model:
-            raise ValueError(f"x must be [N, D={self.d_model}], got {list(x.shape)}")
+            raise ValueError(f"x must be [N, M={self.d_model}], got {list(x.shape)}")
         # Expert-parallel experts agree one capacity and make the losses and statistics global here.
         route = self.experts.globalize(self.router(x, task_ids))
         if self.router.load_balance != "aux_loss":  # expert-parallel globalize recomputes it: keep it a constant 0
             route = route._replace(balance_loss=torch.zeros((), device=x.device))
-        hidden = self.experts(x, route.plan)  # (N, D)
+        hidden = self.experts(x, route.plan)  # (N, M)
         if self.shared is not None:
-            hidden = hidden + self.shared(x)  # (N, D) every token, dropped or not
+            hidden = hidden + self.shared(x)  # (N, M) every token, dropped or not
         task_expert_counts = self._task_expert_counts(task_ids, route.plan.expert_index.detach())
         if task_expert_counts is not None:
             task_expert_counts = self.experts.reduce_statistic(task_expert_counts)

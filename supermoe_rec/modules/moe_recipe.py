@@ -1,17 +1,17 @@
 """Fine-grained experts at a fixed active size: pick (E, K, H) for a target of active parameters per MoE layer.
 
-Dimension letters: D model dim, E routed experts, K top-k, H expert hidden width, S shared experts.
+Dimension letters: M model dim, E routed experts, K top-k, H expert hidden width, E_s shared experts.
 
-Parameter counts of one :class:`~supermoe_rec.modules.moe.MoELayer` (GELU FFN experts ``D -> H -> D`` with biases;
-the router ``[E, D]``; ``S`` shared experts of the same width H, always active):
+Parameter counts of one :class:`~supermoe_rec.modules.moe.MoELayer` (GELU FFN experts ``M -> H -> M`` with biases;
+the router ``[E, M]``; ``E_s`` shared experts of the same width H, always active):
 
-- per expert: ``2*D*H + H + D``;
-- active per token: ``E*D`` (the router scores every expert) ``+ (K + S) * (2*D*H + H + D)``;
-- total: ``E*D + (E + S) * (2*D*H + H + D)`` (per-kind router residuals, ``moe.task_routers``, add ``R*E*D`` more
+- per expert: ``2*M*H + H + M``;
+- active per token: ``E*M`` (the router scores every expert) ``+ (K + E_s) * (2*M*H + H + M)``;
+- total: ``E*M + (E + E_s) * (2*M*H + H + M)`` (per-kind router residuals, ``moe.task_routers``, add ``R*E*M`` more
   to both; they are the same for every shape at fixed E, so they are left out here).
 
 Fine-grained experts (DeepSeekMoE) split every expert into smaller ones and route to more of them: at fixed active
-parameters K grows and H shrinks as ``1/(K + S)``. :func:`choose_expert_shape` solves H for the target, the shared
+parameters K grows and H shrinks as ``1/(K + E_s)``. :func:`choose_expert_shape` solves H for the target, the shared
 experts taking their share of the active budget (they count as active experts of the same width). Unless K is
 given it uses ``K = max(1, round(sqrt(E) / 2))`` (E=4: 1, E=16: 2, E=64: 4): experts get finer as E grows, and the
 total parameters still grow, as ``E / K ~ 2 sqrt(E)`` expert-widths, so a scaling study has a parameter axis. (Keeping
@@ -39,17 +39,17 @@ def _per_expert(d_model: int, hidden: int) -> int:
 
 
 def active_params(d_model: int, num_experts: int, top_k: int, hidden: int, num_shared: int = 0) -> int:
-    """Parameters one token uses in one MoE layer: the router plus K routed and S shared experts."""
+    """Parameters one token uses in one MoE layer: the router plus K routed and E_s shared experts."""
     return num_experts * d_model + (top_k + num_shared) * _per_expert(d_model, hidden)
 
 
 def total_params(d_model: int, num_experts: int, hidden: int, num_shared: int = 0) -> int:
-    """Parameters of one MoE layer: the router plus E routed and S shared experts."""
+    """Parameters of one MoE layer: the router plus E routed and E_s shared experts."""
     return num_experts * d_model + (num_experts + num_shared) * _per_expert(d_model, hidden)
 
 
 def dense_hidden_for(d_model: int, target_active: int) -> int:
-    """Hidden width of a dense GELU FFN (``2*D*H + H + D`` parameters) with about ``target_active`` parameters."""
+    """Hidden width of a dense GELU FFN (``2*M*H + H + M`` parameters) with about ``target_active`` parameters."""
     return max(1, round((target_active - d_model) / (2 * d_model + 1)))
 
 
@@ -94,17 +94,17 @@ def choose_expert_shape(
     """Pick K and H for E experts so that a token's active parameters per MoE layer are close to ``target_active``.
 
     Args:
-        d_model: D.
+        d_model: M.
         target_active: active parameters per token per MoE layer (e.g. :func:`active_params` of today's shape).
         num_experts: E, routed experts.
         top_k: K; default ``max(1, round(sqrt(E) / 2))`` (fine-grained: K grows with E), capped at E.
-        num_shared: S shared experts (always active, same width H).
+        num_shared: E_s shared experts (always active, same width H).
 
     Returns:
         the :class:`ExpertShape` (H >= 1, rounded to the nearest width).
 
     Raises:
-        ValueError: E < 1, or the router alone (E*D) already exceeds the target.
+        ValueError: E < 1, or the router alone (E*M) already exceeds the target.
     """
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")

@@ -1,8 +1,8 @@
 """``UserEncoder``: the exported model at inference, with torch, numpy and pandas only (no TorchRec, no fbgemm,
 no process group).
 
-Dimension letters: U users, G users of one forward pass, K candidates per user, B = G * K rows, L history length,
-D embedding dim, M model dim, T tasks, N items (rows of the candidate item table).
+Dimension letters: U users, G users of one forward pass, J candidates per user, B = G * J rows, L history length,
+D embedding dim, M model dim, T tasks, V rows of the candidate item table.
 
 What runs: the embedding tables of the artifact are plain tensors, looked up with ``torch.nn.functional``
 (``embedding_bag`` with the pooling TorchRec used: mean for tables read by a multi-valued feature, sum otherwise);
@@ -59,7 +59,7 @@ from supermoe_rec.serving import artifact as art
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float32]
 
-# Catalog key of the [N] bool mask of candidate item rows seen in the run's samples (the retrievable items).
+# Catalog key of the [V] bool mask of candidate item rows seen in the run's samples (the retrievable items).
 KNOWN_ITEMS = "candidates.known"
 # Rows of one forward pass are capped so that the [B, L, D] history tensor of a candidate batch stays small.
 MAX_ROW_POSITIONS = 1 << 22
@@ -231,7 +231,7 @@ class Encoded:
         user_keys: [U] the schema's user column values.
         user: [U, M] float32 universal [USER] vectors.
         tasks: task name -> [U, M] float32 task representations.
-        scores: task name -> [U, K] per-candidate predictions as the model returns them (a logit for binary
+        scores: task name -> [U, J] per-candidate predictions as the model returns them (a logit for binary
             tasks, a value for regression tasks); empty without candidates.
         history_lengths: [U] history items each user was encoded with (after truncation to ``max_history``).
         unknown_ids: feature -> ids mapped to the out-of-vocabulary row 0 (vocab tables).
@@ -474,21 +474,21 @@ class UserEncoder:
     def forward_mapped(
         self, users: MappedUsers, candidate_rows: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """One forward pass over G mapped users, each scored on K candidate item rows.
+        """One forward pass over G mapped users, each scored on J candidate item rows.
 
         Args:
             users: G users' table rows (:meth:`map_users`).
-            candidate_rows: [G, K] item-table rows, or None (then K = 1 and the predictions mean nothing).
+            candidate_rows: [G, J] item-table rows, or None (then J = 1 and the predictions mean nothing).
 
         Returns:
-            user [G, M], tasks [G, T, M], predictions {task: [G, K]}.
+            user [G, M], tasks [G, T, M], predictions {task: [G, J]}.
         """
         s = self.schema
         G = users.num_users
-        K = 1 if candidate_rows is None else int(candidate_rows.shape[1])
-        B = G * K
-        group_index = torch.arange(G).repeat_interleave(K)  # (B,)
-        leader = torch.arange(G) * K  # (G,) first row of each user
+        J = 1 if candidate_rows is None else int(candidate_rows.shape[1])
+        B = G * J
+        group_index = torch.arange(G).repeat_interleave(J)  # (B,)
+        leader = torch.arange(G) * J  # (G,) first row of each user
         pooled: dict[str, torch.Tensor] = {}
         sequences: dict[str, torch.Tensor] = {}
         lengths: dict[str, torch.Tensor] = {}
@@ -536,12 +536,12 @@ class UserEncoder:
             rows_.sequence_features = {name: _NoIds(B) for name in (ITEM_CANDIDATES, s.next_items or "")}
         out = self.over_arch(cast(Any, _Embeddings(pooled, sequences, lengths, candidates)), cast(Any, rows_))
         assert out.user is not None and out.task_representations is not None
-        predictions = {name: out.predictions[name].reshape(G, K) for name in self.task_names}
+        predictions = {name: out.predictions[name].reshape(G, J) for name in self.task_names}
         return out.user, out.task_representations, predictions
 
-    def _chunks(self, users: pd.DataFrame, K: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    def _chunks(self, users: pd.DataFrame, J: int, batch_size: int) -> Iterator[tuple[int, int]]:
         longest = max((max((len(x) for x in users[f.column]), default=0) for f in self.history_features), default=0)
-        per_user = K * max(1, longest) * max(t.shape[1] for t in self.tables.values())
+        per_user = J * max(1, longest) * max(t.shape[1] for t in self.tables.values())
         step = max(1, min(batch_size, MAX_ROW_POSITIONS // max(per_user, 1)))
         for start in range(0, len(users), step):
             yield start, min(start + step, len(users))
@@ -558,7 +558,7 @@ class UserEncoder:
 
         Args:
             events: per-user rows or per-event rows in the schema's columns (see the module docstring).
-            candidates: [U, K] raw candidate item ids per user (in the order users first appear in ``events``), in
+            candidates: [U, J] raw candidate item ids per user (in the order users first appear in ``events``), in
                 the candidate item column's id space (mapped like that column in training).
             batch_size: users per forward pass (fewer when candidates make a pass large).
             source: the input's name in error messages.
@@ -575,13 +575,13 @@ class UserEncoder:
                 raise DataError(source, "this model has no candidate item feature to score candidates with")
             raw = np.asarray(candidates)
             if raw.ndim != 2 or raw.shape[0] != U:
-                raise DataError(source, f"candidates must be [users={U}, K], got shape {list(raw.shape)}")
+                raise DataError(source, f"candidates must be [users={U}, J], got shape {list(raw.shape)}")
             mapped = self.map_ids(raw.reshape(-1), self.candidate_feature, f"{source} (candidates)", result)
             rows = torch.from_numpy(mapped).view(U, -1)
-        K = 1 if rows is None else int(rows.shape[1])
+        J = 1 if rows is None else int(rows.shape[1])
         user_parts, task_parts, length_parts = [], [], []
         score_parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.task_names}
-        chunks = list(self._chunks(users, K, batch_size))
+        chunks = list(self._chunks(users, J, batch_size))
         bar: Any = None
         if progress:
             from tqdm import tqdm
@@ -634,7 +634,7 @@ class UserEncoder:
 
     @torch.no_grad()
     def item_vectors(self) -> torch.Tensor:
-        """[N, D'] a vector per candidate item row, paired with :meth:`queries` by inner product, for retrieval.
+        """[V, D'] a vector per candidate item row, paired with :meth:`queries` by inner product, for retrieval.
 
         - With the next-items objective: the rows of the item table it scores (``score_items``).
         - Else, with ``item_interaction``: the model's projection of each item's features into the [USER] space
@@ -676,7 +676,7 @@ class UserEncoder:
         return torch.cat(parts)
 
     def known_items(self) -> torch.Tensor:
-        """[N] bool, the candidate item rows the run saw as candidates (all rows for an older artifact)."""
+        """[V] bool, the candidate item rows the run saw as candidates (all rows for an older artifact)."""
         spec = self.candidate_feature
         assert spec is not None
         n = self.schema.table(spec.table).num_embeddings
@@ -684,7 +684,7 @@ class UserEncoder:
         return mask.bool() if mask is not None else torch.ones(n, dtype=torch.bool)
 
     def item_ids(self) -> npt.NDArray[Any]:
-        """[N] the raw id of every candidate item row (vocabulary tokens for a vocab table, else the row itself)."""
+        """[V] the raw id of every candidate item row (vocabulary tokens for a vocab table, else the row itself)."""
         spec = self.candidate_feature
         assert spec is not None
         vocab = self.vocabularies.get(spec.table)

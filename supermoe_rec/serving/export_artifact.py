@@ -189,9 +189,9 @@ def check_artifact(
     groups = np.linspace(0, ds.num_groups - 1, num=min(users, ds.num_groups)).astype(np.int64)
     groups = np.unique(groups)
     sizes = ds.group_sizes()[groups]
-    # Compare only groups of the most common size, so every user has K candidates.
-    K = int(np.bincount(sizes).argmax())
-    groups = groups[sizes == K]
+    # Compare only groups of the most common size, so every user has J candidates.
+    J = int(np.bincount(sizes).argmax())
+    groups = groups[sizes == J]
     batch = ds.batch_of_groups(groups)
     restored.dmp.eval()
     make_dropless(restored.dmp)  # the export process's model only, as the artifact routes
@@ -203,7 +203,7 @@ def check_artifact(
     cand = None
     if candidate is not None:
         jag = ds.features[candidate.name]
-        cand = torch.from_numpy(jag.values[jag.offsets[ds.rows_of_groups(groups)]].reshape(len(groups), K))
+        cand = torch.from_numpy(jag.values[jag.offsets[ds.rows_of_groups(groups)]].reshape(len(groups), J))
     user, tasks, preds = encoder.forward_mapped(_dataset_users(ds, rows, encoder.schema), cand)
     assert ref.user is not None and ref.task_representations is not None
     diffs = [(user - ref.user).abs().max(), (tasks - ref.task_representations).abs().max()]
