@@ -107,11 +107,14 @@ def local_attention(
     Bs = max(1, min(window, S))
     nb = -(-S // Bs)
     pad = nb * Bs - S
-    # One empty block before block 0 stands for "the previous block" of the first queries.
-    kb = F.pad(k, (0, 0, Bs, pad)).unfold(2, 2 * Bs, Bs).transpose(-1, -2)  # (G, H, nb, 2Bs, Dh)
-    vb = F.pad(v, (0, 0, Bs, pad)).unfold(2, 2 * Bs, Bs).transpose(-1, -2)  # (G, H, nb, 2Bs, Dh)
-    kb = torch.cat([k[:, :, None, :1].expand(G, H, nb, 1, Dh), kb], dim=3)  # (G, H, nb, 2Bs+1, Dh), [START] first
-    vb = torch.cat([v[:, :, None, :1].expand(G, H, nb, 1, Dh), vb], dim=3)
+
+    def blocks(x: Tensor) -> Tensor:
+        # [START], the previous block and this block as each block's keys; one empty block stands before block 0.
+        b = F.pad(x, (0, 0, Bs, pad)).view(G, H, nb + 1, Bs, Dh)  # (G, H, nb+1, Bs, Dh)
+        start = x[:, :, None, :1].expand(G, H, nb, 1, Dh)
+        return torch.cat([start, b[:, :, :-1], b[:, :, 1:]], dim=3)  # (G, H, nb, 2Bs+1, Dh)
+
+    kb, vb = blocks(k), blocks(v)
     qb = F.pad(q, (0, 0, 0, pad * Q)).view(G, H, nb, Bs * Q, Dh)  # (G, H, nb, Bs*Q, Dh)
 
     i = torch.arange(Bs, device=k.device)  # query token within its block
@@ -125,7 +128,10 @@ def local_attention(
     mask = torch.cat([start_bias.view(H, 1, 1, 1).expand(H, nb, Bs, 1), mask], dim=3)  # (H, nb, Bs, 2Bs+1)
     if Q > 1:
         mask = mask.repeat_interleave(Q, dim=2)  # (H, nb, Bs*Q, 2Bs+1)
-    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.unsqueeze(0).to(q.dtype))  # (G, H, nb, Bs*Q, Dh)
+    # Written out rather than through SDPA: on CPU, SDPA with a float mask takes its math path plus an all(-inf)
+    # scan of every row, which we do not need (every row keeps [START]).
+    scores = torch.matmul(qb, kb.transpose(-1, -2)) * (Dh**-0.5) + mask.unsqueeze(0).to(q.dtype)  # (G,H,nb,BsQ,2Bs+1)
+    y = torch.matmul(torch.softmax(scores, dim=-1), vb)  # (G, H, nb, Bs*Q, Dh)
     return y.reshape(G, H, nb * Bs * Q, Dh)[:, :, : S * Q]
 
 
