@@ -160,9 +160,9 @@ class EncoderConfig:
     item_interaction: bool = True
     # Residual and attention dropout of the encoder.
     dropout: float = 0.0
-    # Generative training (docs/design.md#generative-training-one-causal-pass-per-user): one causal pass over each user's sequence scores
-    # every sample of that user from the state before its target (supermoe_rec/modules/causal.py). false: the
-    # per-group encoder, one bidirectional pass per (user, position) group (the reference twin).
+    # Generative training: one causal pass over each user's sequence scores every sample of that user from the state
+    # before its target (supermoe_rec/modules/causal.py; docs/design.md#generative-training-one-causal-pass-per-user).
+    # false: the per-group encoder, one bidirectional pass per (user, position) group (the reference twin).
     generative: bool = False
 
     def receptive_field(self, window: int) -> int:
