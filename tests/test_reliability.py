@@ -295,3 +295,22 @@ def to_dict_plain(cfg: object) -> object:
     from supermoe_rec.config.experiment import to_dict
 
     return yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
+
+
+# ------------------------------------------------------------------------------------------- issue 25
+
+
+def test_overwrite_replaces_a_finished_run_and_nothing_else(tmp_path: Path) -> None:
+    from supermoe_rec.training.rundir import check_fresh_start
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "ckpt-000001-last").mkdir(parents=True)
+    (run / "checkpoints" / "LATEST").write_text("ckpt-000001-last")
+    (run / "metrics.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_fresh_start(run, overwrite=False)
+    assert (run / "checkpoints" / "LATEST").is_file()
+    check_fresh_start(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    check_fresh_start(run, overwrite=False)  # an empty (or crashed, checkpoint-less) dir may start afresh

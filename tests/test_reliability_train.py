@@ -112,3 +112,14 @@ def test_changed_hyper_parameters_need_resume_allow_changes(out: Path) -> None:
         {"key": "model.moe.top_k", "from": 2, "to": 1},
         {"key": "train.lr", "from": 0.001, "to": 0.5},
     ]
+
+
+# ------------------------------------------------------------------------------------------- issue 25
+
+
+def test_a_fresh_run_with_the_name_of_a_finished_run_is_refused(out: Path) -> None:
+    # Before: train with the name of a finished run and no --train.resume pruned its checkpoints and replaced its
+    # metrics.json without a word. refused() checks that every file of the run stays byte-identical.
+    line = refused(out)
+    assert f"{out / 'base'}: train.name 'base' already holds a run" in line
+    assert "--train.resume=true" in line and "--train.name" in line and "--train.overwrite=true" in line

@@ -361,6 +361,9 @@ class TrainConfig:
     # On resume, the hyper-parameters that may differ from the checkpoint's config: comma-separated dotted keys, e.g.
     # "train.lr,model.moe.top_k" (supermoe_rec/training/resume.py). Any other change to the config is refused.
     resume_allow_changes: str = ""
+    # Start afresh in a run dir that holds a run (checkpoints or metrics.json), replacing it. Without it such a
+    # run is refused: resume it (train.resume) or choose another train.name.
+    overwrite: bool = False
     tensorboard: bool = True
     log_every: int = 50
 

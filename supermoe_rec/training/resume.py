@@ -40,6 +40,7 @@ FREE_KEYS = frozenset(
     {
         "train.resume",
         ALLOW_KEY,
+        "train.overwrite",
         "train.epochs",
         "train.max_steps",
         "train.out_dir",

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -141,6 +142,28 @@ class RunDirLock:
         self.release()
 
 
+# What makes a run dir hold a run that a fresh start would destroy (the first save prunes every old checkpoint).
+RUN_OUTPUTS = ("checkpoints/LATEST", "checkpoints/BEST", "metrics.json")
+
+
+def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
+    """A run started from scratch in ``run_dir``: refused when the dir holds a run, unless ``overwrite``, which
+    removes that run's checkpoints and metrics first (so nothing of it can be mistaken for the new run's)."""
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{run_dir}: train.name {run_dir.name!r} already holds a run ({', '.join(found)}); continue it with "
+            "--train.resume=true, choose another --train.name, or replace it with --train.overwrite=true"
+        )
+    log.warning("%s: train.overwrite: replacing the run in it (%s)", run_dir, ", ".join(found))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    for name in ("metrics.json", "plan.txt"):
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / name).unlink()
+
+
 @dataclass
 class RunGuard:
     """What :func:`guard_run` holds for a run: rank 0's lock, and the hyper-parameter changes a resume accepted."""
@@ -182,6 +205,8 @@ def guard_run(
     if is_main:
         try:
             guard.lock = RunDirLock(run_dir).acquire()
+            if not cfg.train.resume:
+                check_fresh_start(run_dir, cfg.train.overwrite)
             if cfg.train.resume:
                 old, source = saved_config()
                 guard.changes = check_resume(old, to_dict(cfg), cfg.train.resume_allow_changes, source)
@@ -203,4 +228,13 @@ def guard_run(
     return guard
 
 
-__all__ = ["LOCK_FILE", "RunDirLock", "RunDirLocked", "RunGuard", "check_run_name", "guard_run"]
+__all__ = [
+    "LOCK_FILE",
+    "RUN_OUTPUTS",
+    "RunDirLock",
+    "RunDirLocked",
+    "RunGuard",
+    "check_fresh_start",
+    "check_run_name",
+    "guard_run",
+]
