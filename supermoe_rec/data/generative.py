@@ -1,6 +1,6 @@
 """Generative layout: the samples of a split regrouped so that one causal pass per user scores all of them.
 
-Dimension letters: U users, R rows (samples), G groups (chunks of one user's sequence, one encoder pass each).
+Dimension letters: U users, B rows (samples), G groups (chunks of one user's sequence, one encoder pass each).
 
 In the per-group layout a group is one (user, position): its rows (a positive and its negative) share a history
 window, and the encoder runs once per group. In the generative layout a group is a *chunk of a user's whole item
@@ -132,7 +132,7 @@ def regroup(
 
     Args:
         ds: a split in the per-group layout (its per-group ``history`` feature holds each row's window).
-        positions: ``[R]`` per stored row of ``ds``, the target position p in its user's sequence (the row's
+        positions: ``[B]`` per stored row of ``ds``, the target position p in its user's sequence (the row's
             history is the items before p).
         sequences: every user's whole sequence.
         history: the name of the per-group history feature.
@@ -140,14 +140,14 @@ def regroup(
         context: items before a chunk's first target (the encoder's receptive field).
 
     Returns:
-        A new dataset (``ds`` is not changed) with ``position_index`` ``[R]`` and ``target_start`` ``[G]``, and the
+        A new dataset (``ds`` is not changed) with ``position_index`` ``[B]`` and ``target_start`` ``[G]``, and the
         report.
     """
-    R = len(ds)
-    if positions.shape != (R,):
-        raise ValueError(f"positions must have shape [{R}], got {list(positions.shape)}")
-    user = sequences.index_of(ds.user_keys, ds.source)  # (R,)
-    seq_len = np.diff(sequences.offsets)[user]  # (R,)
+    B = len(ds)
+    if positions.shape != (B,):
+        raise ValueError(f"positions must have shape [{B}], got {list(positions.shape)}")
+    user = sequences.index_of(ds.user_keys, ds.source)  # (B,)
+    seq_len = np.diff(sequences.offsets)[user]  # (B,)
     bad = (positions < 0) | (positions >= seq_len)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -159,15 +159,15 @@ def regroup(
     _check_windows(ds, positions, user, sequences, history)
 
     # Chunks per user over the targets of this split, then each row to the chunk that owns its position.
-    order = np.lexsort((np.arange(R), positions, user))  # rows by (user, position), stable
+    order = np.lexsort((np.arange(B), positions, user))  # rows by (user, position), stable
     u_sorted, p_sorted = user[order], positions[order]
     starts = np.flatnonzero(np.r_[True, u_sorted[1:] != u_sorted[:-1]])
-    ends = np.r_[starts[1:], R]
+    ends = np.r_[starts[1:], B]
     chunk_s: list[int] = []
     chunk_a: list[int] = []
     chunk_b: list[int] = []
     chunk_user: list[int] = []
-    row_chunk = np.empty(R, dtype=np.int64)
+    row_chunk = np.empty(B, dtype=np.int64)
     users_chunked = 0
     for lo_i, hi_i in zip(starts, ends, strict=True):
         lo, hi = int(p_sorted[lo_i]), int(p_sorted[hi_i - 1]) + 1
@@ -208,7 +208,7 @@ def regroup(
         lengths = jag.offsets[new_rows + 1] - starts_
         if name == history:
             # The chunk's items on the group's first row; the other rows carry nothing (as per-group features do).
-            lengths = np.zeros(R, dtype=np.int64)
+            lengths = np.zeros(B, dtype=np.int64)
             lengths[leader] = b_arr - s_arr
             values = sequences.items[concat_ranges(sequences.offsets[chunk_user_arr] + s_arr, b_arr - s_arr)]
             out.features[name] = Jagged(values, offsets_from_lengths(lengths))
@@ -222,7 +222,7 @@ def regroup(
         chunks=len(s_arr),
         tokens=int((1 + b_arr - s_arr).sum()),
         targets=int((b_arr - a_arr).sum()),
-        rows=R,
+        rows=B,
         users_chunked=int(users_chunked),
         chunks_without_rows=int((~keep).sum()),
     )

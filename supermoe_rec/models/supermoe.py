@@ -181,22 +181,22 @@ class SuperMoEOverArch(nn.Module):
     ) -> NextItemsInputs:
         """Every owned token of every group predicts the chunk's next item: token k the item at token k + 1.
 
-        Dimension letters: G groups, S = 1 + L tokens, P owned tokens with a next item, D item-table width.
+        Dimension letters: G groups, S = 1 + L tokens, O owned tokens with a next item, D item-table width.
         """
         assert batch.target_start is not None
         name = self.layout.history[0]
         S = states.shape[1]
         k = torch.arange(S, device=states.device)[None, :]  # (1, S)
         owned = (k >= batch.target_start[:, None]) & (k < lengths[:, None])  # (G, S): tokens with a next item
-        g_idx, k_idx = owned.nonzero(as_tuple=True)  # (P,), (P,)
+        g_idx, k_idx = owned.nonzero(as_tuple=True)  # (O,), (O,)
         items = emb.padded(name, rows)  # (G, L, D): item j sits on token j + 1
         ids = _padded_ids(batch, name, rows)  # (G, L)
-        positives = items[g_idx, k_idx].unsqueeze(1)  # (P, 1, D)
+        positives = items[g_idx, k_idx].unsqueeze(1)  # (O, 1, D)
         return NextItemsInputs(
-            query=self.user_query(states[g_idx, k_idx]),  # (P, D)
+            query=self.user_query(states[g_idx, k_idx]),  # (O, D)
             positives=positives,
-            positive_ids=ids[g_idx, k_idx].unsqueeze(1),  # (P, 1)
-            positive_mask=positives.new_ones(positives.shape[:2]),  # (P, 1)
+            positive_ids=ids[g_idx, k_idx].unsqueeze(1),  # (O, 1)
+            positive_mask=positives.new_ones(positives.shape[:2]),  # (O, 1)
             candidates=emb.values[ITEM_CANDIDATES],  # (N, D), in the ids' order
             candidate_ids=batch.sequence_features[ITEM_CANDIDATES].values().long(),
         )

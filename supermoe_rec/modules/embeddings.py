@@ -80,7 +80,7 @@ class SparseOutput:
     lengths: dict[str, torch.Tensor]
 
     def padded(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Feature ``name`` padded to ``[R, L, D]`` for ``rows`` (all B rows when None), zeros at padding.
+        """Feature ``name`` padded to ``[Q, L, D]`` for ``rows`` (all B rows when None), zeros at padding.
 
         L is the longest of the chosen rows, so padding the few rows that carry a long per-group history (the
         group leaders) costs O(G L D), not O(B L D).

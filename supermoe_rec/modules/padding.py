@@ -1,6 +1,6 @@
 """Padding jagged rows to a dense block, for the rows a consumer reads (torch only: no TorchRec).
 
-Dimension letters: N values, B rows, R chosen rows, L their longest length.
+Dimension letters: N values, B rows, Q chosen rows, L their longest length.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ __all__ = ["pad_rows"]
 
 
 def pad_rows(values: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of a jagged ``(values [N, ...], lengths [B])`` pair, padded: ``[R, L, ...]`` with zeros at padding.
+    """Rows of a jagged ``(values [N, ...], lengths [B])`` pair, padded: ``[Q, L, ...]`` with zeros at padding.
 
     Example::
 
@@ -22,12 +22,12 @@ def pad_rows(values: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor | N
     offsets = torch.cumsum(lengths, 0) - lengths  # (B,)
     if rows is not None:
         offsets, lengths = offsets[rows], lengths[rows]
-    R = lengths.shape[0]
-    L = int(lengths.max()) if R else 0
+    Q = lengths.shape[0]
+    L = int(lengths.max()) if Q else 0
     steps = torch.arange(L, device=values.device)
-    valid = steps[None, :] < lengths[:, None]  # (R, L)
+    valid = steps[None, :] < lengths[:, None]  # (Q, L)
     if values.shape[0] == 0:
-        return values.new_zeros(R, L, *values.shape[1:])
-    index = (offsets[:, None] + steps[None, :]).clamp(max=values.shape[0] - 1)  # (R, L)
-    out = values[index]  # (R, L, ...)
-    return out * valid.view(R, L, *([1] * (values.dim() - 1))).to(out.dtype)
+        return values.new_zeros(Q, L, *values.shape[1:])
+    index = (offsets[:, None] + steps[None, :]).clamp(max=values.shape[0] - 1)  # (Q, L)
+    out = values[index]  # (Q, L, ...)
+    return out * valid.view(Q, L, *([1] * (values.dim() - 1))).to(out.dtype)

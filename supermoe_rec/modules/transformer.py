@@ -1,8 +1,8 @@
 """Sparse-MoE transformer encoder of a user's behaviour sequence, with a ``[USER]`` token and per-task tokens.
 
 Dimension letters: G sequences (users), L history length, T tasks, T' task tokens (T, or 0 without task tokens),
-S = 1 + T' + L tokens per sequence, D model dim, Dh head dim, E experts, K top-k, N real (non-padding) tokens,
-M MoE layers.
+S = 1 + T' + L tokens per sequence, M model width, Dh head dim, E experts, K top-k, N real (non-padding) tokens,
+Λ MoE layers.
 
 Token layout of sequence g (left-aligned, padding last)::
 
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 # Std of the learned token embeddings ([USER], task tokens, positions). Measured on ml100k: N(0, 0.02) trains much
-# faster than N(0, 1), which would swamp the projected item embeddings and the context at D=64.
+# faster than N(0, 1), which would swamp the projected item embeddings and the context at M=64.
 _TOKEN_INIT_STD = 0.02
 
 
@@ -74,14 +74,14 @@ def _init_linear(linear: nn.Linear) -> None:
 class MultiHeadSelfAttention(nn.Module):
     """Bidirectional multi-head self-attention with a key-padding mask.
 
-    Dimension letters: G sequences, S tokens per sequence, D model dim, Dh = D / heads.
+    Dimension letters: G sequences, S tokens per sequence, M model width, Dh = M / heads.
 
     No causal mask: the sequence holds only the user's past, so every token may look at every real token. Padding
     keys are masked out; padding query rows still produce (finite) values, which the caller must never read.
 
     Args:
-        d_model: D.
-        num_heads: number of heads; must divide D.
+        d_model: M.
+        num_heads: number of heads; must divide M.
         dropout: attention-probability dropout in training (0 disables it).
         impl: :class:`AttentionImpl`; also settable later through the ``impl`` attribute.
         device: where to allocate parameters (``meta`` for deferred init).
@@ -90,7 +90,7 @@ class MultiHeadSelfAttention(nn.Module):
 
         >>> _ = torch.manual_seed(0)
         >>> attn = MultiHeadSelfAttention(d_model=8, num_heads=2)
-        >>> x = torch.randn(3, 5, 8)  # (G, S, D)
+        >>> x = torch.randn(3, 5, 8)  # (G, S, M)
         >>> key_valid = torch.arange(5) < torch.tensor([[5], [3], [1]])  # (G, S)
         >>> attn(x, key_valid).shape
         torch.Size([3, 5, 8])
@@ -136,16 +136,16 @@ class MultiHeadSelfAttention(nn.Module):
         """Attend.
 
         Args:
-            x: ``[G, S, D]`` tokens (already normalised by the caller).
+            x: ``[G, S, M]`` tokens (already normalised by the caller).
             key_valid: ``[G, S]`` bool, True for real tokens; every row needs at least one True.
             attn_mask: optional additive float mask broadcastable to ``[G, heads, S, S]`` (a bias where a query may
                 attend, ``-inf`` where not) used *instead of* ``key_valid``: the causal encoder's band mask with its
                 relative-position bias (:mod:`supermoe_rec.modules.causal`). Every query row needs one finite entry.
 
         Returns:
-            ``[G, S, D]`` attention output after the output projection (no residual).
+            ``[G, S, M]`` attention output after the output projection (no residual).
         """
-        G, S, D = x.shape
+        G, S, M = x.shape
         H, Dh = self.num_heads, self.head_dim
         qkv: Tensor = self.qkv(x)  # (G, S, 3D)
         q, k, v = qkv.view(G, S, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (G, H, S, Dh)
@@ -156,7 +156,7 @@ class MultiHeadSelfAttention(nn.Module):
             y = self._reference(q, k, v, mask, dropout_p)  # (G, H, S, Dh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (G, H, S, Dh)
-        y = y.transpose(1, 2).reshape(G, S, D)  # (G, S, D)
+        y = y.transpose(1, 2).reshape(G, S, M)  # (G, S, M)
         out: Tensor = self.out(y)
         return out
 
@@ -164,17 +164,17 @@ class MultiHeadSelfAttention(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-LayerNorm transformer block: ``x + attn(LN(x))``, then ``x + ffn(LN(x))`` on real tokens only.
 
-    Dimension letters: G sequences, S tokens per sequence, D model dim, N real tokens, E experts.
+    Dimension letters: G sequences, S tokens per sequence, M model width, N real tokens, E experts.
 
     The FFN (dense or MoE) runs on the N real tokens gathered from the ``[G, S]`` grid and is scattered back, so no
     compute is spent on padding and the MoE's routing statistics and capacity count real tokens only. Padding rows
     keep their post-attention value.
 
     Args:
-        d_model: D.
+        d_model: M.
         num_heads: attention heads.
         ffn: the FFN, a :class:`~supermoe_rec.modules.experts.DenseFFN` or a
-            :class:`~supermoe_rec.modules.moe.MoELayer`, ``[N, D] -> [N, D]``.
+            :class:`~supermoe_rec.modules.moe.MoELayer`, ``[N, M] -> [N, M]``.
         dropout: residual and attention dropout in training (0 disables it; dropout costs ~15% of a CPU step).
         attention_impl: :class:`AttentionImpl`.
         device: where to allocate parameters (``meta`` for deferred init).
@@ -230,7 +230,7 @@ class EncoderBlock(nn.Module):
         """Run the block.
 
         Args:
-            x: ``[G, S, D]`` tokens.
+            x: ``[G, S, M]`` tokens.
             key_valid: ``[G, S]`` bool, True for real tokens.
             real_index: ``[N]`` int64 flat indices (into ``G * S``) of the real tokens.
             token_kinds: ``[N]`` int64 token kind per real token (MoE ``task_ids``; unused by a dense FFN).
@@ -238,36 +238,36 @@ class EncoderBlock(nn.Module):
                 (:meth:`MultiHeadSelfAttention.forward`).
 
         Returns:
-            ``(x, moe_out)``: ``[G, S, D]`` tokens and the :class:`~supermoe_rec.modules.moe.MoEOutput` (``hidden``
-            ``[N, D]``) or ``None`` for a dense FFN.
+            ``(x, moe_out)``: ``[G, S, M]`` tokens and the :class:`~supermoe_rec.modules.moe.MoEOutput` (``hidden``
+            ``[N, M]``) or ``None`` for a dense FFN.
         """
-        G, S, D = x.shape
-        x = x + self._drop(self.attn(self.attn_norm(x), key_valid, attn_mask))  # (G, S, D)
-        flat = x.reshape(G * S, D)  # (G*S, D)
-        h: Tensor = self.ffn_norm(flat.index_select(0, real_index))  # (N, D)
+        G, S, M = x.shape
+        x = x + self._drop(self.attn(self.attn_norm(x), key_valid, attn_mask))  # (G, S, M)
+        flat = x.reshape(G * S, M)  # (G*S, M)
+        h: Tensor = self.ffn_norm(flat.index_select(0, real_index))  # (N, M)
         moe_out: MoEOutput | None = None
         if isinstance(self.ffn, MoELayer):
             moe_out = self.ffn(h, task_ids=token_kinds)
-            y = moe_out.hidden  # (N, D)
+            y = moe_out.hidden  # (N, M)
         else:
-            y = self.ffn(h)  # (N, D)
+            y = self.ffn(h)  # (N, M)
         # Under autocast the FFN may return bf16 while the residual stream stays fp32; index_add needs one dtype.
-        flat = flat.index_add(0, real_index, self._drop(y).to(flat.dtype))  # (G*S, D) padding rows unchanged
-        return flat.view(G, S, D), moe_out  # (G, S, D)
+        flat = flat.index_add(0, real_index, self._drop(y).to(flat.dtype))  # (G*S, M) padding rows unchanged
+        return flat.view(G, S, M), moe_out  # (G, S, M)
 
 
 class EncoderOutput(NamedTuple):
     """What :class:`MoETransformerEncoder` returns.
 
     Attributes:
-        user: ``[G, D]`` output at the ``[USER]`` token: the universal user representation.
-        tasks: ``[G, T, D]`` task t's representation, read at its indicator token; without task tokens, ``user``
-            expanded (a view) to ``[G, T, D]``.
-        balance_loss: scalar float32, mean MoE load-balancing loss over the M MoE layers (unweighted; 0 if M = 0).
-        z_loss: scalar float32, mean router z-loss over the MoE layers (unweighted; 0 if M = 0).
-        tokens_per_expert: ``[M, E]`` int64 assignments per expert before dropping (each row sums to N * K).
-        dropped_fraction: scalar float32, mean over MoE layers of the fraction of assignments dropped (0 if M = 0).
-        task_expert_counts: ``[M, T + 2, E]`` int64 assignments per (token kind, expert); kinds are 0 = ``[USER]``,
+        user: ``[G, M]`` output at the ``[USER]`` token: the universal user representation.
+        tasks: ``[G, T, M]`` task t's representation, read at its indicator token; without task tokens, ``user``
+            expanded (a view) to ``[G, T, M]``.
+        balance_loss: scalar float32, mean MoE load-balancing loss over the Λ MoE layers (unweighted; 0 if Λ = 0).
+        z_loss: scalar float32, mean router z-loss over the MoE layers (unweighted; 0 if Λ = 0).
+        tokens_per_expert: ``[Λ, E]`` int64 assignments per expert before dropping (each row sums to N * K).
+        dropped_fraction: scalar float32, mean over MoE layers of the fraction of assignments dropped (0 if Λ = 0).
+        task_expert_counts: ``[Λ, T + 2, E]`` int64 assignments per (token kind, expert); kinds are 0 = ``[USER]``,
             1..T = task tokens, T + 1 = history (rows 1..T are 0 without task tokens).
     """
 
@@ -284,10 +284,10 @@ class MoETransformerEncoder(nn.Module):
     """Transformer encoder of a user's behaviour sequence with sparse-MoE FFNs, ``[USER]`` and task tokens.
 
     Dimension letters: G sequences, L history length, T tasks, S = 1 + T + L tokens (1 + L without task tokens),
-    D model dim, E experts, K top-k, N real tokens (``sum_g 1 + T + lengths[g]``), M MoE layers.
+    M model width, E experts, K top-k, N real tokens (``sum_g 1 + T + lengths[g]``), Λ MoE layers.
 
     Input per sequence: a learned ``[USER]`` token, one learned indicator token per task (if
-    ``config.encoder.use_task_tokens``), then the history items projected from ``input_dim`` to D (a Linear, only
+    ``config.encoder.use_task_tokens``), then the history items projected from ``input_dim`` to M (a Linear, only
     when they differ). ``context`` (e.g. a projection of profile features) is added to the ``[USER]`` and task tokens.
 
     - Positions: learned, for history items only, right-aligned: the most recent item has position 0, so a
@@ -330,7 +330,7 @@ class MoETransformerEncoder(nn.Module):
         >>> out = enc(history, lengths=torch.tensor([5, 2]))
         >>> out.user.shape, out.tasks.shape
         (torch.Size([2, 16]), torch.Size([2, 3, 16]))
-        >>> out.tokens_per_expert.shape, out.task_expert_counts.shape  # M=1 MoE layer, T+2=5 token kinds
+        >>> out.tokens_per_expert.shape, out.task_expert_counts.shape  # Λ=1 MoE layer, T+2=5 token kinds
         (torch.Size([1, 4]), torch.Size([1, 5, 4]))
         >>> int(out.task_expert_counts.sum())  # N = (1+3+5) + (1+3+2) real tokens, K = 2 assignments each
         30
@@ -359,9 +359,9 @@ class MoETransformerEncoder(nn.Module):
             )
         if config.moe.moe_every < 1:
             raise ValueError(f"moe.moe_every must be >= 1, got {config.moe.moe_every}")
-        D = enc.d_model
+        M = enc.d_model
         self.config = config
-        self.d_model = D
+        self.d_model = M
         self.num_tasks = num_tasks
         self.input_dim = input_dim
         self.max_history = max_history
@@ -371,29 +371,29 @@ class MoETransformerEncoder(nn.Module):
         self.dropout = enc.dropout
         use_moe = config.arch is Arch.SUPERMOE
 
-        self.user_token = nn.Parameter(torch.empty(D, device=device))  # (D,)
-        self.task_tokens = nn.Parameter(torch.empty(self.num_task_tokens, D, device=device))  # (T', D)
-        self.positions = nn.Parameter(torch.empty(max_history, D, device=device))  # (max_history, D)
-        self.input_proj: nn.Linear | None = nn.Linear(input_dim, D, device=device) if input_dim != D else None
+        self.user_token = nn.Parameter(torch.empty(M, device=device))  # (M,)
+        self.task_tokens = nn.Parameter(torch.empty(self.num_task_tokens, M, device=device))  # (T', M)
+        self.positions = nn.Parameter(torch.empty(max_history, M, device=device))  # (max_history, M)
+        self.input_proj: nn.Linear | None = nn.Linear(input_dim, M, device=device) if input_dim != M else None
 
         blocks: list[EncoderBlock] = []
         for i in range(enc.num_layers):
             moe_slot = (i + 1) % config.moe.moe_every == 0
             ffn: DenseFFN | MoELayer
             if use_moe and moe_slot:
-                ffn = MoELayer(D, config.moe, num_tasks=num_tasks + 2, device=device, impl=expert_impl)
+                ffn = MoELayer(M, config.moe, num_tasks=num_tasks + 2, device=device, impl=expert_impl)
             elif moe_slot and dense_hidden_for_moe_blocks is not None:
-                ffn = DenseFFN(D, dense_hidden_for_moe_blocks, device=device)
+                ffn = DenseFFN(M, dense_hidden_for_moe_blocks, device=device)
             else:
-                ffn = DenseFFN(D, enc.ffn_hidden, device=device)
-            blocks.append(EncoderBlock(D, enc.num_heads, ffn, enc.dropout, attention_impl, device=device))
+                ffn = DenseFFN(M, enc.ffn_hidden, device=device)
+            blocks.append(EncoderBlock(M, enc.num_heads, ffn, enc.dropout, attention_impl, device=device))
         self.blocks = nn.ModuleList(blocks)
-        self.final_norm = nn.LayerNorm(D, device=device)
+        self.final_norm = nn.LayerNorm(M, device=device)
         self._reset_own_parameters()
 
     @property
     def moe_layers(self) -> list[MoELayer]:
-        """The M MoE layers, in block order."""
+        """The Λ MoE layers, in block order."""
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def _reset_own_parameters(self) -> None:
@@ -442,35 +442,35 @@ class MoETransformerEncoder(nn.Module):
                 ``j < lengths[g]``, oldest first); values at padding positions are ignored. L may be 0.
             lengths: ``[G]`` int64 history lengths in ``[0, L]`` (0: only the special tokens are encoded). Rows
                 longer than ``max_history`` keep their ``max_history`` most recent items.
-            context: optional ``[G, D]`` added to the ``[USER]`` and every task token of its row.
+            context: optional ``[G, M]`` added to the ``[USER]`` and every task token of its row.
 
         Returns:
-            :class:`EncoderOutput`: ``user`` ``[G, D]``, ``tasks`` ``[G, T, D]``, scalar ``balance_loss``,
-            ``z_loss`` and ``dropped_fraction``, ``tokens_per_expert`` ``[M, E]``, ``task_expert_counts``
-            ``[M, T + 2, E]``.
+            :class:`EncoderOutput`: ``user`` ``[G, M]``, ``tasks`` ``[G, T, M]``, scalar ``balance_loss``,
+            ``z_loss`` and ``dropped_fraction``, ``tokens_per_expert`` ``[Λ, E]``, ``task_expert_counts``
+            ``[Λ, T + 2, E]``.
         """
         if history.dim() != 3 or history.shape[2] != self.input_dim:
             raise ValueError(f"history must be [G, L, input_dim={self.input_dim}], got {list(history.shape)}")
         history, lengths = self._truncate(history, lengths)
         G, L, _ = history.shape
-        D, T, Tp = self.d_model, self.num_tasks, self.num_task_tokens
+        M, T, Tp = self.d_model, self.num_tasks, self.num_task_tokens
         S = 1 + Tp + L
         device = history.device
 
-        special = torch.cat([self.user_token.expand(G, 1, D), self.task_tokens.expand(G, Tp, D)], dim=1)  # (G, 1+T', D)
+        special = torch.cat([self.user_token.expand(G, 1, M), self.task_tokens.expand(G, Tp, M)], dim=1)  # (G, 1+T', M)
         if context is not None:
-            if context.shape != (G, D):
-                raise ValueError(f"context must be [G, D]=[{G}, {D}], got {list(context.shape)}")
-            special = special + context.unsqueeze(1)  # (G, 1+T', D)
+            if context.shape != (G, M):
+                raise ValueError(f"context must be [G, M]=[{G}, {M}], got {list(context.shape)}")
+            special = special + context.unsqueeze(1)  # (G, 1+T', M)
 
         steps = torch.arange(L, device=device)  # (L,)
         item_valid = steps < lengths.unsqueeze(1)  # (G, L)
         recency = (lengths.unsqueeze(1) - 1 - steps).clamp(min=0)  # (G, L) 0 = most recent; padding clamped
-        items: Tensor = self.input_proj(history) if self.input_proj is not None else history  # (G, L, D)
-        items = items + self.positions[recency]  # (G, L, D)
+        items: Tensor = self.input_proj(history) if self.input_proj is not None else history  # (G, L, M)
+        items = items + self.positions[recency]  # (G, L, M)
         # Zero padding so that garbage (even NaN) there cannot leak through the masked attention's 0 * value.
         items = items.masked_fill(~item_valid.unsqueeze(-1), 0.0)
-        x = torch.cat([special, items], dim=1)  # (G, S, D)
+        x = torch.cat([special, items], dim=1)  # (G, S, M)
         if self.training and self.dropout > 0:
             x = F.dropout(x, p=self.dropout, training=True)
 
@@ -487,14 +487,14 @@ class MoETransformerEncoder(nn.Module):
 
         moe_outs: list[MoEOutput] = []
         for block in self.blocks:
-            x, moe_out = block(x, key_valid, real_index, token_kinds)  # (G, S, D)
+            x, moe_out = block(x, key_valid, real_index, token_kinds)  # (G, S, M)
             if moe_out is not None:
                 moe_outs.append(moe_out)
 
         # Only the special tokens are read, so only they need the final norm.
-        out: Tensor = self.final_norm(x[:, : 1 + Tp])  # (G, 1+T', D)
-        user = out[:, 0]  # (G, D)
-        tasks = out[:, 1:] if self.use_task_tokens else user.unsqueeze(1).expand(G, T, D)  # (G, T, D)
+        out: Tensor = self.final_norm(x[:, : 1 + Tp])  # (G, 1+T', M)
+        user = out[:, 0]  # (G, M)
+        tasks = out[:, 1:] if self.use_task_tokens else user.unsqueeze(1).expand(G, T, M)  # (G, T, M)
 
         E = self.num_experts
         if moe_outs:
@@ -507,9 +507,9 @@ class MoETransformerEncoder(nn.Module):
                 tasks=tasks,
                 balance_loss=torch.stack([m.balance_loss for m in moe_outs]).mean(),
                 z_loss=torch.stack([m.z_loss for m in moe_outs]).mean(),
-                tokens_per_expert=torch.stack([m.tokens_per_expert for m in moe_outs]),  # (M, E)
+                tokens_per_expert=torch.stack([m.tokens_per_expert for m in moe_outs]),  # (Λ, E)
                 dropped_fraction=torch.stack([m.dropped_fraction for m in moe_outs]).mean(),
-                task_expert_counts=torch.stack(counts),  # (M, T+2, E)
+                task_expert_counts=torch.stack(counts),  # (Λ, T+2, E)
             )
         zero = torch.zeros((), device=device)
         return EncoderOutput(
