@@ -7,9 +7,10 @@ Token layout of sequence g (left-aligned, padding last)::
 
     [START] | item_0 ... item_{len_g - 1} | padding ...
 
-Token s is the user's state after the first s items: token 0 (``[START]``, a learned embedding plus the profile
-context) is the state before any item, token s ≥ 1 sits on item s - 1. A sample whose history is the items before
-position p is scored from token p, so one pass over a user's sequence serves every target of that user.
+Token s is the user's state after the first s items: token 0 (``[START]``, a learned embedding) is the state before
+any item, token s ≥ 1 sits on item s - 1. The profile context, a per-user constant, is added to every token. A
+sample whose history is the items before position p is scored from token p, so one pass over a user's sequence
+serves every target of that user.
 
 - **Causal band.** Token s attends to ``[START]`` and to the item tokens ``s - W + 1 .. s``: the W most recent items,
   as the per-group encoder's ``max_history`` window. Through Λ' blocks the receptive field grows to Λ' (W - 1) + 1
@@ -473,7 +474,7 @@ class CausalMoEEncoder(nn.Module):
         Args:
             history: ``[G, L, input_dim]`` item vectors, left-aligned, oldest first; padding values are ignored.
             lengths: ``[G]`` int64 items per sequence, in ``[0, L]``.
-            context: optional ``[G, M]`` (a projection of the profile) added to ``[START]``.
+            context: optional ``[G, M]`` (a projection of the profile) added to ``[START]`` and every item token.
 
         Returns:
             :class:`CausalEncoderOutput`: ``states`` ``[G, 1 + L, M]``, ``tasks`` ``[G, 1 + L, T, M]`` and the MoE
@@ -495,6 +496,8 @@ class CausalMoEEncoder(nn.Module):
                 raise ValueError(f"context must be [G, M]=[{G}, {M}], got {list(context.shape)}")
             start = start + context.unsqueeze(1)
         items: Tensor = self.input_proj(history) if self.input_proj is not None else history  # (G, L, M)
+        if context is not None:  # the user's profile conditions every position (a per-user constant: still causal)
+            items = items + context.unsqueeze(1)
         item_valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (G, L)
         # Zero padding so that garbage (even NaN) there cannot reach a real token through 0 * value.
         items = items.masked_fill(~item_valid.unsqueeze(-1), 0.0)
