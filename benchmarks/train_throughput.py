@@ -23,12 +23,13 @@ Cases (each a row of the table):
   per-rank batch size kept, as training does: samples/s counts the rows of all ranks).
 
 ``--generative``: generative training against the per-group path, side by side on real ml100k. Cases: the
-``ml100k`` (configs/ml100k.yaml, ml100k-mt) and ``ml100k_universal`` (configs/ml100k_universal.yaml on RecBole's
-leave-one-out split) configs, each with ``grouping`` ``groups`` (one encoder pass per (user, position), batches of
-``--batch-size`` rows) and ``generative`` (``model.encoder.generative``: one causal pass per user chunk, batches of
-``--generative-batch-size`` rows), and ``plain_causal``: a plain-PyTorch causal transformer of the universal
-config's size (``nn.Embedding`` items, ``nn.TransformerEncoder`` with a causal mask, learned positions, the full
-softmax at every position, Adam; no TorchRec, no MoE) on the same generative batches. Every case also reports
+``ml100k_mt`` (configs/ml100k.yaml, ml100k-mt) and ``ml100k_universal`` (configs/ml100k_universal.yaml on
+RecBole's leave-one-out split) configs, each with ``grouping`` ``groups`` (one encoder pass per (user, position),
+batches of ``--batch-size`` rows) and ``generative`` (``model.encoder.generative``: one causal pass per user chunk,
+batches of ``--generative-batch-size`` rows), the universal config's ``dense_transformer`` twin on the generative
+path, and ``plain_causal``: a plain-PyTorch causal transformer of the universal config's size (``nn.Embedding``
+items, ``nn.TransformerEncoder`` with a causal mask, learned positions, the full softmax at every position, Adam;
+no TorchRec, no MoE) on the same generative batches. Every case also reports
 ``targets_per_s``: positive rows per second (one next-item target or one positive sample each), the unit in which
 the per-group and generative paths compare.
 
@@ -87,7 +88,10 @@ from supermoe_rec.objectives.task_indicator import TaskIndicatorLoss
 
 ARCHS = ("supermoe", "dense_transformer", "mmoe")
 DATASETS = ("ml100k", "synthetic")
-UNIVERSAL = "ml100k_universal"  # configs/ml100k_universal.yaml on the leave-one-out split (the --generative cases)
+# The --generative cases read the shipped configs: data name -> (config file, overrides).
+MT = "ml100k_mt"
+UNIVERSAL = "ml100k_universal"
+CONFIG_FILES = {MT: ("ml100k.yaml", []), UNIVERSAL: ("ml100k_universal.yaml", ["--data.leave_one_out=true"])}
 
 
 def load_average() -> float:
@@ -174,10 +178,11 @@ def make_cases(
 def generative_cases() -> list[Case]:
     """``--generative``: each config per group and generative, and the plain causal twin (1 process)."""
     return [
-        Case("ml100k"),
-        Case("ml100k", grouping="generative"),
+        Case(MT),
+        Case(MT, grouping="generative"),
         Case(UNIVERSAL),
         Case(UNIVERSAL, grouping="generative"),
+        Case(UNIVERSAL, "dense_transformer", grouping="generative"),  # the twin's structure, through TorchRec
         Case(UNIVERSAL, impl="plain_causal", lookup="nn.Embedding", grouping="generative", sparse_optimizer="adam"),
     ]
 
@@ -201,9 +206,9 @@ def experiment_config(case: Case, opts: Options) -> ExperimentConfig:
             f"--data.synthetic_users={opts.synthetic_users}",
             f"--data.synthetic_items={opts.synthetic_items}",
         ]
-    if case.data == UNIVERSAL:
-        root = Path(__file__).resolve().parents[1]
-        return load_config(root / "configs" / "ml100k_universal.yaml", ["--data.leave_one_out=true", *overrides])
+    if case.data in CONFIG_FILES:
+        name, extra = CONFIG_FILES[case.data]
+        return load_config(Path(__file__).resolve().parents[1] / "configs" / name, [*extra, *overrides])
     return apply_overrides(ExperimentConfig(), overrides)
 
 
@@ -670,6 +675,7 @@ def add_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratio("generative/per-group", Case(d, grouping="generative"), Case(d))
     twin = generative_cases()[-1]
     ratio("generative/plain causal", Case(UNIVERSAL, grouping="generative"), twin)
+    ratio("generative/plain causal", Case(UNIVERSAL, "dense_transformer", grouping="generative"), twin)
     for world in (1, 2):
         for d in datasets:
             base = Case(d, world=world)

@@ -60,16 +60,18 @@ def test_train_throughput_generative_quick(tmp_path: Path) -> None:
     out = _run("train_throughput.py", ["--quick", "--generative", "--threads", "1"], tmp_path / "gen.json")
     by_label = {r["label"]: r for r in out["results"]}
     for label in (
-        "ml100k/supermoe/torchrec/bags_of_one/groups/w1",
-        "ml100k/supermoe/torchrec/bags_of_one/generative/w1",
+        "ml100k_mt/supermoe/torchrec/bags_of_one/groups/w1",
+        "ml100k_mt/supermoe/torchrec/bags_of_one/generative/w1",
         "ml100k_universal/supermoe/torchrec/bags_of_one/generative/w1",
         "ml100k_universal/supermoe/plain_causal/nn.Embedding/generative/w1/adam",
     ):
         assert "error" not in by_label[label], by_label[label]
         assert 0 < by_label[label]["targets_per_s"] < by_label[label]["samples_per_s"]
     # A generative step holds whole user chunks: far fewer groups than the per-group step's (user, position) pairs.
-    generative = by_label["ml100k/supermoe/torchrec/bags_of_one/generative/w1"]
-    assert generative["groups_per_step"] < by_label["ml100k/supermoe/torchrec/bags_of_one/groups/w1"]["groups_per_step"]
+    generative = by_label["ml100k_mt/supermoe/torchrec/bags_of_one/generative/w1"]
+    assert (
+        generative["groups_per_step"] < by_label["ml100k_mt/supermoe/torchrec/bags_of_one/groups/w1"]["groups_per_step"]
+    )
     assert {r["ratio"] for r in out["ratios"]} >= {"generative/per-group", "generative/plain causal"}
 
 

@@ -54,6 +54,25 @@ def test_full_softmax_matches_cross_entropy_with_one_future_item() -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_the_catalogue_cross_entropy_path_equals_the_general_path() -> None:
+    """One positive per query over the catalogue in id order takes the fused cross-entropy; a permuted catalogue
+    (the same candidates) takes the general path: equal loss, equal gradients on the query and on the table."""
+    x = _inputs(7, groups=9, window=1)
+    loss_fn = NextItemsLoss(Softmax.FULL, N_ITEMS)
+    results = []
+    for cand_ids in (full_catalogue(N_ITEMS), full_catalogue(N_ITEMS).flip(0)):
+        table = x["table"].clone().requires_grad_(True)
+        query = x["query"].clone().requires_grad_(True)
+        assert loss_fn._is_catalogue(cand_ids) == bool(cand_ids[0] == 1)
+        loss = loss_fn(query, table[x["pos_ids"]], x["pos_ids"], x["pos_mask"], table[cand_ids], cand_ids)
+        loss.backward()
+        results.append((loss.detach(), query.grad, table.grad))
+    (l_fast, q_fast, t_fast), (l_ref, q_ref, t_ref) = results
+    torch.testing.assert_close(l_fast, l_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q_fast, q_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t_fast, t_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_full_softmax_leaves_the_users_other_future_items_out() -> None:
     x = _inputs(1)
     x["pos_ids"][0] = torch.tensor([5, 6, 7])  # distinct, so the reference's set logic is exact

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_gather
 
@@ -150,6 +151,12 @@ class NextItemsLoss(nn.Module):
         dtype = torch.promote_types(query.dtype, torch.float32)
         query = query.to(dtype) / self.temperature
         G, W, D = pos_emb.shape
+        if self._is_catalogue(cand_ids) and W == 1 and bool(mask.all()):
+            # The full softmax with one positive each: the positive is one of the catalogue's candidates, so the loss
+            # is the cross-entropy over the catalogue (the same value and gradient, computed by one fused kernel).
+            logits = query @ cand_emb.to(dtype).T  # (G, N): candidate j is item j + 1
+            per_positive_sum = F.cross_entropy(logits, pos_ids[:, 0].long() - 1, reduction="sum")
+            return per_positive_sum * world / global_count.clamp(min=1).to(dtype)
 
         if self.in_batch_negatives:
             flat_mask = mask.reshape(G * W)  # (G*W,)
@@ -173,6 +180,17 @@ class NextItemsLoss(nn.Module):
         per_positive = torch.logaddexp(pos_scores, log_z_neg) - pos_scores  # (G, W)
         per_positive = torch.where(mask, per_positive, 0.0)
         return per_positive.sum() * world / global_count.clamp(min=1).to(dtype)
+
+    def _is_catalogue(self, cand_ids: torch.Tensor) -> bool:
+        """True when the candidates are the whole catalogue in id order (items 1 .. num_items - 1, once each)."""
+        n = self.num_items - 1
+        return (
+            self.softmax is Softmax.FULL
+            and cand_ids.numel() == n
+            and int(cand_ids[0]) == 1
+            and int(cand_ids[-1]) == n
+            and bool((cand_ids[1:] - cand_ids[:-1] == 1).all())
+        )
 
     @staticmethod
     def _gather_positives(
