@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from supermoe_rec.data.dataset import Jagged, TabularDataset
+from supermoe_rec.data.dataset import Jagged, TabularDataset, plain
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths
 
@@ -80,13 +80,15 @@ class UserSequences:
     def sequence(self, u: int) -> IntArray:
         return self.items[self.offsets[u] : self.offsets[u + 1]]
 
-    def index_of(self, keys: npt.NDArray[Any], source: str) -> IntArray:
-        """The index of each user key; a key without a sequence is a :class:`DataError` naming its row."""
+    def index_of(self, keys: npt.NDArray[Any], source: str, input_row: IntArray | None = None) -> IntArray:
+        """The index of each user key; a key without a sequence is a :class:`DataError` naming its row
+        (``input_row[i]``, the row in the source, when given)."""
         idx = np.searchsorted(self.users, keys).clip(max=max(len(self.users) - 1, 0))
         missing = (self.users[idx] != keys) if len(self.users) else np.ones(len(keys), dtype=bool)
         if missing.any():
-            row = int(np.flatnonzero(missing)[0])
-            raise DataError(source, f"user {keys[row]!r} has no item sequence", row=row)
+            i = int(np.flatnonzero(missing)[0])
+            row = int(input_row[i]) if input_row is not None else i
+            raise DataError(source, f"user {plain(keys[i])!r} has no item sequence", row=row)
         return idx.astype(np.int64)
 
 
@@ -146,7 +148,7 @@ def regroup(
     B = len(ds)
     if positions.shape != (B,):
         raise ValueError(f"positions must have shape [{B}], got {list(positions.shape)}")
-    user = sequences.index_of(ds.user_keys, ds.source)  # (B,)
+    user = sequences.index_of(ds.user_keys, ds.source, ds.input_row)  # (B,)
     seq_len = np.diff(sequences.offsets)[user]  # (B,)
     bad = (positions < 0) | (positions >= seq_len)
     if bad.any():
