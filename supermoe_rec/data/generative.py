@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from supermoe_rec.data.dataset import Jagged, TabularDataset, plain
+from supermoe_rec.data.dataset import Jagged, TabularDataset
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.jagged import IntArray, concat_ranges, offsets_from_lengths
+from supermoe_rec.data.lists import plain
 
 if TYPE_CHECKING:
     from supermoe_rec.config.experiment import ExperimentConfig
