@@ -314,3 +314,25 @@ def test_overwrite_replaces_a_finished_run_and_nothing_else(tmp_path: Path) -> N
     check_fresh_start(run, overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
     check_fresh_start(run, overwrite=False)  # an empty (or crashed, checkpoint-less) dir may start afresh
+
+
+def test_the_load_planner_reads_values_without_running_code(tmp_path: Path) -> None:
+    # DCP's own planner reads non-tensor values with torch.load(weights_only=False).
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    from supermoe_rec.training.checkpoint import CheckpointError, SafeLoadPlanner
+
+    marker = tmp_path / "pwned"
+
+    class CreatesFile:
+        def __reduce__(self) -> tuple[object, tuple[str, str]]:
+            return (open, (str(marker), "w"))
+
+    item = ReadItem(LoadItemType.BYTE_IO, MetadataIndex("optim.x"), (), MetadataIndex("optim.x"), (), ())
+    with pytest.raises(CheckpointError, match=r"refused a value of the checkpoint \(optim.x\)"):
+        SafeLoadPlanner().load_bytes(item, io.BytesIO(pickle.dumps(CreatesFile())))
+    assert not marker.exists()

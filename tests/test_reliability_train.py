@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,13 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "base" / "metrics.json").is_file() and (out / "base" / "checkpoints" / "LATEST").is_file()
     assert not (out / "base" / "LOCK").exists()  # released at the end of the run
+    shutil.copytree(out / "base", pristine(out))  # as trained: later tests resume (and change) out/base
     return out
+
+
+def pristine(out: Path) -> Path:
+    """The fixture's run as it was trained, before any test resumed it."""
+    return out.parent / f"{out.name}-pristine"
 
 
 def refused(out: Path, *args: str) -> str:
@@ -92,7 +99,7 @@ def test_a_second_run_on_a_locked_run_dir_is_refused(out: Path) -> None:
 
 def test_a_string_timestamp_is_refused_naming_the_row(out: Path, tmp_path: Path) -> None:
     table = bad_timestamp_table(tmp_path)
-    line = refused(out, f"--config={BYO}", *table_overrides(table))
+    line = refused(out, f"--config={BYO}", *table_overrides(table), "--train.name=fresh")
     assert line.endswith(f"{table}: row 2, column 'ts': timestamp is not an integer: 'yesterday'")
 
 
@@ -123,3 +130,60 @@ def test_a_fresh_run_with_the_name_of_a_finished_run_is_refused(out: Path) -> No
     line = refused(out)
     assert f"{out / 'base'}: train.name 'base' already holds a run" in line
     assert "--train.resume=true" in line and "--train.name" in line and "--train.overwrite=true" in line
+
+
+def _rehash(ckpt: Path, name: str) -> None:
+    """Rewrite the COMPLETE manifest's entry of ``name`` to match the file, as anyone who can write it could."""
+    import zlib
+
+    manifest = json.loads((ckpt / "COMPLETE").read_text())
+    data = (ckpt / name).read_bytes()
+    manifest["files"][name] = [len(data), zlib.crc32(data)]
+    (ckpt / "COMPLETE").write_text(json.dumps(manifest))
+
+
+class _CreatesFile:
+    """Unpickling this calls ``open(path, "w")``: the file exists afterwards iff the pickle's code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def test_a_crafted_checkpoint_metadata_runs_no_code(out: Path, tmp_path: Path) -> None:
+    # Before: export and resume read DCP's .metadata with pickle.load, so the payload created the file.
+    import pickle
+
+    run = tmp_path / "runs" / "base"
+    shutil.copytree(pristine(out), run)
+    marker = tmp_path / "pwned"
+    for ckpt in (run / "checkpoints").glob("ckpt-*"):
+        metadata = pickle.loads((ckpt / ".metadata").read_bytes())  # the file the fixture's run just wrote
+        metadata.planner_data = _CreatesFile(marker)  # a valid metadata file but for one crafted field
+        (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+        _rehash(ckpt, ".metadata")
+    proc = run_cli("export", "--run", str(run), "--out", str(tmp_path / "u.parquet"))
+    assert not marker.exists()
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert ".metadata: refused to load the checkpoint's metadata" in line and "is not allowed" in line, line
+    assert not (tmp_path / "u.parquet").exists()
+    proc = run_cli("train", *TINY, f"--train.out_dir={run.parent}", "--train.name=base", "--train.resume=true")
+    assert not marker.exists()
+    assert proc.returncode == 3 and "refused to load the checkpoint's metadata" in proc.stderr, proc.stderr[-4000:]
+
+
+def test_a_pointer_leading_out_of_the_run_is_refused(out: Path, tmp_path: Path) -> None:
+    # Before: LATEST holding ../../x was followed outside the checkpoints folder.
+    run = tmp_path / "runs" / "base"
+    shutil.copytree(pristine(out), run)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(next((run / "checkpoints").glob("ckpt-*")), outside)
+    (run / "checkpoints" / "LATEST").write_text("../../../elsewhere")
+    proc = run_cli("train", *TINY, f"--train.out_dir={run.parent}", "--train.name=base", "--train.resume=true")
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    (line,) = error_lines(proc.stderr)
+    assert "LATEST: names '../../../elsewhere', which is not a checkpoint folder" in line, line

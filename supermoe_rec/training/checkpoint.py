@@ -30,9 +30,11 @@ optimizer states) as ``DTensor`` sharded on dim 0, so DCP stores every rank's sl
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import zlib
 from collections.abc import Callable, Mapping
@@ -45,6 +47,10 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.device_mesh import DeviceMesh
@@ -104,6 +110,15 @@ def _digest(path: Path, sync: bool = False) -> tuple[int, int]:
     return size, crc
 
 
+def _inside(root: Path, name: str) -> bool:
+    """``root / name`` names a path inside ``root`` (no ``..``, no absolute path, no link leading out)."""
+    try:
+        (root / name).resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return not Path(name).is_absolute()
+
+
 def _agree(error: str | None) -> None:
     """Collective: raise the same :class:`CheckpointError` on every rank if any rank reports an error."""
     errors: list[str | None] = [None] * dist.get_world_size()
@@ -125,6 +140,85 @@ def _agreed(what: str, fn: Callable[[], T]) -> T:
         error = f"{what}: {type(exc).__name__}: {exc}"
     _agree(error)
     return result  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ reading DCP without running code
+
+# What DCP's ``.metadata`` pickle may name: its own dataclasses, torch.Size, dtypes and layouts, a path. Anything
+# else (``builtins.open``, ``os.system``, any callable a crafted file names) is refused before it is called.
+_METADATA_GLOBALS = frozenset(
+    {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    )}
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
+)  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """A pickle reader that resolves only :data:`_METADATA_GLOBALS` and torch dtypes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def read_dcp_metadata(path: str | os.PathLike[str]) -> Metadata:
+    """DCP's ``.metadata`` file at ``path``, unpickled by a reader that refuses every class DCP does not need.
+
+    Raises:
+        CheckpointError: the file names another class or callable (a crafted file: nothing of it ran), or it is not
+            DCP metadata.
+    """
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused to load the checkpoint's metadata: {exc}") from exc
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path}: not DCP checkpoint metadata (a {type(metadata).__name__})")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with ``.metadata`` read by :func:`read_dcp_metadata` instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        metadata = read_dcp_metadata(Path(self.path) / name)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        assert metadata.storage_meta is not None
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with non-tensor values read by ``torch.load(weights_only=True)`` (DCP's own loads them
+    with ``weights_only=False``, which runs any code a crafted ``.distcp`` file holds)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"refused a value of the checkpoint ({read_item.dest_index.fqn}): {exc}") from exc
+        safe = io.BytesIO()
+        torch.save(obj, safe)  # what weights_only admitted: plain values and tensors, safe to hand on
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
 
 
 # ----------------------------------------------------------------------------------------- expert parallelism
@@ -299,6 +393,11 @@ class CheckpointManager:
                 f"{self.root}: no checkpoint to resume from ({self.root / pointer} does not exist); "
                 "run without train.resume to start from scratch"
             )
+        if target in ("", ".", "..") or Path(target).name != target:
+            raise CheckpointError(
+                f"{self.root / pointer}: names {target!r}, which is not a checkpoint folder of {self.root} "
+                "(a pointer holds one folder name)"
+            )
         path = self.root / target
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint named by {self.root / pointer} does not exist")
@@ -319,6 +418,9 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: unreadable {MARKER} manifest ({type(exc).__name__}: {exc})") from exc
         if ".metadata" not in files:
             raise CheckpointError(f"{path}: the {MARKER} manifest lists no DCP .metadata")
+        for name in files:
+            if not _inside(path, name):
+                raise CheckpointError(f"{path}: the {MARKER} manifest lists {name!r}, a path outside the checkpoint")
         rank, world_size = dist.get_rank(), dist.get_world_size()
         for name in sorted(files)[rank::world_size]:
             file = path / name
@@ -341,8 +443,10 @@ class CheckpointManager:
         return path
 
     def _dcp_load(self, target: dict[str, Any], path: Path) -> None:
+        # The metadata first, by this rank alone: a crafted one is refused with its own message (nothing of it runs).
+        _agreed(f"{path}: cannot read the checkpoint's metadata", lambda: read_dcp_metadata(path / ".metadata"))
         try:  # DCP gathers every rank's failure and raises on all of them
-            dcp_load(target, checkpoint_id=str(path))
+            dcp_load(target, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
         # DCP's CheckpointException (a mismatched model, for one) is a BaseException, not an Exception.
         except (Exception, CheckpointException) as exc:  # many types for unreadable files or mismatched models
             message = " ".join(str(exc).split())[:2000]
