@@ -75,11 +75,15 @@ def test_1t_does_not_fit_on_8_ranks() -> None:
 
 
 def _hand_count(cfg: ExperimentConfig) -> tuple[int, int]:
-    """(table params, expert params) from the config alone: rows x dim per table, E x (2DH + H + D) per MoE layer."""
+    """(table params, expert params) from the config alone: rows x dim per table, E x (2DH + H + D) per MoE layer
+    (the blocks' and, under generative training, the task readout's)."""
     d, m = cfg.data, cfg.model
     tables = (d.synthetic_users + USER_SEGMENTS + d.synthetic_items) * m.embedding_dim
     moe = m.arch is Arch.SUPERMOE
-    moe_layers = sum(1 for i in range(m.encoder.num_layers) if moe and (i + 1) % m.moe.moe_every == 0)
+    slots = [(i + 1) % m.moe.moe_every == 0 for i in range(m.encoder.num_layers)]
+    # The causal encoder's task readout has an FFN of the last block's kind: one more MoE layer after an MoE block.
+    readout = m.encoder.generative and m.encoder.use_task_tokens and slots[-1]
+    moe_layers = (sum(slots) + int(readout)) if moe else 0
     D, H = m.encoder.d_model, m.moe.expert_hidden
     experts = moe_layers * m.moe.num_experts * (2 * D * H + H + D)
     return tables, experts

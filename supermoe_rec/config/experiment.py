@@ -393,6 +393,20 @@ class ExperimentConfig:
             )
         if self.data.next_window < 0:
             raise ConfigError(f"data.next_window: must be >= 0, got {self.data.next_window}")
+        generative = self.model.encoder.generative and transformer
+        if generative and (self.data.next_window > 1 or self.data.next_horizon_days > 0):
+            # Generative training predicts the next item at every position; a window of future items per position
+            # is not built yet, and training on the next item alone while the config asks for more would be silent.
+            raise ConfigError(
+                "data.next_window: generative training (model.encoder.generative) scores the next item at every "
+                "position; set data.next_window=1 and data.next_horizon_days=0, or model.encoder.generative=false "
+                "for a window of future items"
+            )
+        if generative and self.data.chunk_length <= self.model.encoder.receptive_field(self.data.max_history):
+            raise ConfigError(
+                f"data.chunk_length: {self.data.chunk_length} must exceed the causal encoder's receptive field of "
+                f"{self.model.encoder.receptive_field(self.data.max_history)} items (the context each chunk repeats)"
+            )
         check_values(self)
 
     def trained_task_weights(self) -> dict[str, float]:

@@ -109,3 +109,12 @@ def test_a_source_without_sequences_is_refused_with_the_key_to_change() -> None:
         apply_layout(data, cfg)
     per_group = apply_overrides(ExperimentConfig(), ["--model.encoder.generative=false"])
     assert apply_layout(data, per_group) is data  # the per-group pass needs no sequences
+
+
+def test_configs_the_generative_path_cannot_honour_are_refused_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"data\.next_window: generative training"):
+        apply_overrides(ExperimentConfig(), ["--model.encoder.generative=true", "--data.next_window=3"])
+    with pytest.raises(ConfigError, match=r"data\.chunk_length: 100 must exceed .* receptive field of 148"):
+        apply_overrides(ExperimentConfig(), ["--model.encoder.generative=true", "--data.chunk_length=100"])
+    # The per-group pass keeps its windows of future items.
+    apply_overrides(ExperimentConfig(), ["--model.encoder.generative=false", "--data.next_window=3"])
