@@ -64,14 +64,16 @@ def pristine(out: Path) -> Path:
     return out.parent / f"{out.name}-pristine"
 
 
-def refused(out: Path, *args: str) -> str:
-    """Run ``train`` on ``out/base`` with ``args``; check rc 2, one error line, no traceback and an untouched dir."""
+def refused(out: Path, *args: str, code: int = 2) -> str:
+    """Run ``train`` on ``out/base`` with ``args``; check rc ``code``, one error line, no traceback and an untouched
+    dir."""
     before = snapshot(out.parent)
     proc = run_cli("train", *TINY, f"--train.out_dir={out}", "--train.name=base", *args)
-    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert proc.returncode == code, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
     lines = error_lines(proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith("supermoe-rec: error: "), proc.stderr[-4000:]
+    label = "checkpoint error" if code == 3 else "error"
+    assert len(lines) == 1 and lines[0].startswith(f"supermoe-rec: {label}: "), proc.stderr[-4000:]
     assert snapshot(out.parent) == before
     return lines[0]
 
@@ -187,3 +189,32 @@ def test_a_pointer_leading_out_of_the_run_is_refused(out: Path, tmp_path: Path) 
     assert proc.returncode == 3, proc.stderr[-4000:]
     (line,) = error_lines(proc.stderr)
     assert "LATEST: names '../../../elsewhere', which is not a checkpoint folder" in line, line
+
+
+def test_a_resume_on_changed_data_is_refused_naming_the_file(out: Path, tmp_path: Path) -> None:
+    # Before: the same data settings on other rows resumed silently (rc 0), mixing two datasets in one run.
+    import zipfile
+
+    from supermoe_rec.config.experiment import DataConfig
+    from supermoe_rec.data.movielens import RECBOLE_ML100K, RECBOLE_WHEEL_FILE
+
+    wheel = Path(DataConfig().cache_dir).expanduser() / RECBOLE_WHEEL_FILE
+    assert wheel.is_file(), "the fixture's run read MovieLens-100k from this wheel"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(cache / RECBOLE_WHEEL_FILE, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == f"{RECBOLE_ML100K}.inter":
+                data = b"\n".join(data.rstrip(b"\n").split(b"\n")[:-1000]) + b"\n"  # the last 1000 ratings gone
+            dst.writestr(info, data)
+    runs = tmp_path / "runs"
+    shutil.copytree(pristine(out), runs / "base")
+    line = refused(runs, "--train.resume=true", f"--data.cache_dir={cache}", "--data.try_url=false")
+    assert line.startswith(f"supermoe-rec: error: {cache / RECBOLE_WHEEL_FILE} (ml100k-mt/"), line
+    assert "train.resume: the data of split" in line and "changed since the checkpoint" in line, line
+    # The same rows from another place resume: the fingerprint is of the rows, not of the path.
+    shutil.copy(wheel, cache / RECBOLE_WHEEL_FILE)
+    proc = run_cli("train", *TINY, f"--train.out_dir={runs}", "--train.name=base", "--train.resume=true",
+                   f"--data.cache_dir={cache}", "--train.max_steps=3")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -7,6 +7,7 @@ Layout under ``<run>/checkpoints/``::
         rank0.pt, rank1.pt   per-rank extras: training state (data position), RNG states (loaded weights_only)
         config.yaml          the resolved config of the run
         vocab.json           the run's vocabularies, when the schema has vocab tables (docs/data.md)
+        data.json            what the run trains on: per split, its file, rows and a SHA-256 of the rows read
         COMPLETE             written last (atomically, by rank 0) once every rank finished: a JSON manifest with
                              the size and CRC-32 of every other file
     LATEST, BEST             pointer files naming a checkpoint dir; replaced atomically (write, fsync, rename)
@@ -70,6 +71,7 @@ T = TypeVar("T")
 
 MANIFEST_FORMAT = 1
 MARKER = "COMPLETE"
+DATA_FILE = "data.json"
 
 
 class CheckpointError(RuntimeError):
@@ -301,11 +303,20 @@ class TrainState:
 class CheckpointManager:
     """Save and load a :class:`TrainState` (all ranks call every method: they are collective)."""
 
-    def __init__(self, root: Path, cfg: ExperimentConfig, vocabularies: Mapping[str, Vocabulary] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        cfg: ExperimentConfig,
+        vocabularies: Mapping[str, Vocabulary] | None = None,
+        data_fingerprint: Mapping[str, Any] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.cfg = cfg
         # The run's vocabularies (vocab tables, docs/data.md): every checkpoint keeps them next to config.yaml.
         self.vocabularies = dict(vocabularies or {})
+        # What the run trains on (supermoe_rec.training.resume.data_fingerprint), saved as data.json: a resume on
+        # other data is refused.
+        self.data_fingerprint = dict(data_fingerprint) if data_fingerprint is not None else None
 
     # ------------------------------------------------------------------------------------------------- save
 
@@ -355,6 +366,8 @@ class CheckpointManager:
             save_config(self.cfg, path / "config.yaml")
             if self.vocabularies:
                 save_vocabularies(self.vocabularies, path / VOCAB_FILE)
+            if self.data_fingerprint is not None:
+                (path / DATA_FILE).write_text(json.dumps(self.data_fingerprint, indent=1) + "\n")
         dist.barrier()
         # Every file is written: each rank flushes and fingerprints its share, rank 0 writes the manifest.
         files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
@@ -452,16 +465,37 @@ class CheckpointManager:
             message = " ".join(str(exc).split())[:2000]
             raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {message})") from exc
 
-    def saved_config(self) -> tuple[dict[str, Any], str]:
-        """The config LATEST's checkpoint was saved with (a plain mapping) and its file; reads only, on this rank."""
-        path = self._resolve("LATEST") / "config.yaml"
-        try:  # a damaged config.yaml is a damaged checkpoint (exit 3), never a "changed config"
+    def _checked_file(self, name: str) -> Path:
+        """LATEST's checkpoint file ``name``, checked against its manifest entry (when listed and present)."""
+        path = self._resolve("LATEST") / name
+        try:  # a damaged file is a damaged checkpoint (exit 3), never a "changed config" or "changed data"
             text = (path.parent / MARKER).read_text()
             listed = None if text.strip() == "ok" else json.loads(text).get("files", {}).get(path.name)
         except (OSError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path.parent}: unreadable {MARKER} manifest ({type(exc).__name__})") from exc
         if listed is not None and path.is_file() and list(_digest(path)) != list(listed):
             raise CheckpointError(f"{path.parent}: checkpoint is corrupt: {path.name} fails its size/CRC-32 check")
+        return path
+
+    def saved_data_fingerprint(self) -> tuple[dict[str, Any] | None, str]:
+        """The data fingerprint LATEST's checkpoint was saved with (``None`` when it predates them) and its file."""
+        path = self._checked_file(DATA_FILE)
+        if not path.is_file():
+            log.warning("%s: no %s (saved before data fingerprints); the data are not compared", path.parent, DATA_FILE)
+            return None, str(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: cannot read the checkpoint's data fingerprint ({type(exc).__name__})"
+            ) from exc
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{path}: the checkpoint's data fingerprint is not a mapping")
+        return values, str(path)
+
+    def saved_config(self) -> tuple[dict[str, Any], str]:
+        """The config LATEST's checkpoint was saved with (a plain mapping) and its file; reads only, on this rank."""
+        path = self._checked_file("config.yaml")
         try:
             values = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:

@@ -28,11 +28,18 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from supermoe_rec.config.experiment import ConfigError
+
+if TYPE_CHECKING:
+    from supermoe_rec.data.splits import SplitData
 
 ALLOW_KEY = "train.resume_allow_changes"
 
@@ -184,4 +191,71 @@ def check_resume(
     return hyper
 
 
-__all__ = ["ALLOW_KEY", "FREE_KEYS", "HYPER_KEYS", "Change", "check_resume", "config_changes", "parse_allowed"]
+def data_fingerprint(data: SplitData) -> dict[str, dict[str, Any]]:
+    """Per split, what the run trains and evaluates on: its source (file), rows read, samples and a SHA-256 of
+    every array built from the rows (labels, masks, dense values, ids, users, timestamps).
+
+    Saved with every checkpoint (``data.json``); a resume whose data give another fingerprint is refused
+    (:func:`check_data`), so a run never continues on rows other than those it started on.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, ds in data.splits.items():
+        digest = hashlib.sha256()
+        arrays: list[Any] = [ds.labels, ds.task_mask, ds.dense, ds.group_offsets, ds.user_index]
+        if ds.timestamps is not None:
+            arrays.append(ds.timestamps)
+        for key in sorted(ds.features):
+            digest.update(key.encode())
+            arrays += [ds.features[key].values, ds.features[key].offsets]
+        for array in arrays:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(array.tobytes())
+        digest.update("\0".join(map(str, np.unique(ds.user_keys))).encode())
+        source = str(ds.source)
+        if not Path(source).exists() and data.info.get("source"):  # a split built from a file (MovieLens, sequences)
+            source = f"{data.info['source']} ({source})"
+        out[name] = {
+            "source": source,
+            "rows": int(ds.report.rows_read),
+            "samples": len(ds),
+            "sha256": digest.hexdigest(),
+        }
+    return out
+
+
+def check_data(old: Mapping[str, Any] | None, source: str, new: Mapping[str, Any]) -> None:
+    """Refuse a resume whose data fingerprint ``new`` differs from the checkpoint's (``old``, read from ``source``;
+    ``None``: saved before fingerprints existed, not checked). The message names the split's file and what changed."""
+    if old is None:
+        return
+    for split in sorted(old.keys() | new.keys()):
+        a, b = old.get(split), new.get(split)
+        if a is not None and b is not None and all(a.get(k) == b.get(k) for k in ("rows", "samples", "sha256")):
+            continue  # the same rows, wherever they are read from now
+        if a is None or b is None:
+            what = f"split {split!r} is {'new' if a is None else 'gone'}"
+            where = (b or a or {}).get("source", split)
+        else:
+            where = b.get("source", split)
+            what = (
+                f"{a.get('rows')} rows, {a.get('samples')} samples, sha256 {str(a.get('sha256'))[:12]} when saved; "
+                f"now {b.get('rows')} rows, {b.get('samples')} samples, sha256 {str(b.get('sha256'))[:12]}"
+            )
+        raise ConfigError(
+            f"{where}: train.resume: the data of split {split!r} changed since the checkpoint {source} ({what}); "
+            "resume only on the data the run was trained on, or start a new run with another --train.name"
+        )
+
+
+__all__ = [
+    "ALLOW_KEY",
+    "FREE_KEYS",
+    "HYPER_KEYS",
+    "Change",
+    "check_data",
+    "check_resume",
+    "config_changes",
+    "data_fingerprint",
+    "parse_allowed",
+]

@@ -60,7 +60,7 @@ from supermoe_rec.objectives.ranking import metrics_from_sums, rank_metric_sums
 from supermoe_rec.training.checkpoint import CheckpointManager, TrainState
 from supermoe_rec.training.memory import release_freed_memory
 from supermoe_rec.training.metrics import MultiTaskEvaluator, primary_metric
-from supermoe_rec.training.resume import Change
+from supermoe_rec.training.resume import Change, check_data, data_fingerprint
 from supermoe_rec.training.rundir import guard_run
 
 log = logging.getLogger("supermoe_rec.training.trainer")  # not __name__: that is "__main__" under python -m
@@ -260,6 +260,12 @@ def _train(
     if data is None and (cfg.train.resume or cfg.train.init_from):
         # Ids map through the saved vocabularies of the run continued or fine-tuned from (docs/data.md).
         data = load_run_data(cfg.data, cfg.train.init_from or Path(cfg.train.out_dir) / cfg.train.name)
+    elif data is None:
+        data = load_data(cfg.data)
+    fingerprint = data_fingerprint(data)
+    if cfg.train.resume:  # before anything is written: a resume on other rows is refused (every rank alike)
+        saved = CheckpointManager(Path(cfg.train.out_dir) / cfg.train.name / "checkpoints", cfg)
+        check_data(*saved.saved_data_fingerprint(), fingerprint)
     trainer = build_trainer(cfg, ctx, data)
     run_dir = trainer.run_dir
     if ctx.is_main:
@@ -270,7 +276,7 @@ def _train(
         (run_dir / "plan.txt").write_text(str(trainer.plan) + "\n")
         log.info("sharding plan:\n%s", trainer.plan)
         log.info("parameters: %s", trainer.params)
-    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg, trainer.data.vocabularies)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg, trainer.data.vocabularies, fingerprint)
     pipeline = TrainPipelineSparseDist(trainer.dmp, trainer.optimizer, ctx.device)
     writer = None
     if cfg.train.tensorboard and ctx.is_main:
