@@ -218,3 +218,74 @@ def test_a_resume_on_changed_data_is_refused_naming_the_file(out: Path, tmp_path
     proc = run_cli("train", *TINY, f"--train.out_dir={runs}", "--train.name=base", "--train.resume=true",
                    f"--data.cache_dir={cache}", "--train.max_steps=3")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------- serving: embed, retrieve
+
+
+@pytest.fixture(scope="module")
+def artifact(out: Path) -> Path:
+    """The fixture's run exported as an inference artifact (CLI ``export --artifact``)."""
+    path = out.parent / f"{out.name}-artifact"
+    proc = run_cli("export", "--run", str(pristine(out)), "--artifact", str(path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return path
+
+
+@pytest.fixture(scope="module")
+def events(out: Path) -> Path:
+    """200 test-split events of the fixture's run, one row per event, as parquet."""
+    from supermoe_rec.config.experiment import DataConfig, load_config
+    from supermoe_rec.data.movielens import fetch_movielens
+    from supermoe_rec.data.protocol import build_ml_mt
+
+    cfg = load_config(pristine(out) / "config.yaml")
+    ml = fetch_movielens("ml100k", cfg.data.cache_dir, try_url=False, url_timeout_s=DataConfig().url_timeout_s)
+    test = build_ml_mt(ml, cfg.data).frames["test"].head(200)
+    path = out.parent / f"{out.name}-events.parquet"
+    test[["user_id", "timestamp", "item", "user", "age", "gender", "occupation", "zip3"]].to_parquet(path)
+    return path
+
+
+def cli_refused(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """``supermoe-rec *args`` in-process: exit code 2 and one error line, which is returned."""
+    from supermoe_rec import cli
+
+    capsys.readouterr()
+    assert cli.main(list(args)) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("supermoe-rec: error: "), lines
+    return lines[0]
+
+
+def test_retrieve_refuses_vectors_of_another_artifact(
+    artifact: Path, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: retrieve scored another artifact's vectors against this artifact's items (rc 0, meaningless items).
+    from supermoe_rec import cli
+
+    vectors = tmp_path / "vectors.parquet"
+    assert cli.main(["embed", "--artifact", str(artifact), "--events", str(events), "--out", str(vectors)]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(artifact, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["source"]["step"] = manifest["source"].get("step", 0) + 1  # another export: another manifest
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    line = cli_refused(capsys, "retrieve", "--artifact", str(other), "--vectors", str(vectors), "--out",
+                       str(tmp_path / "topk.parquet"))  # fmt: skip
+    assert f"{vectors}: these vectors were made by another artifact ({artifact}" in line, line
+    assert not (tmp_path / "topk.parquet").exists()
+    assert cli.main(["retrieve", "--artifact", str(artifact), "--vectors", str(vectors), "--out",
+                     str(tmp_path / "topk.parquet")]) == 0  # fmt: skip
+
+
+def test_embed_refuses_to_overwrite_its_events(
+    artifact: Path, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --out equal to --events replaced the events with the vectors.
+    copy = tmp_path / "events.parquet"
+    shutil.copy(events, copy)
+    before = copy.read_bytes()
+    line = cli_refused(capsys, "embed", "--artifact", str(artifact), "--events", str(copy), "--out", str(copy))
+    assert f"--out: {copy} is also an input of this command" in line, line
+    assert copy.read_bytes() == before

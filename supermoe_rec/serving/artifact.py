@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,22 @@ class ArtifactError(DataError):
         self.source, self.row, self.column = message, None, None
 
 
+def inside(directory: Path, name: str) -> bool:
+    """``directory / name`` is a path inside ``directory``: relative, no ``..`` out, no link leading out."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        return False
+    try:
+        (directory / name).resolve().relative_to(directory.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def artifact_id(directory: str | Path) -> str:
+    """The SHA-256 of the artifact's manifest, which holds the SHA-256 of every file: one id per exported model."""
+    return sha256(Path(directory) / MANIFEST)
+
+
 def sha256(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -62,8 +79,16 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_tensors` (``weights_only=True``: tensors, never code)."""
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a file written by :func:`save_tensors` (``weights_only=True``: tensors, never code).
+
+    A file that is not such a dict (a pickle naming a class or callable, say) is an :class:`ArtifactError`."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ArtifactError(
+            f"{path}: not a file of tensors; refused to load it ({type(exc).__name__}: {reason})"
+        ) from exc
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ArtifactError(f"{path}: expected a dict of tensors")
     return loaded
@@ -116,6 +141,9 @@ def verify(directory: str | Path, manifest: Mapping[str, Any] | None = None) -> 
     """
     directory = Path(directory)
     body = dict(manifest) if manifest is not None else read_manifest(directory)
+    for name in body["files"]:  # before any file is touched: nothing outside the artifact is read or measured
+        if not inside(directory, name):
+            raise ArtifactError(f"{directory}: the manifest lists {name!r}, a path outside the artifact")
     for name, entry in sorted(body["files"].items()):
         path = directory / name
         if not path.is_file():
@@ -146,6 +174,8 @@ __all__ = [
     "VOCAB",
     "ArtifactError",
     "artifact_bytes",
+    "artifact_id",
+    "inside",
     "load_tensors",
     "read_manifest",
     "save_tensors",

@@ -28,15 +28,48 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from supermoe_rec.config.experiment import ConfigError
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.features import read_table
+from supermoe_rec.data.output import atomic_output, check_output
 from supermoe_rec.objectives.ranking import top_k
+from supermoe_rec.serving.artifact import artifact_id
 from supermoe_rec.serving.encoder import Encoded, UserEncoder
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
 INDEXES = ("exact", "faiss")
+# The vectors parquet's metadata key holding the id (manifest SHA-256) of the artifact that made them.
+ARTIFACT_ID_KEY = "supermoe_rec.artifact_sha256"
+
+
+def check_vectors_source(encoder: UserEncoder, path: str | Path) -> None:
+    """Refuse vectors that another artifact made (their parquet metadata names it): scoring them against this
+    artifact's items would rank meaningless items. Vectors without that metadata (not from ``embed``) pass."""
+    path = Path(path)
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return  # not parquet: read_vectors names what is wrong with it
+    made_by = meta.get(ARTIFACT_ID_KEY.encode())
+    if made_by is not None:
+        mine = artifact_id(encoder.directory)
+        if made_by.decode() != mine:
+            other = meta.get(b"supermoe_rec.artifact", b"?").decode()
+            raise DataError(
+                str(path),
+                f"these vectors were made by another artifact ({other}, manifest sha256 {made_by.decode()[:12]}), "
+                f"not by {encoder.directory} (sha256 {mine[:12]}); embed the events with this artifact first",
+            )
+        return
+    source = meta.get(b"supermoe_rec.source")
+    if source is not None and source.decode() != json.dumps(encoder.manifest["source"]):
+        raise DataError(
+            str(path),
+            f"these vectors were made from another run or checkpoint ({source.decode()}), not the one of "
+            f"{encoder.directory}; embed the events with this artifact first",
+        )
 
 
 def _as_list_column(matrix: FloatArray) -> pa.ListArray:
@@ -60,6 +93,7 @@ def vectors_table(encoder: UserEncoder, encoded: Encoded, seen: Sequence[Sequenc
     columns["seen_items"] = pa.array([list(s) for s in seen])
     meta = {
         "supermoe_rec.artifact": str(encoder.directory),
+        ARTIFACT_ID_KEY: artifact_id(encoder.directory),
         "supermoe_rec.source": json.dumps(encoder.manifest["source"]),
         "supermoe_rec.unknown_ids": json.dumps(encoded.unknown_ids),
         "supermoe_rec.hashed_ids": json.dumps(encoded.hashed_ids),
@@ -72,15 +106,17 @@ def embed(
 ) -> dict[str, Any]:
     """Encode every user of ``events`` with the artifact; write ``out`` (parquet). Returns a summary (users, M,
     unknown and hashed id counts per feature)."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be at least 1, got {batch_size}")
+    out = check_output(out, "--out", inputs=[events], suffixes=(".parquet",))
     encoder = UserEncoder.load(artifact)
     frame = read_table(events)
     users = encoder.user_rows(frame, str(events))
     encoded = encoder.encode(users, batch_size=batch_size, source=str(events), progress=progress)
     history = encoder.history_features
     seen = list(users[history[0].column]) if history else [[] for _ in range(len(users))]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(vectors_table(encoder, encoded, seen), out)
+    with atomic_output(out) as part:
+        pq.write_table(vectors_table(encoder, encoded, seen), part)
     return {
         "out": str(out),
         "users": len(encoded.user_keys),
@@ -96,6 +132,9 @@ def read_vectors(path: str | Path, column: str = "user") -> tuple[pd.DataFrame, 
     if column not in frame.columns:
         raise DataError(str(path), f"missing column (columns are {list(frame.columns)})", column=column)
     cells = frame[column].to_numpy()
+    if len(cells) and not all(isinstance(c, (list, tuple, np.ndarray)) for c in cells):
+        vector_columns = [c for c in frame.columns if c == "user" or c.startswith("task_")]
+        raise DataError(str(path), f"does not hold vectors (vector columns: {vector_columns})", column=column)
     widths = {len(c) for c in cells}
     if len(widths) != 1:
         raise DataError(str(path), f"vectors of different lengths {sorted(widths)}", column=column)
@@ -203,10 +242,14 @@ def retrieve(
     (parquet, one row per (user, rank): the user column, ``rank`` 1..k, ``item`` raw id, ``item_row``, ``score``).
     """
     if index not in INDEXES:
-        raise ValueError(f"unknown index {index!r} (use one of {INDEXES})")
+        raise ConfigError(f"--index: unknown index {index!r} (use one of {INDEXES})")
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise ConfigError(f"--k: must be at least 1, got {k}")
+    if nprobe < 1:
+        raise ConfigError(f"--nprobe: must be at least 1, got {nprobe}")
+    out = check_output(out, "--out", inputs=[vectors], suffixes=(".parquet",))
     encoder = UserEncoder.load(artifact)
+    check_vectors_source(encoder, vectors)
     frame, vectors_ = read_vectors(vectors, column)
     queries = encoder.queries(vectors_).numpy()
     items = encoder.item_vectors()
@@ -249,9 +292,8 @@ def retrieve(
         }
     )
     table = table[table["item_row"] >= 0]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out, index=False)
+    with atomic_output(out) as part:
+        table.to_parquet(part, index=False)
     return {"out": str(out), "users": U, "k": k, "index": index, "items": len(rows_of_known)}
 
 
