@@ -289,3 +289,86 @@ def test_embed_refuses_to_overwrite_its_events(
     line = cli_refused(capsys, "embed", "--artifact", str(artifact), "--events", str(copy), "--out", str(copy))
     assert f"--out: {copy} is also an input of this command" in line, line
     assert copy.read_bytes() == before
+
+
+def test_an_artifact_manifest_naming_a_file_outside_it_is_refused(
+    artifact: Path, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a manifest listing ../secret.txt read that file, and the size check printed its size.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("12345")
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["../secret.txt"] = {"bytes": 1, "sha256": "0" * 64}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    line = cli_refused(capsys, "embed", "--artifact", str(copy), "--events", str(events), "--out",
+                       str(tmp_path / "v.parquet"))  # fmt: skip
+    assert line.endswith(f"{copy}: the manifest lists '../secret.txt', a path outside the artifact"), line
+    assert "5 bytes" not in line
+
+
+def test_a_pickle_in_an_artifact_file_is_an_artifact_error(
+    artifact: Path, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: weights_only stopped the payload, but its UnpicklingError escaped as a traceback (rc 1).
+    import hashlib
+    import pickle
+
+    marker = tmp_path / "pwned"
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    (copy / "tables.pt").write_bytes(pickle.dumps(_CreatesFile(marker)))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    data = (copy / "tables.pt").read_bytes()
+    manifest["files"]["tables.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    line = cli_refused(capsys, "embed", "--artifact", str(copy), "--events", str(events), "--out",
+                       str(tmp_path / "v.parquet"))  # fmt: skip
+    assert f"{copy / 'tables.pt'}: not a file of tensors; refused to load it" in line, line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--k", "0"], "--k: must be at least 1, got 0"),
+        (["--k", "-3"], "--k: must be at least 1, got -3"),
+        (["--index", "faiss", "--nprobe", "0"], "--nprobe: must be at least 1, got 0"),
+        (["--nprobe", "-5"], "--nprobe: must be at least 1, got -5"),
+        (["--column", "user_id"], "column 'user_id': does not hold vectors (vector columns: ['user', 'task_watch'"),
+        (["--out", "{tmp}/topk.csv"], "--out: {tmp}/topk.csv: the result is parquet; name the file *.parquet"),
+        (["--out", "{tmp}"], "--out: {tmp} is a directory; name the file to write"),
+    ],
+)
+def test_retrieve_options_are_checked(
+    artifact: Path, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    # Before: ValueError / TypeError / faiss tracebacks, and parquet written under a .csv name.
+    from supermoe_rec import cli
+
+    vectors = tmp_path / "vectors.parquet"
+    assert cli.main(["embed", "--artifact", str(artifact), "--events", str(events), "--out", str(vectors)]) == 0
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = ["retrieve", "--artifact", str(artifact), "--vectors", str(vectors), "--out", str(tmp_path / "t.parquet")]
+    line = cli_refused(capsys, *base, *args)
+    assert message.replace("{tmp}", str(tmp_path)) in line, line
+    assert not (tmp_path / "t.parquet").exists() and not (tmp_path / "topk.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["--out", "{tmp}/v.csv"], "--out: {tmp}/v.csv: the result is parquet; name the file *.parquet"),
+        (["--out", "{tmp}"], "--out: {tmp} is a directory; name the file to write"),
+    ],
+)
+def test_embed_options_are_checked(
+    artifact: Path, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    # Before: --batch-size 0 was accepted, v.csv held parquet, and a directory --out gave a traceback.
+    base = ["embed", "--artifact", str(artifact), "--events", str(events), "--out", str(tmp_path / "v.parquet")]
+    line = cli_refused(capsys, *base, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert message.replace("{tmp}", str(tmp_path)) in line, line
+    assert not (tmp_path / "v.parquet").exists() and not (tmp_path / "v.csv").exists()
