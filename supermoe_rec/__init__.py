@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "MoETransformerEncoder": "supermoe_rec.modules.transformer",
     "EncoderOutput": "supermoe_rec.modules.transformer",
     "encode_jagged": "supermoe_rec.modules.adapters",
+    "CausalMoEEncoder": "supermoe_rec.modules.causal",
+    "CausalEncoderOutput": "supermoe_rec.modules.causal",
     "jagged_to_padded": "supermoe_rec.modules.adapters",
     # sparse MoE
     "MoELayer": "supermoe_rec.modules.moe",
@@ -73,6 +75,8 @@ _EXPORTS: dict[str, str] = {
 # A literal list, so linters see what the TYPE_CHECKING imports are for; must name exactly _EXPORTS' keys.
 __all__ = [
     "Batch",
+    "CausalEncoderOutput",
+    "CausalMoEEncoder",
     "EncoderConfig",
     "EncoderOutput",
     "ExperimentConfig",
@@ -117,6 +121,7 @@ if TYPE_CHECKING:  # the real definitions, for type checkers and IDEs; at run ti
     from supermoe_rec.models.supermoe import ModelOutput, SuperMoERec
     from supermoe_rec.models.train_module import StepOutput, TrainModule
     from supermoe_rec.modules.adapters import encode_jagged, jagged_to_padded
+    from supermoe_rec.modules.causal import CausalEncoderOutput, CausalMoEEncoder
     from supermoe_rec.modules.embeddings import SparseArch
     from supermoe_rec.modules.gating import TopKRouter
     from supermoe_rec.modules.moe import MoELayer, MoEOutput
