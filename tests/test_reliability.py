@@ -336,3 +336,37 @@ def test_the_load_planner_reads_values_without_running_code(tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match=r"refused a value of the checkpoint \(optim.x\)"):
         SafeLoadPlanner().load_bytes(item, io.BytesIO(pickle.dumps(CreatesFile())))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["--train.resume=true", "--train.init_from=runs/pretrained"],
+            "train.init_from: 'runs/pretrained' cannot be combined with train.resume=true",
+        ),
+        (["--train.resume=true", "--train.overwrite=true"], "train.overwrite: cannot be combined with train.resume"),
+        (["--train.early_stopping_metric=watch.accuracy"], "train.early_stopping_metric: 'watch.accuracy' is not"),
+        (["--train.early_stopping_metric=auc"], "train.early_stopping_metric: 'auc' is not a valid metric"),
+        (
+            ["--data.tasks=[watch]", "--train.early_stopping_metric=like.auc"],
+            "train.early_stopping_metric: 'like.auc' is not a valid metric (use loss, <task>.<metric> of the tasks "
+            "['watch']",
+        ),
+    ],
+)
+def test_option_conflicts_and_bad_metrics_are_refused_at_config_load(overrides: list[str], message: str) -> None:
+    # Before: resume + init_from ignored init_from yet recorded it; a bad early_stopping_metric failed only after
+    # the data load, leaving a half-made run dir.
+    from supermoe_rec.config.experiment import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIG, overrides)
+    assert message in str(info.value)
+
+
+def test_valid_early_stopping_metrics_load() -> None:
+    from supermoe_rec.config.experiment import load_config
+
+    for metric in ("loss", "watch.auc", "rating.rmse", "like.logloss", "next_item.ndcg@10"):
+        assert load_config(CONFIG, [f"--train.early_stopping_metric={metric}"]).train.early_stopping_metric == metric

@@ -372,3 +372,10 @@ def test_embed_options_are_checked(
     line = cli_refused(capsys, *base, *[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert message.replace("{tmp}", str(tmp_path)) in line, line
     assert not (tmp_path / "v.parquet").exists() and not (tmp_path / "v.csv").exists()
+
+
+def test_an_early_stopping_metric_of_an_unknown_task_leaves_no_run_dir(out: Path) -> None:
+    # Before: refused only at the first validation, after the run dir, config.yaml and plan.txt were written.
+    line = refused(out, "--train.name=esm", "--train.early_stopping_metric=nosuch.auc")
+    assert "train.early_stopping_metric: 'nosuch.auc' is not a valid metric" in line and "'watch'" in line, line
+    assert not (out / "esm").exists()

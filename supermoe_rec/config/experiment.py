@@ -482,6 +482,34 @@ def check_values(cfg: ExperimentConfig) -> None:
     if not 0.0 <= enc.dropout < 1.0:
         raise ConfigError(f"model.encoder.dropout: must be in [0, 1), got {enc.dropout}")
     check_run_name(train.name)
+    if train.resume and train.init_from:
+        raise ConfigError(
+            f"train.init_from: {train.init_from!r} cannot be combined with train.resume=true (a resume continues "
+            "the run's own checkpoint); drop one of them"
+        )
+    if train.resume and train.overwrite:
+        raise ConfigError("train.overwrite: cannot be combined with train.resume=true (it would replace the run)")
+    check_early_stopping_metric(train.early_stopping_metric, cfg.data.tasks)
+
+
+# What train.early_stopping_metric may name: a task metric (higher is better for the first two) or next-item ranking.
+TASK_METRICS = ("auc", "gauc", "logloss", "rmse", "mae")
+NEXT_ITEM_METRICS = ("hr@10", "ndcg@10", "mrr@10")
+
+
+def check_early_stopping_metric(name: str, tasks: Sequence[str] = ()) -> None:
+    """``train.early_stopping_metric`` is ``loss``, ``<task>.<metric>`` (metric one of :data:`TASK_METRICS`; the
+    task among ``tasks`` when given) or ``next_item.<metric>`` (one of :data:`NEXT_ITEM_METRICS`)."""
+    task, _, metric = name.partition(".")
+    if name == "loss" or (task == "next_item" and metric in NEXT_ITEM_METRICS):
+        return
+    if task and task != "next_item" and metric in TASK_METRICS and (not tasks or task in tasks):
+        return
+    known = f" of the tasks {list(tasks)}" if tasks else ""
+    raise ConfigError(
+        f"train.early_stopping_metric: {name!r} is not a valid metric (use loss, <task>.<metric>{known} with metric "
+        f"one of {', '.join(TASK_METRICS)}, or next_item.{'/'.join(NEXT_ITEM_METRICS)})"
+    )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -41,7 +41,15 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from supermoe_rec.config.experiment import ConfigError, ExperimentConfig, TaskType, load_config, save_config, to_dict
+from supermoe_rec.config.experiment import (
+    ConfigError,
+    ExperimentConfig,
+    TaskType,
+    check_early_stopping_metric,
+    load_config,
+    save_config,
+    to_dict,
+)
 from supermoe_rec.data.generative import apply_layout
 from supermoe_rec.data.loader import ShardedBatchLoader
 from supermoe_rec.data.splits import SplitData, load_data, load_run_data
@@ -262,6 +270,7 @@ def _train(
         data = load_run_data(cfg.data, cfg.train.init_from or Path(cfg.train.out_dir) / cfg.train.name)
     elif data is None:
         data = load_data(cfg.data)
+    check_early_stopping_metric(cfg.train.early_stopping_metric, [t.name for t in data.tasks])  # before any write
     fingerprint = data_fingerprint(data)
     if cfg.train.resume:  # before anything is written: a resume on other rows is refused (every rank alike)
         saved = CheckpointManager(Path(cfg.train.out_dir) / cfg.train.name / "checkpoints", cfg)
