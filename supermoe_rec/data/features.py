@@ -18,6 +18,7 @@ Nothing here imports TorchRec: serving runs without it.
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from supermoe_rec.data.vocab import Vocabulary, hash_ids
 
 TABLE_FORMATS = ".csv, .tsv or .parquet"
 
-__all__ = ["TABLE_FORMATS", "TableIds", "feature_values", "read_table", "table_ids"]
+__all__ = ["TABLE_FORMATS", "TableIds", "feature_values", "not_utf8", "read_table", "table_ids"]
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -57,11 +58,34 @@ def read_table(path: str | Path) -> pd.DataFrame:
             frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
         except pd.errors.EmptyDataError as exc:
             raise DataError(str(path), "empty file") from exc
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
     else:
         raise DataError(str(path), f"unknown table format {path.suffix!r} (use {TABLE_FORMATS})")
     if frame.empty:
         raise DataError(str(path), "no rows (empty table)")
     return frame
+
+
+def not_utf8(path: Path) -> DataError:
+    """The error for a text file that is not UTF-8: the first bad byte, its offset and its row (0 = the first row
+    after the header line)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, newlines = 0, 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                before = chunk[: exc.start]
+                bad = offset + exc.start
+                row = newlines + before.count(b"\n") - 1
+                return DataError(
+                    str(path), f"not UTF-8 text: byte {chunk[exc.start]:#04x} at byte offset {bad}", row=max(row, 0)
+                )
+            offset += len(chunk)
+            newlines += chunk.count(b"\n")
+    return DataError(str(path), "not UTF-8 text (the file ends inside a character)")
 
 
 def feature_values(
@@ -149,11 +173,23 @@ def table_ids(
     num_embeddings = table.num_embeddings
     if table.hash:
         return TableIds(hash_ids(values, num_embeddings), hashed=len(values))
+    if values.dtype.kind == "u" and len(values) and (values > np.iinfo(np.int64).max).any():
+        values = values.astype(object)  # beyond int64: refused below, naming the row
     if values.dtype.kind in "iu":
         ids = values.astype(np.int64)
     else:
         numeric = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
         bad = np.isnan(numeric) | (numeric != np.floor(numeric))
+        huge = ~bad & (np.abs(numeric) >= 2.0**63)
+        if huge.any():
+            j = first_true(huge)
+            raise DataError(
+                source,
+                f"id {plain(values[j])!r} is outside table {spec.table!r} of {table.num_embeddings} rows (and beyond "
+                "64-bit integers; set hash: true or vocab: true on the table for such ids)",
+                row=None if offsets is None else row_of(offsets, j),
+                column=spec.column,
+            )
         if bad.any():
             j = first_true(bad)
             raise DataError(

@@ -39,6 +39,8 @@ from supermoe_rec.data.schema import Schema
 # The public files of the sequential-recommendation benchmarks, by data.source.
 SEQUENCE_FILES = {"amazon_beauty": "Beauty.txt", "amazon_sports": "Sports_and_Outdoors.txt"}
 SPLITS = ("train", "valid", "test")
+# The largest user or item id a sequence file may hold: the item table has max id + 1 rows, and ids index it.
+MAX_ID = 2**31 - 1
 
 
 def sequence_file(cfg: DataConfig) -> Path:
@@ -59,26 +61,40 @@ def sequence_file(cfg: DataConfig) -> Path:
 
 
 def read_sequences(path: str | Path) -> tuple[IntArray, list[IntArray]]:
-    """Users and their item sequences, in file order. A line that is not integers, an id < 1, a repeated user or a
-    user with fewer than 3 items (train, valid and test need one each) is a :class:`DataError` naming the line."""
+    """Users and their item sequences, in file order. A line that is not integers, an id < 1 or above
+    :data:`MAX_ID`, a repeated user, a user with fewer than 3 items (train, valid and test need one each) or bytes
+    that are not UTF-8 are a :class:`DataError` naming the row (rows count from 0, as in tables: row 0 is the first
+    line)."""
     users: list[int] = []
     seqs: list[IntArray] = []
     seen: set[int] = set()
-    with Path(path).open() as f:
-        for line_no, line in enumerate(f, start=1):
+    offset = 0
+    with Path(path).open("rb") as f:
+        for row, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    str(path), f"not UTF-8 text: byte {raw[exc.start]:#04x} at byte offset {offset + exc.start}", row
+                ) from None
+            offset += len(raw)
             parts = line.split()
             if not parts:
                 continue
             try:
-                ids = np.array([int(p) for p in parts], dtype=np.int64)
+                values = [int(p) for p in parts]
             except ValueError as exc:
-                raise DataError(str(path), f"not a line of integer ids ({exc})", row=line_no) from None
+                raise DataError(str(path), f"not a line of integer ids ({exc})", row=row) from None
+            big = next((v for v in values if v > MAX_ID), None)
+            if big is not None:
+                raise DataError(str(path), f"id {big} is above the largest id supported, {MAX_ID} (2^31 - 1)", row)
+            ids = np.array(values, dtype=np.int64)
             if (ids < 1).any():
-                raise DataError(str(path), f"ids start at 1, got {int(ids.min())}", row=line_no)
+                raise DataError(str(path), f"ids start at 1, got {int(ids.min())}", row=row)
             if len(ids) < 4:
-                raise DataError(str(path), "a user needs at least 3 items (train, valid, test)", row=line_no)
+                raise DataError(str(path), "a user needs at least 3 items (train, valid, test)", row=row)
             if int(ids[0]) in seen:
-                raise DataError(str(path), f"user {int(ids[0])} appears twice", row=line_no)
+                raise DataError(str(path), f"user {int(ids[0])} appears twice", row=row)
             seen.add(int(ids[0]))
             users.append(int(ids[0]))
             seqs.append(ids[1:])

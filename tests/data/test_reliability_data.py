@@ -119,3 +119,50 @@ def test_movielens_history_windows_count_as_truncated(ml100k_data: SplitData) ->
         ds = ml100k_data.splits[split]
         assert np.diff(ds.features["history"].offsets).max() == 50
     assert summary["splits"]["train"]["report"]["duplicate_rows"] == 0
+
+
+# ------------------------------------------------------------------------------------------- issue 25
+
+
+@pytest.mark.parametrize("big", [2**40, 10**20])
+def test_sequence_ids_beyond_the_bound_are_refused_naming_the_row(tmp_path: Path, big: int) -> None:
+    # Before: 2^40 passed (data summary: items 1099511627776, then a planner traceback); 10^20 an OverflowError.
+    from supermoe_rec.data.sequences import MAX_ID, read_sequences
+
+    path = tmp_path / "seq.txt"
+    path.write_text(f"1 1 2 3\n2 4 {big} 5\n")
+    with pytest.raises(DataError, match=rf"^{path}: row 1: id {big} is above the largest id supported, {MAX_ID}"):
+        read_sequences(path)
+
+
+@pytest.mark.parametrize("big", ["100000000000000000000", "18446744073709551615"])
+def test_table_ids_beyond_64_bits_are_refused_naming_row_and_column(tmp_path: Path, big: str) -> None:
+    # Before: wrapped to a negative id (uint64) or an arbitrary one (10^20 through float).
+    from supermoe_rec.data.features import table_ids
+    from supermoe_rec.data.schema import FeatureSpec, TableSpec
+
+    path = tmp_path / "t.csv"
+    path.write_text(f"item\n1\n{big}\n")
+    values = read_table(path)["item"].to_numpy()
+    spec, table = FeatureSpec(name="item", column="item", table="item"), TableSpec(name="item", num_embeddings=10)
+    with pytest.raises(DataError, match=rf"^t.csv: row 1, column 'item': id {big} is outside table 'item' of 10 rows"):
+        table_ids(values, spec, table, "t.csv", offsets=np.arange(3))
+
+
+def test_non_utf8_files_name_the_byte_offset(tmp_path: Path) -> None:
+    # Before: UnicodeDecodeError tracebacks for a sequence file, a CSV table and a config.
+    from supermoe_rec.config.experiment import load_config
+    from supermoe_rec.data.sequences import read_sequences
+
+    seq = tmp_path / "seq.txt"
+    seq.write_bytes(b"1 1 2 3\n2 4 5 6 \xff\n")
+    with pytest.raises(DataError, match=rf"^{seq}: row 1: not UTF-8 text: byte 0xff at byte offset 16$"):
+        read_sequences(seq)
+    csv = tmp_path / "t.csv"
+    csv.write_bytes(b"item,name\n1,ok\n2,caf\xe9\n")
+    with pytest.raises(DataError, match=rf"^{csv}: row 1: not UTF-8 text: byte 0xe9 at byte offset 20$"):
+        read_table(csv)
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"train:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=rf"^{config}: not UTF-8 text: byte 0xe9 at byte offset 18$"):
+        load_config(config)

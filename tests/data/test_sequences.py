@@ -25,19 +25,20 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("text", "message", "line"),
+    ("text", "message", "row"),
     [
-        ("1 1 2 3\n2 4 x 5\n", "not a line of integer ids", 2),
-        ("1 1 2 0\n", "ids start at 1", 1),
-        ("1 1 2\n", "at least 3 items", 1),
-        ("1 1 2 3\n1 4 5 6\n", "user 1 appears twice", 2),
+        ("1 1 2 3\n2 4 x 5\n", "not a line of integer ids", 1),
+        ("1 1 2 0\n", "ids start at 1", 0),
+        ("1 1 2\n", "at least 3 items", 0),
+        ("1 1 2 3\n1 4 5 6\n", "user 1 appears twice", 1),
     ],
 )
-def test_bad_lines_name_the_file_and_line(tmp_path: Path, text: str, message: str, line: int) -> None:
+def test_bad_lines_name_the_file_and_row(tmp_path: Path, text: str, message: str, row: int) -> None:
+    # Rows count from 0, as in tables: row 0 is the first line.
     path = _write(tmp_path, text)
     with pytest.raises(DataError, match=message) as err:
         read_sequences(path)
-    assert err.value.row == line and err.value.source == str(path)
+    assert err.value.row == row and err.value.source == str(path)
 
 
 def test_a_missing_file_names_the_expected_path(tmp_path: Path) -> None:
