@@ -370,3 +370,42 @@ def test_valid_early_stopping_metrics_load() -> None:
 
     for metric in ("loss", "watch.auc", "rating.rmse", "like.logloss", "next_item.ndcg@10"):
         assert load_config(CONFIG, [f"--train.early_stopping_metric={metric}"]).train.early_stopping_metric == metric
+
+
+def _guard(tmp_path: Path, out_dir: Path, name: str = "run") -> None:
+    from supermoe_rec.config.experiment import load_config
+    from supermoe_rec.training.rundir import guard_run
+
+    cfg = load_config(CONFIG, [f"--train.out_dir={out_dir}", f"--train.name={name}"])
+    guard_run(cfg, out_dir / name, True, lambda: ({}, "none")).release()
+
+
+def test_a_file_in_place_of_the_run_dir_or_checkpoints_is_refused(tmp_path: Path) -> None:
+    # Before: NotADirectoryError tracebacks (out_dir a file; a file named checkpoints, after the data load).
+    out_file = tmp_path / "runs.txt"
+    out_file.write_text("not a dir")
+    with pytest.raises(ConfigError, match=rf"^{out_file}: is a file, not a directory \(for {out_file}/run\)"):
+        _guard(tmp_path, out_file)
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    (run / "checkpoints").write_text("not a dir")
+    with pytest.raises(ConfigError, match=rf"^{run / 'checkpoints'}: is a file, not a directory"):
+        _guard(tmp_path, tmp_path / "runs")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # the lock was released and removed
+
+
+def test_a_run_dir_that_cannot_be_written_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a read-only checkpoints dir trained first, then died with a PermissionError at the first save. As root
+    # a mode of 0o555 does not stop writes, so the write probe itself is made to fail.
+    import errno
+    import tempfile
+
+    def read_only(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    (tmp_path / "runs" / "run" / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'runs' / 'run'}: not writable \(Permission denied\)"):
+        _guard(tmp_path, tmp_path / "runs")

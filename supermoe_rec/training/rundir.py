@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,38 @@ def _describe(holder: str) -> str:
     return f"pid {pid}" + (f" on {host}" if host else "")
 
 
+def check_directory(path: Path, what: str = "the run dir") -> None:
+    """``path`` and its existing ancestors are directories (a file in the way is a :class:`ConfigError`)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                where = "" if candidate == path else f" (for {path})"
+                raise ConfigError(
+                    f"{candidate}: is a file, not a directory{where}; {what} must be a directory: move the file, or "
+                    "choose another train.out_dir or train.name"
+                )
+            return
+
+
+def check_writable(run_dir: Path) -> None:
+    """Before training: the run dir and its ``checkpoints`` are directories that a file can be written in (probed
+    by creating and removing one), so a run never trains for hours and then fails at its first save."""
+    checkpoints = run_dir / "checkpoints"
+    check_directory(checkpoints, "the checkpoints entry")
+    for directory in (run_dir, checkpoints):
+        if not directory.is_dir():
+            continue
+        try:
+            fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(
+                f"{directory}: not writable ({exc.strerror or exc}); the run writes its config, checkpoints and "
+                "metrics there"
+            ) from exc
+
+
 class RunDirLock:
     """Exclusive lock of a run dir (creates the dir; removes what it created on release if that stayed empty).
 
@@ -83,9 +116,17 @@ class RunDirLock:
 
     def acquire(self) -> RunDirLock:
         self._created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]  # deepest first
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_directory(self.run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{self.run_dir}: cannot create the run dir ({exc.strerror or exc})") from exc
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                self.release()
+                raise ConfigError(f"{self.path}: cannot create the run dir's lock ({exc.strerror or exc})") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -205,6 +246,7 @@ def guard_run(
     if is_main:
         try:
             guard.lock = RunDirLock(run_dir).acquire()
+            check_writable(run_dir)
             if not cfg.train.resume:
                 check_fresh_start(run_dir, cfg.train.overwrite)
             if cfg.train.resume:
