@@ -24,7 +24,7 @@ import pytest
 
 from supermoe_rec.training.rundir import RunDirLock
 
-from .test_reliability import BYO, CONFIG, bad_timestamp_table, error_lines, run_cli, table_overrides
+from .test_reliability import BYO, CONFIG, SCHEMA, bad_timestamp_table, error_lines, run_cli, table_overrides
 
 # Seven CLI runs (two of them train): about 4.5 minutes on 2 busy cores.
 pytestmark = pytest.mark.slow
@@ -379,3 +379,40 @@ def test_an_early_stopping_metric_of_an_unknown_task_leaves_no_run_dir(out: Path
     line = refused(out, "--train.name=esm", "--train.early_stopping_metric=nosuch.auc")
     assert "train.early_stopping_metric: 'nosuch.auc' is not a valid metric" in line and "'watch'" in line, line
     assert not (out / "esm").exists()
+
+
+def _shop_csv(path: Path, edit: dict[str, str]) -> Path:
+    """bad_timestamp_table's shop rows, valid, with some columns replaced (column -> value for every row)."""
+    import pandas as pd
+
+    frame = pd.read_csv(bad_timestamp_table(path.parent)).drop(index=2)  # the row with the bad timestamp
+    for column, value in edit.items():
+        frame[column] = value
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_a_task_without_train_labels_is_refused(out: Path, tmp_path: Path) -> None:
+    # Before: a task whose train labels are all missing trained nothing and still reported a test AUC of 0.50.
+    table = _shop_csv(tmp_path / "train.csv", {"dwell_seconds": ""})
+    line = refused(out, f"--config={BYO}", *table_overrides(table), "--train.name=nolabels")
+    assert f"{table}: task 'dwell' has no labelled row in the train split" in line, line
+    assert "--data.tasks=[click,purchase]" in line
+    assert not (out / "nolabels").exists()
+
+
+def test_metrics_undefined_on_a_split_are_null_in_valid_json(out: Path, tmp_path: Path) -> None:
+    # Before: a test split of one class wrote NaN into metrics.json, which strict JSON readers refuse.
+    train = _shop_csv(tmp_path / "train.csv", {})
+    test = _shop_csv(tmp_path / "test.csv", {"clicked": "0"})  # one class: AUC is not defined
+    table = [f"--data.schema={SCHEMA}", f"--data.table={train}", f"--data.test_table={test}",
+             "--data.valid_table=null"]  # fmt: skip
+    proc = run_cli("train", *TINY, f"--config={BYO}", *table, f"--train.out_dir={tmp_path}", "--train.name=nan")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def no_constants(name: str) -> object:
+        raise AssertionError(f"metrics.json holds {name}, which is not JSON")
+
+    metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text(), parse_constant=no_constants)
+    assert metrics["test"]["tasks"]["click"]["auc"] is None
+    assert "one class" in metrics["undefined_metrics"]["test.tasks.click.auc"]

@@ -21,9 +21,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from supermoe_rec.config.experiment import ConfigError
 
@@ -70,6 +73,42 @@ def atomic_output(path: Path) -> Iterator[Path]:
             part.unlink()
 
 
+def json_safe(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN), and the dotted paths of
+    the replaced values.
+
+    Example::
+
+        >>> json_safe({"test": {"auc": float("nan"), "count": 3.0}})
+        ({'test': {'auc': None, 'count': 3.0}}, ['test.auc'])
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [path]
+    if isinstance(value, dict):
+        out, paths = {}, []
+        for k, v in value.items():
+            out[k], sub = json_safe(v, f"{path}.{k}" if path else str(k))
+            paths += sub
+        return out, paths
+    if isinstance(value, (list, tuple)):
+        items, paths = [], []
+        for i, v in enumerate(value):
+            item, sub = json_safe(v, f"{path}[{i}]")
+            items.append(item)
+            paths += sub
+        return items, paths
+    return value, []
+
+
+def write_json(path: Path, value: Any) -> list[str]:
+    """Write ``value`` as strict JSON (NaN and infinities as ``null``) through a temporary file; returns the paths
+    written as ``null`` that were not-a-number."""
+    safe, paths = json_safe(value)
+    with atomic_output(path) as part:
+        part.write_text(json.dumps(safe, indent=2, allow_nan=False) + "\n")
+    return paths
+
+
 def check_output_dir(out: str | Path, key: str) -> Path:
     """``out`` as a directory to write into: refused when it is a file (or lies under one)."""
     path = Path(out)
@@ -82,4 +121,4 @@ def check_output_dir(out: str | Path, key: str) -> Path:
     return path
 
 
-__all__ = ["atomic_output", "check_output", "check_output_dir"]
+__all__ = ["atomic_output", "check_output", "check_output_dir", "json_safe", "write_json"]

@@ -286,7 +286,8 @@ def _train_logged(spec: RunSpec, num_threads: int) -> dict[str, Any]:
 def read_test_metric(metrics: Mapping[str, Any], task: str, metric: str, run: str) -> float:
     """``metrics.json``'s test ``task.metric`` of ``run``, or a :class:`RunError` naming what is missing."""
     try:
-        return float(metrics["test"]["tasks"][task][metric])
+        value = metrics["test"]["tasks"][task][metric]
+        return float("nan") if value is None else float(value)  # null: not defined on the split (undefined_metrics)
     except KeyError as exc:
         raise RunError(f"run {run}: metrics.json has no test {task}.{metric}") from exc
 

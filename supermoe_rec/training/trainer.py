@@ -18,7 +18,6 @@ average theirs too (its gradient division, on by default; were it off, SparseArc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -50,8 +49,10 @@ from supermoe_rec.config.experiment import (
     save_config,
     to_dict,
 )
+from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.generative import apply_layout
 from supermoe_rec.data.loader import ShardedBatchLoader
+from supermoe_rec.data.output import json_safe, write_json
 from supermoe_rec.data.splits import SplitData, load_data, load_run_data
 from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
 from supermoe_rec.data.vocab import save_vocabularies
@@ -271,6 +272,7 @@ def _train(
     elif data is None:
         data = load_data(cfg.data)
     check_early_stopping_metric(cfg.train.early_stopping_metric, [t.name for t in data.tasks])  # before any write
+    check_trainable_tasks(data)
     fingerprint = data_fingerprint(data)
     if cfg.train.resume:  # before anything is written: a resume on other rows is refused (every rank alike)
         saved = CheckpointManager(Path(cfg.train.out_dir) / cfg.train.name / "checkpoints", cfg)
@@ -425,7 +427,11 @@ def _train(
         result["test"] = evaluate(trainer, "test", pipeline)
     result["wall_s"] = time.monotonic() - start
     if ctx.is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        undefined = [p for p in json_safe(result)[1] if p.startswith(("test.", "valid_history"))]
+        if undefined:  # JSON has no NaN: such a metric is null, and the reason is recorded next to it
+            result["undefined_metrics"] = {p: _undefined_reason(p) for p in undefined}
+            log.warning("metrics not defined on their split (null in metrics.json): %s", ", ".join(undefined))
+        write_json(run_dir / "metrics.json", result)
         if "test" in result:
             print(results_table(result["test"], trainer.data.tasks))
             if "next_item" in result["test"]:
@@ -435,6 +441,31 @@ def _train(
         if writer is not None:
             writer.close()
     return result
+
+
+def _undefined_reason(path: str) -> str:
+    """Why a metric at ``path`` (dotted, in metrics.json) is not a number."""
+    metric = path.rsplit(".", 1)[-1]
+    if metric in ("auc", "gauc"):
+        return "the split's labels of this task are all of one class; AUC needs positives and negatives"
+    return "the split has no labelled row of this task"
+
+
+def check_trainable_tasks(data: SplitData) -> None:
+    """Every task has a labelled row in the train split: a task with none would train nothing and still report
+    test metrics."""
+    train = data.splits.get("train")
+    if train is None:
+        return
+    labelled = train.task_mask.sum(axis=0)
+    for j, task in enumerate(data.tasks):
+        if labelled[j] == 0:
+            others = [t.name for t in data.tasks if t.name != task.name]
+            raise DataError(
+                train.source,
+                f"task {task.name!r} has no labelled row in the train split (every label is missing, or masked out): "
+                f"nothing would train it; fix its label column, or leave it out with --data.tasks=[{','.join(others)}]",
+            )
 
 
 def _metric_text(name: str, value: float) -> str:
