@@ -185,10 +185,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def data_summary(config: str, overrides: Sequence[str], out: str | None = None) -> dict[str, object]:
     """Load the configured data, validate every split, and return the summary."""
+    from supermoe_rec.data.generative import apply_layout
     from supermoe_rec.data.splits import load_data
 
     cfg = load_config(config, overrides)
-    summary = load_data(cfg.data).summary()
+    # In the layout the model trains on: under generative training each split also reports its chunks.
+    summary = apply_layout(load_data(cfg.data), cfg).summary()
     if out is not None:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
