@@ -8,6 +8,7 @@ exit code  meaning
 2          bad config, bad input data, or a refused request (:class:`~supermoe_rec.config.experiment.ConfigError`,
            :class:`~supermoe_rec.data.errors.DataError`): changed-shape resume, a locked run dir, an unsafe name
 3          an unusable checkpoint (:class:`~supermoe_rec.training.checkpoint.CheckpointError`): missing, damaged
+130        interrupted (Ctrl-C): one line says what was saved and how to go on
 =========  =====================================================================================================
 
 Anything else is a bug and keeps its traceback. ``--debug`` (any command) or ``SUPERMOE_REC_DEBUG=1`` prints the
@@ -38,6 +39,7 @@ DEBUG_ENV = "SUPERMOE_REC_DEBUG"
 EXIT_FAILED_RUN = 1
 EXIT_BAD_INPUT = 2
 EXIT_CHECKPOINT = 3
+EXIT_INTERRUPTED = 130
 # (module, class, exit code) of the errors of modules that import torch.
 _LAZY_ERRORS = (
     ("supermoe_rec.training.checkpoint", "CheckpointError", EXIT_CHECKPOINT),
@@ -76,10 +78,26 @@ def _label(code: int) -> str:
     return "checkpoint error" if code == EXIT_CHECKPOINT else "error"
 
 
-def run_reporting(fn: Callable[[], int], debug: bool = False) -> int:
-    """``fn()``, with the project's errors printed as ``supermoe-rec: error: <one line>`` and mapped to exit codes."""
+def run_reporting(fn: Callable[[], int], debug: bool = False, on_interrupt: Callable[[], str] | None = None) -> int:
+    """``fn()``, with the project's errors printed as ``supermoe-rec: error: <one line>`` and mapped to exit codes.
+
+    Ctrl-C (``KeyboardInterrupt``) prints ``supermoe-rec: interrupted: <what was kept>`` (``on_interrupt()``: what
+    was saved and how to go on) and exits 130, the shell's code for SIGINT; ``--debug`` adds the traceback.
+    """
     try:
         return fn()
+    except KeyboardInterrupt:
+        if debug_enabled(debug):
+            traceback.print_exc(file=sys.stderr)
+        note = "stopped before finishing"
+        if on_interrupt is not None:
+            try:
+                note = on_interrupt()
+            except Exception as exc:  # the note is a courtesy: never a second traceback
+                note = f"stopped before finishing ({type(exc).__name__} while looking at what was saved)"
+        # On a fresh line: the terminal's ^C, or a progress bar, holds the current one.
+        print(f"\nsupermoe-rec: interrupted: {note}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         code = exit_code(exc)
         if code is None:
@@ -90,4 +108,4 @@ def run_reporting(fn: Callable[[], int], debug: bool = False) -> int:
         return code
 
 
-__all__ = ["DEBUG_ENV", "debug_enabled", "exit_code", "one_line", "run_reporting"]
+__all__ = ["DEBUG_ENV", "EXIT_INTERRUPTED", "debug_enabled", "exit_code", "one_line", "run_reporting"]

@@ -409,3 +409,27 @@ def test_a_run_dir_that_cannot_be_written_is_refused_before_training(
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'runs' / 'run'}: not writable \(Permission denied\)"):
         _guard(tmp_path, tmp_path / "runs")
+
+
+def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save() -> None:
+    import signal
+
+    from supermoe_rec.training.checkpoint import _sigint_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), _sigint_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # a handler runs between bytecodes: the default one would raise here
+        done.append("saved")
+    assert done == ["saved"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_interrupt_is_one_line_and_exit_130(capsys: pytest.CaptureFixture[str]) -> None:
+    from supermoe_rec.errors import run_reporting
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert run_reporting(interrupted, on_interrupt=lambda: "the last checkpoint is kept") == 130
+    assert capsys.readouterr().err == "\nsupermoe-rec: interrupted: the last checkpoint is kept\n"

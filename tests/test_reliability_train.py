@@ -416,3 +416,54 @@ def test_metrics_undefined_on_a_split_are_null_in_valid_json(out: Path, tmp_path
     metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text(), parse_constant=no_constants)
     assert metrics["test"]["tasks"]["click"]["auc"] is None
     assert "one class" in metrics["undefined_metrics"]["test.tasks.click.auc"]
+
+
+# ---------------------------------------------------------------------------------------- interrupts, kills
+
+
+def test_ctrl_c_says_what_was_saved_and_exits_130(tmp_path: Path) -> None:
+    # Before: a KeyboardInterrupt traceback, exit 1, and no word of the checkpoint or how to resume.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [a for a in TINY if not a.startswith("--train.max_steps")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supermoe_rec.cli", "train", *args, "--train.epochs=1000", "--train.checkpoint_every=1",
+         f"--train.out_dir={tmp_path}", "--train.name=run"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    latest = tmp_path / "run" / "checkpoints" / "LATEST"
+    deadline = time.monotonic() + 240
+    while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert latest.is_file(), proc.communicate()[1][-4000:] if proc.poll() is not None else "no checkpoint in 240 s"
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-4000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-4000:]
+    (line,) = error_lines(stderr)
+    assert line.startswith(f"supermoe-rec: interrupted: the last checkpoint, {tmp_path / 'run' / 'checkpoints'}/")
+    assert line.endswith("continue with the same command and --train.resume=true"), line
+    assert not (tmp_path / "run" / "LOCK").exists()
+
+
+def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one_loadable(tmp_path: Path) -> None:
+    # The test hook SIGKILLs the process inside the save of step 2: after its files, before its COMPLETE.
+    from supermoe_rec.training.checkpoint import KILL_IN_SAVE_ENV
+
+    run = [*TINY, f"--train.out_dir={tmp_path}", "--train.name=run", "--train.checkpoint_every=1"]
+    proc = run_cli("train", *run, "--train.max_steps=3", env={KILL_IN_SAVE_ENV: "2"})
+    assert proc.returncode == -9, proc.stderr[-4000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "LATEST").read_text().strip() == "ckpt-000001-step1"
+    partial = checkpoints / "ckpt-000002-step2"
+    assert (partial / ".metadata").is_file() and not (partial / "COMPLETE").exists()  # killed mid-save indeed
+    proc = run_cli("train", *run, "--train.max_steps=3", "--train.resume=true")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from step 1 " in proc.stderr, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3

@@ -31,14 +31,17 @@ optimizer states) as ``DTensor`` sharded on dim 0, so DCP stores every rank's sl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import pickle
 import shutil
+import signal
+import threading
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,6 +75,8 @@ T = TypeVar("T")
 MANIFEST_FORMAT = 1
 MARKER = "COMPLETE"
 DATA_FILE = "data.json"
+# Test hook: a save of this step kills its process (SIGKILL) after the checkpoint's files, before its COMPLETE.
+KILL_IN_SAVE_ENV = "SUPERMOE_REC_TEST_KILL_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -300,6 +305,28 @@ class TrainState:
             self.optimizer.load_state_dict(_local(state_dict["optim"]))
 
 
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the block ends, then raise the ``KeyboardInterrupt`` it would have raised.
+
+    A save interrupted half-way leaves nothing to load from it (and DCP would wrap the interrupt into its own
+    error); deferred, the save completes and the run stops right after it, with that checkpoint to resume from.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and previous is signal.default_int_handler:
+        raise KeyboardInterrupt
+    if received and callable(previous):
+        previous(signal.SIGINT, None)
+
+
 class CheckpointManager:
     """Save and load a :class:`TrainState` (all ranks call every method: they are collective)."""
 
@@ -336,11 +363,17 @@ class CheckpointManager:
     def save(self, train_state: TrainState, state: dict[str, Any], tag: str) -> Path:
         """Write a checkpoint of the current step; ``tag`` 'best' also moves the BEST pointer.
 
+        Ctrl-C during the save takes effect when it is complete (see :func:`_sigint_deferred`).
+
         Args:
             train_state: the model, optimizer, device and loader to save.
             state: the training counters (JSON-ready: epoch, step, batches_done, ...).
             tag: the checkpoint's tag (``step<N>``, ``last``, ``best``).
         """
+        with _sigint_deferred():
+            return self._save(train_state, state, tag)
+
+    def _save(self, train_state: TrainState, state: dict[str, Any], tag: str) -> Path:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         names: list[str | None] = [self._fresh_name(f"ckpt-{state['step']:06d}-{tag}") if rank == 0 else None]
         dist.broadcast_object_list(names, src=0)
@@ -369,6 +402,8 @@ class CheckpointManager:
             if self.data_fingerprint is not None:
                 (path / DATA_FILE).write_text(json.dumps(self.data_fingerprint, indent=1) + "\n")
         dist.barrier()
+        if os.environ.get(KILL_IN_SAVE_ENV) == str(state["step"]):  # tests only: die as SIGKILL does, mid-save
+            os.kill(os.getpid(), signal.SIGKILL)
         # Every file is written: each rank flushes and fingerprints its share, rank 0 writes the manifest.
         files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
         mine = {f: _digest(path / f, sync=True) for f in files[rank::world_size]}

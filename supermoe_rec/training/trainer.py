@@ -443,6 +443,21 @@ def _train(
     return result
 
 
+def interrupted_note(cfg: ExperimentConfig | None) -> str:
+    """What an interrupted ``train`` kept and how to go on (the line Ctrl-C prints)."""
+    if cfg is None:
+        return "nothing was written"
+    run_dir = Path(cfg.train.out_dir) / cfg.train.name
+    latest = run_dir / "checkpoints" / "LATEST"
+    if latest.is_file():
+        ckpt = run_dir / "checkpoints" / latest.read_text().strip()
+        return (
+            f"the last checkpoint, {ckpt}, is kept (steps after it are lost); continue with the same command and "
+            "--train.resume=true"
+        )
+    return f"no checkpoint was saved yet in {run_dir}; run the same command again to start over"
+
+
 def _undefined_reason(path: str) -> str:
     """Why a metric at ``path`` (dotted, in metrics.json) is not a number."""
     metric = path.rsplit(".", 1)[-1]
@@ -514,16 +529,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     )
 
+    loaded: list[ExperimentConfig] = []
+
     def run() -> int:
         try:
-            train(load_config(args.config, overrides))
+            loaded.append(load_config(args.config, overrides))
+            train(loaded[0])
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
         return 0
 
-    # One line and exit code 2 (config, data, refused request) or 3 (checkpoint): supermoe_rec/errors.py
-    return run_reporting(run, args.debug)
+    # One line and exit code 2 (config, data, refused request), 3 (checkpoint) or 130 (Ctrl-C): supermoe_rec/errors.py
+    return run_reporting(run, args.debug, lambda: interrupted_note(loaded[0] if loaded else None))
 
 
 if __name__ == "__main__":
