@@ -33,7 +33,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from supermoe_rec.config.experiment import load_config, save_config
 from supermoe_rec.config.help import add_config_help
@@ -89,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         "--artifact",
         default=None,
         help="write the inference artifact into this directory instead (see docs/serving.md)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="--artifact: replace an artifact that another run exported there"
     )
     emb = sub.add_parser("embed", help="[USER] vectors of the users in new events, with an exported artifact")
     emb.add_argument("--artifact", required=True, help="artifact directory from export --artifact")
@@ -186,16 +188,17 @@ def _parser() -> argparse.ArgumentParser:
 def data_summary(config: str, overrides: Sequence[str], out: str | None = None) -> dict[str, object]:
     """Load the configured data, validate every split, and return the summary."""
     from supermoe_rec.data.generative import apply_layout
+    from supermoe_rec.data.output import atomic_output, check_output_dir, write_json
     from supermoe_rec.data.splits import load_data
 
     cfg = load_config(config, overrides)
+    out_dir = check_output_dir(out, "--out") if out is not None else None  # before the data load
     # In the layout the model trains on: under generative training each split also reports its chunks.
     summary = apply_layout(load_data(cfg.data), cfg).summary()
-    if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if out_dir is not None:
+        with atomic_output(out_dir / "config.yaml") as part:
+            save_config(cfg, part)
+        write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -204,7 +207,7 @@ def _representation_command(args: argparse.Namespace, overrides: Sequence[str]) 
     if args.command == "export" and args.artifact is not None:
         from supermoe_rec.serving.export_artifact import main as artifact_main
 
-        return artifact_main(args.run, args.artifact, overrides)
+        return artifact_main(args.run, args.artifact, overrides, args.overwrite)
     if args.command == "export":
         from supermoe_rec.evaluation.export import main as export_main
 

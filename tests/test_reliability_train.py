@@ -467,3 +467,60 @@ def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one_loadable(tmp_pa
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from step 1 " in proc.stderr, proc.stderr[-4000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ messages
+
+
+def test_export_of_a_run_without_checkpoint_gives_export_advice(out: Path, tmp_path: Path) -> None:
+    # Before: "run without train.resume to start from scratch", advice for train.
+    run = tmp_path / "run"
+    shutil.copytree(pristine(out), run)
+    shutil.rmtree(run / "checkpoints")
+    proc = run_cli("export", "--run", str(run), "--out", str(tmp_path / "u.parquet"))
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    (line,) = error_lines(proc.stderr)
+    assert "no checkpoint to load the weights from" in line and "train it first" in line, line
+    assert "train.resume" not in line
+
+
+def test_export_onto_another_runs_artifact_needs_overwrite(out: Path, artifact: Path, tmp_path: Path) -> None:
+    # Before: export --artifact deleted the other run's artifact at once and wrote its own (rc 0).
+    other_run = tmp_path / "other"
+    shutil.copytree(pristine(out), other_run)
+    target = tmp_path / "artifact"
+    shutil.copytree(artifact, target)
+    before = snapshot(target)
+    proc = run_cli("export", "--run", str(other_run), "--artifact", str(target))
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    (line,) = error_lines(proc.stderr)
+    assert f"--artifact: {target} holds the artifact of another run ({pristine(out).resolve()})" in line, line
+    assert "--overwrite" in line
+    assert snapshot(target) == before
+    proc = run_cli("export", "--run", str(other_run), "--artifact", str(target), "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((target / "manifest.json").read_text())["source"]["run"] == str(other_run.resolve())
+
+
+def test_embed_names_the_events_column_and_row_of_an_unknown_item(
+    artifact: Path, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: "column 'history': id 99999 is outside table 'item'": no such column in the file, and no row.
+    import pandas as pd
+
+    frame = pd.read_parquet(events)
+    frame.loc[frame.index[5], "item"] = 99999
+    bad = tmp_path / "events.parquet"
+    frame.to_parquet(bad)
+    line = cli_refused(capsys, "embed", "--artifact", str(artifact), "--events", str(bad), "--out",
+                       str(tmp_path / "v.parquet"))  # fmt: skip
+    assert f"{bad}: row 5, column 'item': id 99999 is outside table 'item'" in line, line
+
+
+def test_data_summary_out_onto_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: FileExistsError traceback (after the whole data load).
+    file = tmp_path / "summary"
+    file.write_text("mine")
+    line = cli_refused(capsys, "data", "summary", "--config", str(CONFIG), "--out", str(file))
+    assert line == f"supermoe-rec: error: --out: {file} is a file; name a directory"
+    assert file.read_text() == "mine"

@@ -393,7 +393,10 @@ def test_embed_reports_bad_input(
     assert "is outside table 'item'" in capsys.readouterr().err
     (tmp_path / "empty.parquet").write_bytes(b"")
     assert (
-        cli.main(["embed", "--artifact", str(artifact), "--events", str(tmp_path / "empty.parquet"), "--out", "x"]) == 2
+        cli.main(
+            ["embed", "--artifact", str(artifact), "--events", str(tmp_path / "empty.parquet"), "--out", "x.parquet"]
+        )
+        == 2
     )
     assert "empty file" in capsys.readouterr().err
 

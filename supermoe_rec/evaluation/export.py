@@ -45,6 +45,7 @@ from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, 
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.loader import ShardedBatchLoader
+from supermoe_rec.data.output import atomic_output, check_output
 from supermoe_rec.data.splits import SplitData, load_run_data
 from supermoe_rec.distributed.process_group import init_distributed
 from supermoe_rec.distributed.sharding import build_train_module, shard
@@ -283,8 +284,8 @@ def write_embeddings(reps: UserRepresentations, path: Path) -> None:
     for name, matrix in reps.tasks.items():
         columns[f"task_{name}"] = as_list(matrix)
     columns["source_split"] = pa.array(reps.source_split.astype(str))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns), path)
+    with atomic_output(path) as part:
+        pq.write_table(pa.table(columns), part)
 
 
 def write_plots(run_dir: Path, routing: dict[str, Any] | None) -> list[Path]:
@@ -370,10 +371,10 @@ def export_run(
         :class:`ExportResult` with the representations and the paths written.
     """
     run_dir = Path(run_dir)
+    path = check_output(out, "--out", suffixes=(".parquet",)) if out is not None else run_dir / EMBEDDINGS_FILE
     cfg = load_run_config(run_dir, overrides)
     restored, tag = restore_model(run_dir, cfg, data)
     reps = user_representations(restored)
-    path = Path(out) if out is not None else run_dir / EMBEDDINGS_FILE
     write_embeddings(reps, path)
     log.info("wrote %s (%d users, M=%d)", path, len(reps.user_keys), reps.user.shape[1])
     stats = routing_statistics(restored) if routing and "valid" in restored.loaders else None

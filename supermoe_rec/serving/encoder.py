@@ -335,14 +335,20 @@ class UserEncoder:
     # ------------------------------------------------------------------------------------------ id mapping
 
     def map_ids(
-        self, values: npt.NDArray[Any], spec: FeatureSpec, source: str, counts: Encoded | None = None
+        self,
+        values: npt.NDArray[Any],
+        spec: FeatureSpec,
+        source: str,
+        counts: Encoded | None = None,
+        offsets: IntArray | None = None,
     ) -> IntArray:
         """Table rows of raw ``values`` of feature ``spec`` by training's mapping
         (:func:`~supermoe_rec.data.features.table_ids`: the run's vocabulary, hashing, or integer ids inside the
-        table; the same errors). Unknown and hashed values are added to ``counts``."""
+        table; the same errors, naming the row when ``offsets`` [rows + 1] of ``values`` per input row are given).
+        Unknown and hashed values are added to ``counts``."""
         table = self.schema.table(spec.table)
         vocabulary = self.vocabularies.get(table.name)
-        mapped = table_ids(values, spec, table, source, vocabulary)
+        mapped = table_ids(values, spec, table, source, vocabulary, offsets)
         if counts is not None:
             if vocabulary is not None:
                 counts.unknown_ids[spec.name] = counts.unknown_ids.get(spec.name, 0) + mapped.unknown
@@ -399,6 +405,11 @@ class UserEncoder:
                 out[spec.column] = self._cells(events, spec, last, source, keep_last=self.max_history)
         else:
             assert self.candidate_feature is not None
+            # The histories are built from the events' item column: its ids are checked here, where an error can
+            # name that column and the events row (later the history is a column the file does not have).
+            spec = self.candidate_feature
+            raw, lengths = feature_values(events[spec.column].to_numpy(), spec, s.table(spec.table), source)
+            self.map_ids(raw, spec, source, offsets=offsets_from_lengths(lengths))
             by_user = order[np.argsort(codes[order], kind="stable")]  # grouped by user, in time order within
             items = events[self.candidate_feature.column].to_numpy()[by_user]
             bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=U))])

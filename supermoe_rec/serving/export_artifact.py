@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from supermoe_rec.config.experiment import ExperimentConfig
+from supermoe_rec.config.experiment import ConfigError, ExperimentConfig
 from supermoe_rec.data.dataset import TabularDataset
+from supermoe_rec.data.output import check_output_dir
 from supermoe_rec.data.schema import FeatureSide, Schema
 from supermoe_rec.serving import artifact as art
 from supermoe_rec.serving.encoder import (
@@ -221,8 +222,30 @@ def check_artifact(
 # ------------------------------------------------------------------------------------------------- main
 
 
-def export_artifact(run_dir: str | Path, out: str | Path, overrides: Sequence[str] = (), check: bool = True) -> Path:
-    """Write the inference artifact of ``run_dir`` into ``out`` (replaced if it is an earlier artifact).
+def check_artifact_target(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """``out`` may receive ``run_dir``'s artifact: absent, empty, or an artifact of this same run; another run's
+    artifact only with ``overwrite``. Anything else is refused before any work."""
+    check_output_dir(out, "--artifact")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / art.MANIFEST).is_file():
+        raise art.ArtifactError(f"{out}: exists and is not an artifact; refusing to overwrite it")
+    try:
+        source = art.read_manifest(out).get("source", {}).get("run")
+    except art.ArtifactError:
+        source = None
+    if source != str(run_dir.resolve()) and not overwrite:
+        raise ConfigError(
+            f"--artifact: {out} holds the artifact of another run ({source or 'unknown'}); choose another "
+            "--artifact, or pass --overwrite to replace it"
+        )
+
+
+def export_artifact(
+    run_dir: str | Path, out: str | Path, overrides: Sequence[str] = (), check: bool = True, overwrite: bool = False
+) -> Path:
+    """Write the inference artifact of ``run_dir`` into ``out``: a new directory, or one that holds an earlier
+    artifact of the same run (another run's only with ``overwrite``), which stays until the new one is complete.
 
     Joins (or creates) a world-of-one process group; the caller owns it afterwards.
 
@@ -235,10 +258,7 @@ def export_artifact(run_dir: str | Path, out: str | Path, overrides: Sequence[st
     from supermoe_rec.evaluation import export
 
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists():
-        if not (out / art.MANIFEST).is_file() and any(out.iterdir()):
-            raise art.ArtifactError(f"{out}: exists and is not an artifact; refusing to overwrite it")
-        shutil.rmtree(out)
+    check_artifact_target(run_dir, out, overwrite)
     cfg = export.load_run_config(run_dir, overrides)
     # export's restore: a world of one, the run's BEST (else LATEST) weights, no optimizers
     restored, tag = export.restore_model(run_dir, cfg)
@@ -311,16 +331,21 @@ def export_artifact(run_dir: str | Path, out: str | Path, overrides: Sequence[st
         encoder = UserEncoder.load(tmp)
         worst = check_artifact(encoder, restored)
         log.info("artifact check: max |artifact - training model| = %.3g over [USER], task reps and scores", worst)
+    old = out.with_name(f".{out.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)  # the earlier artifact stays whole until the new one is in place
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     log.info("wrote artifact %s (%d files, %.1f MiB)", out, len(files) + 1, art.artifact_bytes(out) / 2**20)
     return out
 
 
-def main(run: str, artifact_dir: str, overrides: Sequence[str]) -> int:
+def main(run: str, artifact_dir: str, overrides: Sequence[str], overwrite: bool = False) -> int:
     """CLI body of ``supermoe-rec export --artifact``: a world of one; tear down a group it created."""
     owns_group = not dist.is_initialized()
     try:
-        path = export_artifact(run, artifact_dir, overrides)
+        path = export_artifact(run, artifact_dir, overrides, overwrite=overwrite)
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -328,4 +353,12 @@ def main(run: str, artifact_dir: str, overrides: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["ExportCheckError", "check_artifact", "export_artifact", "gather_tables", "item_catalog", "main"]
+__all__ = [
+    "ExportCheckError",
+    "check_artifact",
+    "check_artifact_target",
+    "export_artifact",
+    "gather_tables",
+    "item_catalog",
+    "main",
+]

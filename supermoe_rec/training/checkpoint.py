@@ -434,12 +434,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------------- load
 
-    def _resolve(self, pointer: str) -> Path:
+    def _resolve(self, pointer: str, purpose: str = "resume") -> Path:
         target = self._pointer(pointer)
         if target is None:
+            if purpose == "resume":
+                raise CheckpointError(
+                    f"{self.root}: no checkpoint to resume from ({self.root / pointer} does not exist); "
+                    "run without train.resume to start from scratch"
+                )
             raise CheckpointError(
-                f"{self.root}: no checkpoint to resume from ({self.root / pointer} does not exist); "
-                "run without train.resume to start from scratch"
+                f"{self.root}: no checkpoint to load the weights from ({self.root / pointer} does not exist): the "
+                "run has not saved one yet; train it first (supermoe-rec train), or name a run that has"
             )
         if target in ("", ".", "..") or Path(target).name != target:
             raise CheckpointError(
@@ -484,9 +489,9 @@ class CheckpointManager:
             if crc != want_crc:
                 raise CheckpointError(f"{path}: checkpoint is corrupt: {name} fails its CRC-32 check")
 
-    def _open(self, pointer: str) -> Path:
+    def _open(self, pointer: str, purpose: str = "resume") -> Path:
         """Collective: the verified checkpoint dir ``pointer`` names, or the same CheckpointError on every rank."""
-        path = _agreed(f"{self.root / pointer}", lambda: self._resolve(pointer))
+        path = _agreed(f"{self.root / pointer}", lambda: self._resolve(pointer, purpose))
         _agreed(f"{path}: cannot verify checkpoint", lambda: self._verify(path))
         return path
 
@@ -584,7 +589,7 @@ class CheckpointManager:
 
     def restore_weights(self, train_state: TrainState, tag: str = "best") -> None:
         """Load only the model weights of the BEST (or LATEST) checkpoint, e.g. before testing or exporting."""
-        path = self._open("BEST" if tag == "best" else "LATEST")
+        path = self._open("BEST" if tag == "best" else "LATEST", purpose="weights")
         weights = train_state.weights()
         target = weights.state_dict()
         self._dcp_load(target, path)
