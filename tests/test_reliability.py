@@ -433,3 +433,31 @@ def test_an_interrupt_is_one_line_and_exit_130(capsys: pytest.CaptureFixture[str
 
     assert run_reporting(interrupted, on_interrupt=lambda: "the last checkpoint is kept") == 130
     assert capsys.readouterr().err == "\nsupermoe-rec: interrupted: the last checkpoint is kept\n"
+
+
+def test_task_weights_of_another_source_are_refused_at_config_load() -> None:
+    # Before: --data.source=amazon_beauty on the ml100k config ended, after the data load, in a ValueError traceback
+    # (task_weights: unknown task(s) ['watch']): the check existed for table sources only.
+    from supermoe_rec.config.experiment import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIG, ["--data.source=amazon_beauty"])
+    assert str(info.value) == (
+        "train.loss.task_weights: unknown task(s) ['watch']: data.source 'amazon_beauty' has the tasks ['click']; "
+        "configs/amazon_beauty.yaml is a config for this source"
+    )
+    with pytest.raises(ConfigError, match=r"^data.tasks: unknown task\(s\) \['click'\]: data.source 'ml100k' has"):
+        load_config(CONFIG, ["--data.tasks=[click]"])
+    for source in ("amazon_beauty", "amazon_sports"):
+        assert load_config(ROOT / "configs" / f"{source}.yaml").data.source == source
+
+
+def test_source_tasks_are_the_tasks_the_sources_build(ml100k_data: object, tmp_path: Path) -> None:
+    from supermoe_rec.config.experiment import SOURCE_TASKS, DataConfig
+    from supermoe_rec.data.splits import SplitData, load_data
+
+    assert isinstance(ml100k_data, SplitData)
+    assert tuple(t.name for t in ml100k_data.tasks) == SOURCE_TASKS["ml100k"] == SOURCE_TASKS["ml1m"]
+    (tmp_path / "seq.txt").write_text("1 1 2 3 4\n2 2 3 4 5\n")
+    data = load_data(DataConfig(source="sequences", table=str(tmp_path / "seq.txt")))
+    assert tuple(t.name for t in data.tasks) == SOURCE_TASKS["sequences"] == SOURCE_TASKS["amazon_beauty"]

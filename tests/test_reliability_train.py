@@ -524,3 +524,25 @@ def test_data_summary_out_onto_a_file_is_refused(tmp_path: Path, capsys: pytest.
     line = cli_refused(capsys, "data", "summary", "--config", str(CONFIG), "--out", str(file))
     assert line == f"supermoe-rec: error: --out: {file} is a file; name a directory"
     assert file.read_text() == "mine"
+
+
+# The public Amazon sequences lie next to the repository (CI sets SUPERMOE_REQUIRE_SHARED_DATA=1: absent, it fails).
+AMAZON = (
+    Path(os.environ.get("SUPERMOE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "amazon"
+)
+
+
+@pytest.mark.skipif(
+    not (AMAZON / "Beauty.txt").is_file() and os.environ.get("SUPERMOE_REQUIRE_SHARED_DATA") != "1",
+    reason=f"the public Amazon sequences are not at {AMAZON} (set SUPERMOE_SHARED_DATA to their folder)",
+)
+def test_the_amazon_config_trains(tmp_path: Path) -> None:
+    # Before: there was no Amazon config; the ml100k one with --data.source=amazon_beauty ended in a traceback.
+    proc = run_cli(
+        "train", "--config=configs/amazon_beauty.yaml", f"--data.sequences_dir={AMAZON}", "--train.max_steps=2",
+        f"--train.out_dir={tmp_path}", "--train.tensorboard=false", "--train.num_threads=1",
+        "--train.eval_batch_size=16384",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((tmp_path / "amazon-beauty-supermoe" / "metrics.json").read_text())
+    assert metrics["test"]["next_item"]["targets"] == 22_363  # one test target per user

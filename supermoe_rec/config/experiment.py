@@ -512,6 +512,36 @@ def check_early_stopping_metric(name: str, tasks: Sequence[str] = ()) -> None:
     )
 
 
+# The tasks of the built-in sources (a table's come from its schema); tests/test_reliability.py checks them against
+# the data those sources build.
+SOURCE_TASKS: dict[str, tuple[str, ...]] = {
+    "ml100k": ("watch", "like", "rating"),
+    "ml1m": ("watch", "like", "rating"),
+    "amazon_beauty": ("click",),
+    "amazon_sports": ("click",),
+    "sequences": ("click",),
+}
+
+
+def check_source_tasks(cfg: ExperimentConfig) -> None:
+    """``data.tasks`` and ``train.loss.task_weights`` name only tasks of a built-in ``data.source`` (a table's
+    schema is checked by :func:`~supermoe_rec.data.schema.check_table_config`): one check for every source."""
+    source = cfg.data.source
+    known = SOURCE_TASKS.get(source)
+    if known is None:
+        return
+    hint = f"; configs/{source}.yaml is a config for this source" if source.startswith("amazon_") else ""
+    for key, names in (
+        ("data.tasks", list(cfg.data.tasks)),
+        ("train.loss.task_weights", list(cfg.trained_task_weights())),
+    ):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ConfigError(
+                f"{key}: unknown task(s) {unknown}: data.source {source!r} has the tasks {list(known)}{hint}"
+            )
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load a YAML config file strictly, then apply ``--section.key=value`` overrides."""
     path = Path(path)
@@ -537,6 +567,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     cfg = apply_overrides(cfg, overrides)
     # source: table: task names against the schema, ml-mt-only keys warned about (docs/data.md).
     check_table_config(cfg)
+    check_source_tasks(cfg)
     return cfg
 
 
