@@ -546,3 +546,31 @@ def test_the_amazon_config_trains(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((tmp_path / "amazon-beauty-supermoe" / "metrics.json").read_text())
     assert metrics["test"]["next_item"]["targets"] == 22_363  # one test target per user
+
+
+def test_embed_reads_csv_lists_in_every_form_training_reads(
+    artifact: Path, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One list parser for training and serving (supermoe_rec/data/lists.py): the same users in a parquet with
+    # list cells and a CSV with "[1 2]", "[]", "1 2" and JSON text give the same vectors.
+    import numpy as np
+    import pandas as pd
+
+    from supermoe_rec import cli
+
+    frame = pd.read_parquet(events).drop_duplicates("user_id").head(4).reset_index(drop=True)
+    histories = [[1, 2], [], [3, 4, 5], [6]]
+    frame["history"] = histories
+    parquet = tmp_path / "users.parquet"
+    frame.to_parquet(parquet)
+    as_text = frame.copy()
+    as_text["history"] = ["[1 2]", "[]", "3 4 5", "[6]"]
+    csv = tmp_path / "users.csv"
+    as_text.to_csv(csv, index=False)
+    for source, out in ((parquet, tmp_path / "a.parquet"), (csv, tmp_path / "b.parquet")):
+        assert cli.main(["embed", "--artifact", str(artifact), "--events", str(source), "--out", str(out)]) == 0, (
+            capsys.readouterr().err
+        )
+    a, b = pd.read_parquet(tmp_path / "a.parquet"), pd.read_parquet(tmp_path / "b.parquet")
+    assert [list(s) for s in b["seen_items"]] == histories
+    np.testing.assert_allclose(np.stack(a["user"].to_numpy()), np.stack(b["user"].to_numpy()), atol=1e-6)

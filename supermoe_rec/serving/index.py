@@ -101,6 +101,20 @@ def vectors_table(encoder: UserEncoder, encoded: Encoded, seen: Sequence[Sequenc
     return pa.table(columns).replace_schema_metadata(meta)
 
 
+def seen_ids(encoder: UserEncoder, users: pd.DataFrame) -> list[list[Any]]:
+    """Each user's history as raw ids of one type, however the events wrote them: a CSV's list text parses to
+    string tokens (``[1 2]`` -> ``'1', '2'``), a parquet holds integers. Integer-id tables give integers (the ids
+    were checked when the users were encoded); vocab and hash tables give strings."""
+    spec = encoder.history_features[0]
+    table = encoder.schema.table(spec.table)
+    cells = [list(c) for c in users[spec.column]]
+    if table.vocab_spec is None and not table.hash:
+        return [[int(float(v)) for v in cell] for cell in cells]
+    if all(isinstance(v, (int, np.integer)) for cell in cells for v in cell):
+        return cells
+    return [[str(v) for v in cell] for cell in cells]
+
+
 def embed(
     artifact: str | Path, events: str | Path, out: str | Path, batch_size: int = 1024, progress: bool = True
 ) -> dict[str, Any]:
@@ -114,7 +128,7 @@ def embed(
     users = encoder.user_rows(frame, str(events))
     encoded = encoder.encode(users, batch_size=batch_size, source=str(events), progress=progress)
     history = encoder.history_features
-    seen = list(users[history[0].column]) if history else [[] for _ in range(len(users))]
+    seen = seen_ids(encoder, users) if history else [[] for _ in range(len(users))]
     with atomic_output(out) as part:
         pq.write_table(vectors_table(encoder, encoded, seen), part)
     return {
