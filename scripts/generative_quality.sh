@@ -16,7 +16,7 @@ train() {  # NAME ARGS...
   .venv/bin/supermoe-rec train "$@" --train.num_threads=1 --train.out_dir="$out" --train.name="$name"
 }
 report() {
-  .venv/bin/python scripts/generative_report.py --runs "$out" --out reports/ml100k/generative
+  .venv/bin/python scripts/generative_report.py --runs "$out" --out reports/ml100k/generative.md
 }
 for s in "${seeds[@]}"; do
   train "mt-s$s" --config configs/ml100k.yaml --train.seed="$s"

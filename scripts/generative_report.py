@@ -1,12 +1,12 @@
 """The report of scripts/generative_quality.sh: generative training on ml100k over seeds, next to its references.
 
 Reads ``<runs>/mt-s<seed>/metrics.json`` (configs/ml100k.yaml, ml100k-mt) and ``<runs>/loo-s<seed>/metrics.json``
-(configs/ml100k_universal.yaml on RecBole's leave-one-out split), whatever has finished, and writes ``<out>.json``
-and ``<out>.md``: test metrics as mean ± std over seeds (sample std; a single seed says so), each run's wall time,
+(configs/ml100k_universal.yaml on RecBole's leave-one-out split), whatever has finished, and writes the report
+``--out`` (.md) with its .json beside it: test metrics as mean ± std over seeds (sample std; a single seed says so), each run's wall time,
 best epoch and training samples/s, and the references: the seesaw study's supermoe (reports/ml100k/report.json,
 per-group training, 3 seeds) and RecBole's SASRec and GRU4Rec (reports/ml100k/recbole_peer.json).
 
-    python scripts/generative_report.py --runs runs/generative --out reports/ml100k/generative
+    python scripts/generative_report.py --runs runs/generative --out reports/ml100k/generative.md
 """
 
 from __future__ import annotations
@@ -136,14 +136,14 @@ def markdown(result: dict[str, Any], command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=Path, required=True, help="the study's run directory")
-    parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.json and .md)")
+    parser.add_argument("--out", type=Path, required=True, help="the report's .md path (the .json goes beside it)")
     args = parser.parse_args()
     result = build(args.runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     command = f"scripts/generative_quality.sh {args.runs}"
     args.out.with_suffix(".md").write_text(markdown(result, command))
-    print(f"wrote {args.out}.md and .json ({len(result['runs'])} runs)")
+    print(f"wrote {args.out.with_suffix('.md')} and .json ({len(result['runs'])} runs)")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,9 @@ def test_catalogue_rank_needs_the_catalogue() -> None:
     module = _module(schema, "--train.objective=joint")
     full = _batch(schema)
     _, out = module(full)
+    assert out.next_item_rank is None  # a training step does not rank the catalogue: only evaluation reports it
+    module.eval()
+    _, out = module(full)
     assert out.next_item_rank is not None and int(out.next_item_rank.min()) >= 1  # 1-based: every group ranked
     # Batches built without candidates (export, probes) still run, and rank nothing.
     ds_batch = _batch(schema)
