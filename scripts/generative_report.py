@@ -2,9 +2,10 @@
 
 Reads ``<runs>/mt-s<seed>/metrics.json`` (configs/ml100k.yaml, ml100k-mt) and ``<runs>/loo-s<seed>/metrics.json``
 (configs/ml100k_universal.yaml on RecBole's leave-one-out split), whatever has finished, and writes the report
-``--out`` (.md) with its .json beside it: test metrics as mean ± std over seeds (sample std; a single seed says so), each run's wall time,
-best epoch and training samples/s, and the references: the seesaw study's supermoe (reports/ml100k/report.json,
-per-group training, 3 seeds) and RecBole's SASRec and GRU4Rec (reports/ml100k/recbole_peer.json).
+``--out`` (.md) with its .json beside it: test metrics as mean ± std over seeds (sample std; a single seed says
+so), each run's wall time, best epoch and training samples/s, and the references: the seesaw study's supermoe
+(reports/ml100k/report.json, per-group training, 3 seeds) and RecBole's SASRec and GRU4Rec
+(reports/ml100k/recbole_peer.json).
 
     python scripts/generative_report.py --runs runs/generative --out reports/ml100k/generative.md
 """
