@@ -45,7 +45,7 @@ from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, 
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.loader import ShardedBatchLoader
-from supermoe_rec.data.output import atomic_output, check_output
+from supermoe_rec.data.output import atomic_output, check_output, write_json
 from supermoe_rec.data.splits import SplitData, load_run_data
 from supermoe_rec.distributed.process_group import init_distributed
 from supermoe_rec.distributed.sharding import build_train_module, shard
@@ -381,7 +381,7 @@ def export_run(
     files = [path]
     if stats is not None:
         stats["checkpoint"] = tag
-        (run_dir / ROUTING_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        write_json(run_dir / ROUTING_FILE, stats)
         files.append(run_dir / ROUTING_FILE)
     elif routing:
         log.info("no MoE routing statistics (no MoE layer, or no valid split)")
