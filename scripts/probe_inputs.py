@@ -23,6 +23,7 @@ import torch.distributed as dist
 import supermoe_rec.evaluation.probe as probe
 from supermoe_rec.data.splits import load_data
 from supermoe_rec.evaluation.export import latest_rows, load_run_config, restore_model, user_representations
+from supermoe_rec.modules.causal import CausalMoEEncoder
 from supermoe_rec.modules.transformer import MoETransformerEncoder
 
 
@@ -40,9 +41,9 @@ def main() -> None:
     data = load_data(cfg.data)
     probe.check_behaviour_only(data.schema)
     trainer, _ = restore_model(run, cfg, data)
-    encoders = [m for m in trainer.dmp.modules() if isinstance(m, MoETransformerEncoder)]
+    encoders = [m for m in trainer.dmp.modules() if isinstance(m, MoETransformerEncoder | CausalMoEEncoder)]
     if len(encoders) != 1:
-        raise SystemExit(f"{run}: expected one MoE transformer encoder in model.arch, found {len(encoders)}")
+        raise SystemExit(f"{run}: expected one transformer encoder in model.arch, found {len(encoders)}")
     pooled: list[np.ndarray] = []
 
     def keep_mean_history(_module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:

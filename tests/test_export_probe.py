@@ -169,14 +169,20 @@ def test_routing_statistics(exported: ExportResult, run_dir: Path, ml100k_data: 
     assert routing == exported.routing
     tokens = np.asarray(routing["tokens_per_expert"])
     kinds = np.asarray(routing["task_expert_counts"])
-    assert tokens.shape == (1, 8) and kinds.shape == (1, len(TASKS) + 2, 8)
+    # The shipped config trains generatively: the causal encoder's MoE block, then its task readout's MoE.
+    assert tokens.shape == (2, 8) and kinds.shape == (2, len(TASKS) + 2, 8)
     assert routing["row_labels"] == ["[USER]", *TASKS, "history"]
     assert np.array_equal(kinds.sum(axis=1), tokens)  # every assignment belongs to one token kind
     valid = ml100k_data.splits["valid"]
     top_k = 2
-    # One encoder pass per valid group: one [USER] token and one token per task, each routed to K experts.
+    items = int(np.diff(valid.features["history"].offsets)[valid.group_offsets[:-1]].sum())  # history items
+    # One encoder pass per valid group. The block routes its [START] token (the "[USER]" row) and its history items;
+    # the readout routes every real token once per task, with the task as its kind; each to K experts.
     assert kinds[0, 0].sum() == valid.num_groups * top_k
-    assert (kinds[0, 1 : 1 + len(TASKS)].sum(axis=1) == valid.num_groups * top_k).all()
+    assert kinds[0, -1].sum() == items * top_k
+    assert kinds[0, 1 : 1 + len(TASKS)].sum() == 0
+    assert (kinds[1, 1 : 1 + len(TASKS)].sum(axis=1) == (valid.num_groups + items) * top_k).all()
+    assert kinds[1, 0].sum() == kinds[1, -1].sum() == 0
     assert 0.0 <= routing["dropped_fraction"] < 1.0
 
 
