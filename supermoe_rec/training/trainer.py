@@ -52,7 +52,7 @@ from supermoe_rec.config.experiment import (
 from supermoe_rec.data.errors import DataError
 from supermoe_rec.data.generative import apply_layout
 from supermoe_rec.data.loader import ShardedBatchLoader
-from supermoe_rec.data.output import json_safe, write_json
+from supermoe_rec.data.output import atomic_output, json_safe, write_json
 from supermoe_rec.data.splits import SplitData, load_data, load_run_data
 from supermoe_rec.data.vocab import FILE_NAME as VOCAB_FILE
 from supermoe_rec.data.vocab import save_vocabularies
@@ -281,10 +281,13 @@ def _train(
     run_dir = trainer.run_dir
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        # Each through a temporary file renamed into place: a crash leaves the old file or the new one.
+        with atomic_output(run_dir / "config.yaml") as part:
+            save_config(cfg, part)
         if trainer.data.vocabularies:
-            save_vocabularies(trainer.data.vocabularies, run_dir / VOCAB_FILE)
-        (run_dir / "plan.txt").write_text(str(trainer.plan) + "\n")
+            save_vocabularies(trainer.data.vocabularies, run_dir / VOCAB_FILE)  # atomic itself
+        with atomic_output(run_dir / "plan.txt") as part:
+            part.write_text(str(trainer.plan) + "\n")
         log.info("sharding plan:\n%s", trainer.plan)
         log.info("parameters: %s", trainer.params)
     checkpoints = CheckpointManager(run_dir / "checkpoints", cfg, trainer.data.vocabularies, fingerprint)
