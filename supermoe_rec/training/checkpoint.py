@@ -305,6 +305,32 @@ class TrainState:
             self.optimizer.load_state_dict(_local(state_dict["optim"]))
 
 
+def load_failure(exc: BaseException) -> str:
+    """One short line for a failed DCP load: the first failing rank's own error, not DCP's per-rank tracebacks; a
+    size mismatch says the model no longer fits the checkpoint.
+
+    Example::
+
+        >>> from torch.distributed.checkpoint.api import _wrap_exception
+        >>> try:
+        ...     raise AssertionError("req item mismatch sizes torch.Size([10, 8]) vs torch.Size([12, 8])")
+        ... except AssertionError as e:
+        ...     failure = CheckpointException("load", {0: _wrap_exception(e)})
+        >>> print(load_failure(failure))  # doctest: +ELLIPSIS
+        rank 0: AssertionError: req item mismatch sizes ... vs torch.Size([12, 8]); the model built from this config ...
+    """
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (inner, _) = next(iter(sorted(exc.failures.items())))
+        text = f"rank {rank}: {type(inner).__name__}: {' '.join(str(inner).split())}"[:600]
+        if "size" in text.lower() and "mismatch" in text.lower():
+            text += (
+                "; the model built from this config and data does not fit the checkpoint's shapes: the data (its item "
+                "or user range) or the model settings changed since it was saved"
+            )
+        return text
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:600]
+
+
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) back until the block ends, then raise the ``KeyboardInterrupt`` it would have raised.
@@ -502,8 +528,7 @@ class CheckpointManager:
             dcp_load(target, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
         # DCP's CheckpointException (a mismatched model, for one) is a BaseException, not an Exception.
         except (Exception, CheckpointException) as exc:  # many types for unreadable files or mismatched models
-            message = " ".join(str(exc).split())[:2000]
-            raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {message})") from exc
+            raise CheckpointError(f"{path}: cannot load checkpoint ({load_failure(exc)})") from exc
 
     def _checked_file(self, name: str) -> Path:
         """LATEST's checkpoint file ``name``, checked against its manifest entry (when listed and present)."""
