@@ -461,3 +461,17 @@ def test_source_tasks_are_the_tasks_the_sources_build(ml100k_data: object, tmp_p
     (tmp_path / "seq.txt").write_text("1 1 2 3 4\n2 2 3 4 5\n")
     data = load_data(DataConfig(source="sequences", table=str(tmp_path / "seq.txt")))
     assert tuple(t.name for t in data.tasks) == SOURCE_TASKS["sequences"] == SOURCE_TASKS["amazon_beauty"]
+
+
+def test_plan_json_onto_its_config_or_a_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --json equal to --config replaced the config with the report; a directory gave a traceback.
+    config = tmp_path / "ml100k.yaml"
+    config.write_text(CONFIG.read_text())
+    args = ["plan", "--config", str(config), "--world-size", "2", "--json"]
+    assert cli.main([*args, str(config)]) == 2
+    assert f"--json: {config} is also an input of this command" in capsys.readouterr().err
+    assert config.read_text() == CONFIG.read_text()
+    assert cli.main([*args, str(tmp_path)]) == 2
+    assert f"--json: {tmp_path} is a directory" in capsys.readouterr().err

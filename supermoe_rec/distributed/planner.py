@@ -60,14 +60,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -673,10 +671,11 @@ def plan_command(
     json_path: str | None = None,
 ) -> PlanReport:
     """Load ``config`` (+ overrides), plan it on ``cluster``, and write the JSON report when asked."""
+    from supermoe_rec.data.output import check_output, write_json
+
     cfg = load_config(config, overrides)
+    path = check_output(json_path, "--json", inputs=[config]) if json_path is not None else None  # before planning
     report = plan_config(cfg, cluster, config_name=config)
-    if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    if path is not None:
+        write_json(path, report.as_dict())  # through a temporary file renamed into place
     return report
