@@ -102,9 +102,9 @@ def _check_metrics(metrics: dict[str, Any], why: str) -> None:
         assert tasks[task]["count"] > 0, why
 
 
-def _replicas(app_log_dir: Path) -> list[str]:
-    """The replica (torchrun agent, i.e. "host") log dirs torchx made for the ``train`` role."""
-    return sorted(p.name for p in (app_log_dir / "train").iterdir() if p.is_dir())
+def _replicas(app_log_dir: Path, role: str = "train") -> list[str]:
+    """The replica (torchrun agent, i.e. "host") log dirs torchx made for ``role`` (our component's is ``train``)."""
+    return sorted(p.name for p in (app_log_dir / role).iterdir() if p.is_dir())
 
 
 @pytest.fixture(autouse=True)
@@ -141,4 +141,4 @@ def test_stock_dist_ddp_module(tmp_path: Path) -> None:
     component = ["dist.ddp", "-j", "1x2", "-m", "supermoe_rec.training.trainer"]
     metrics, app_log_dir, why = _launch(tmp_path, component, "stock1x2", env)
     _check_metrics(metrics, why)
-    assert _replicas(app_log_dir) == ["0"], why
+    assert _replicas(app_log_dir, role="trainer") == ["0"], why  # dist.ddp names the role after the module

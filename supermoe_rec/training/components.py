@@ -88,6 +88,7 @@ def train(
         mounts=mounts,
     )
     for role in app.roles:
+        role.name = "train"  # dist.ddp names the role after the module's last part ("trainer"); keep the job's name
         shell, command = role.args
         if shell != "-c" or not command.startswith("torchrun "):
             raise RuntimeError(f"unexpected dist.ddp command {role.args!r}; torchx changed its ddp component")
