@@ -83,10 +83,13 @@ class QuickstartResult:
 def quickstart_config(
     steps: int, out: Path, name: str = "quickstart", overrides: Sequence[str] = ()
 ) -> ExperimentConfig:
-    """``configs/ml100k.yaml`` with the :data:`SMALL` settings, ``steps`` training steps, and its outputs in ``out``."""
-    return load_config(
-        CONFIG, [*SMALL, f"--train.max_steps={steps}", f"--train.out_dir={out}", f"--train.name={name}", *overrides]
-    )
+    """``configs/ml100k.yaml`` with the :data:`SMALL` settings, ``steps`` training steps, and its outputs in ``out``.
+
+    A quickstart is meant to be run again: each run replaces the previous one of the same name
+    (``train.overwrite``; a training run otherwise refuses a run dir that already holds a run).
+    """
+    settings = [*SMALL, f"--train.max_steps={steps}", f"--train.out_dir={out}", f"--train.name={name}"]
+    return load_config(CONFIG, [*settings, "--train.overwrite=true", *overrides])
 
 
 def metrics_frame(metrics: dict[str, Any]) -> pd.DataFrame:
