@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from supermoe_rec.config.experiment import Arch, ModelConfig
 from supermoe_rec.modules.experts import DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer, MoEOutput
-from supermoe_rec.modules.transformer import AttentionImpl, EncoderBlock, MultiHeadSelfAttention
+from supermoe_rec.modules.transformer import AttentionImpl, EncoderBlock, MultiHeadSelfAttention, moe_summary
 
 __all__ = [
     "CausalEncoderOutput",
@@ -524,31 +524,4 @@ class CausalMoEEncoder(nn.Module):
         states: Tensor = self.final_norm(x)  # (G, S, M)
         if self.readout is None:
             tasks = states.unsqueeze(2).expand(G, S, T, M)
-        return _output(states, tasks, moe_outs, self.num_experts, T)
-
-
-def _output(states: Tensor, tasks: Tensor, moe_outs: list[MoEOutput], E: int, T: int) -> CausalEncoderOutput:
-    if not moe_outs:
-        zero = torch.zeros((), device=states.device)
-        return CausalEncoderOutput(
-            states=states,
-            tasks=tasks,
-            balance_loss=zero,
-            z_loss=zero,
-            tokens_per_expert=torch.zeros(0, E, dtype=torch.long, device=states.device),  # (0, E)
-            dropped_fraction=zero,
-            task_expert_counts=torch.zeros(0, T + 2, E, dtype=torch.long, device=states.device),  # (0, T+2, E)
-        )
-    counts = []
-    for m in moe_outs:
-        assert m.task_expert_counts is not None  # task ids are always passed
-        counts.append(m.task_expert_counts)
-    return CausalEncoderOutput(
-        states=states,
-        tasks=tasks,
-        balance_loss=torch.stack([m.balance_loss for m in moe_outs]).mean(),
-        z_loss=torch.stack([m.z_loss for m in moe_outs]).mean(),
-        tokens_per_expert=torch.stack([m.tokens_per_expert for m in moe_outs]),  # (Λ, E)
-        dropped_fraction=torch.stack([m.dropped_fraction for m in moe_outs]).mean(),
-        task_expert_counts=torch.stack(counts),  # (Λ, T+2, E)
-    )
+        return CausalEncoderOutput(states, tasks, *moe_summary(moe_outs, self.num_experts, T + 2, device))

@@ -33,6 +33,7 @@ __all__ = [
     "EncoderOutput",
     "MoETransformerEncoder",
     "MultiHeadSelfAttention",
+    "moe_summary",
     "token_kind_labels",
 ]
 
@@ -254,6 +255,43 @@ class EncoderBlock(nn.Module):
         # Under autocast the FFN may return bf16 while the residual stream stays fp32; index_add needs one dtype.
         flat = flat.index_add(0, real_index, self._drop(y).to(flat.dtype))  # (G*S, M) padding rows unchanged
         return flat.view(G, S, M), moe_out  # (G, S, M)
+
+
+class MoESummary(NamedTuple):
+    """An encoder's MoE losses and statistics over its Λ MoE layers (zeros and empty tensors when Λ = 0).
+
+    Attributes:
+        balance_loss, z_loss: scalar float32 means over the layers (unweighted).
+        tokens_per_expert: ``[Λ, E]`` int64 assignments per expert before dropping.
+        dropped_fraction: scalar float32 mean over the layers.
+        task_expert_counts: ``[Λ, R, E]`` int64 assignments per (token kind, expert).
+    """
+
+    balance_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+    dropped_fraction: Tensor
+    task_expert_counts: Tensor
+
+
+def moe_summary(moe_outs: Sequence[MoEOutput], num_experts: int, num_kinds: int, device: torch.device) -> MoESummary:
+    """Stack the per-layer :class:`~supermoe_rec.modules.moe.MoEOutput` statistics of an encoder (R = ``num_kinds``)."""
+    if not moe_outs:
+        zero = torch.zeros((), device=device)
+        empty_tokens = torch.zeros(0, num_experts, dtype=torch.long, device=device)  # (0, E)
+        empty_kinds = torch.zeros(0, num_kinds, num_experts, dtype=torch.long, device=device)  # (0, R, E)
+        return MoESummary(zero, zero, empty_tokens, zero, empty_kinds)
+    counts = []
+    for m in moe_outs:
+        assert m.task_expert_counts is not None  # the encoders always pass token kinds
+        counts.append(m.task_expert_counts)
+    return MoESummary(
+        balance_loss=torch.stack([m.balance_loss for m in moe_outs]).mean(),
+        z_loss=torch.stack([m.z_loss for m in moe_outs]).mean(),
+        tokens_per_expert=torch.stack([m.tokens_per_expert for m in moe_outs]),  # (Λ, E)
+        dropped_fraction=torch.stack([m.dropped_fraction for m in moe_outs]).mean(),
+        task_expert_counts=torch.stack(counts),  # (Λ, R, E)
+    )
 
 
 class EncoderOutput(NamedTuple):
@@ -496,28 +534,4 @@ class MoETransformerEncoder(nn.Module):
         user = out[:, 0]  # (G, M)
         tasks = out[:, 1:] if self.use_task_tokens else user.unsqueeze(1).expand(G, T, M)  # (G, T, M)
 
-        E = self.num_experts
-        if moe_outs:
-            counts = []
-            for m in moe_outs:
-                assert m.task_expert_counts is not None  # task_ids are always passed
-                counts.append(m.task_expert_counts)
-            return EncoderOutput(
-                user=user,
-                tasks=tasks,
-                balance_loss=torch.stack([m.balance_loss for m in moe_outs]).mean(),
-                z_loss=torch.stack([m.z_loss for m in moe_outs]).mean(),
-                tokens_per_expert=torch.stack([m.tokens_per_expert for m in moe_outs]),  # (Λ, E)
-                dropped_fraction=torch.stack([m.dropped_fraction for m in moe_outs]).mean(),
-                task_expert_counts=torch.stack(counts),  # (Λ, T+2, E)
-            )
-        zero = torch.zeros((), device=device)
-        return EncoderOutput(
-            user=user,
-            tasks=tasks,
-            balance_loss=zero,
-            z_loss=zero,
-            tokens_per_expert=torch.zeros(0, E, dtype=torch.long, device=device),  # (0, E)
-            dropped_fraction=zero,
-            task_expert_counts=torch.zeros(0, T + 2, E, dtype=torch.long, device=device),  # (0, T+2, E)
-        )
+        return EncoderOutput(user, tasks, *moe_summary(moe_outs, self.num_experts, T + 2, device))
