@@ -475,3 +475,18 @@ def test_plan_json_onto_its_config_or_a_directory_is_refused(
     assert config.read_text() == CONFIG.read_text()
     assert cli.main([*args, str(tmp_path)]) == 2
     assert f"--json: {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_report_writes_replace_a_file_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Reports (probe, suite, compare, ablate, scale, plots) go through a temporary file renamed into place."""
+    from supermoe_rec.data.output import atomic_output, write_text
+
+    report = tmp_path / "report.md"
+    write_text(report, "first\n")
+    with pytest.raises(RuntimeError), atomic_output(report) as part:
+        part.write_text("half a")
+        raise RuntimeError("the writer died")
+    assert report.read_text() == "first\n"  # the old report is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]  # and no temporary file is left
+    write_text(report, "second\n")
+    assert report.read_text() == "second\n"

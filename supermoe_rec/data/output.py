@@ -109,6 +109,12 @@ def write_json(path: Path, value: Any) -> list[str]:
     return paths
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place: a reader never sees half a file."""
+    with atomic_output(path) as part:
+        part.write_text(text)
+
+
 def check_output_dir(out: str | Path, key: str) -> Path:
     """``out`` as a directory to write into: refused when it is a file (or lies under one)."""
     path = Path(out)

@@ -27,6 +27,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from supermoe_rec.data.output import atomic_output
+
 if TYPE_CHECKING:
     from supermoe_rec.studies.seesaw import Report
 
@@ -50,7 +52,8 @@ def _save(fig: Figure, out_png: str | Path) -> Path:
     path = Path(out_png)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attaches the Agg canvas, so savefig never consults pyplot's backend
-    fig.savefig(path, format="png", dpi=_DPI)
+    with atomic_output(Path(path)) as part:
+        fig.savefig(part, format="png", dpi=_DPI)
     return path
 
 

@@ -50,6 +50,7 @@ from tabulate import tabulate
 from supermoe_rec.config.experiment import ConfigError, DataConfig, ExperimentConfig
 from supermoe_rec.data.jagged import IntArray, concat_ranges
 from supermoe_rec.data.movielens import fetch_movielens
+from supermoe_rec.data.output import write_text
 from supermoe_rec.data.protocol import AGE_EDGES
 from supermoe_rec.data.schema import FeatureSide, Schema
 from supermoe_rec.data.splits import SplitData, load_data
@@ -362,8 +363,8 @@ def probe_run(
         "balanced": balanced,
         "attributes": probe_representations(reps, attributes, bag, test_fraction, seed, balanced),
     }
-    (run_dir / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
-    (run_dir / "probe.md").write_text(_markdown(result))
+    write_text(run_dir / "probe.json", json.dumps(result, indent=2) + "\n")
+    write_text(run_dir / "probe.md", _markdown(result))
     return result
 
 

@@ -55,6 +55,7 @@ from supermoe_rec.config.experiment import ConfigError, DataConfig, ExperimentCo
 from supermoe_rec.data.dataset import TabularDataset
 from supermoe_rec.data.jagged import IntArray
 from supermoe_rec.data.movielens import ML100K_GENRES, MovieLens, fetch_movielens
+from supermoe_rec.data.output import write_text
 from supermoe_rec.data.protocol import build_ml_mt
 from supermoe_rec.data.schema import FeatureSpec, Schema
 from supermoe_rec.data.splits import SplitData, load_data
@@ -430,8 +431,8 @@ def suite_run(
     }
     if peer is not None:
         merge_peer(result, peer)
-    (run_dir / SUITE_JSON).write_text(json.dumps(result, indent=2) + "\n")
-    (run_dir / SUITE_MD).write_text(suite_markdown(result))
+    write_text(run_dir / SUITE_JSON, json.dumps(result, indent=2) + "\n")
+    write_text(run_dir / SUITE_MD, suite_markdown(result))
     return result
 
 
@@ -637,8 +638,8 @@ def aggregate_suites(
         merge_peer(out, peer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SUITE_JSON).write_text(json.dumps(out, indent=2) + "\n")
-    (out_dir / SUITE_MD).write_text(suite_markdown(out, out["std"]) + f"\n![primary metrics]({SUITE_PNG})\n")
+    write_text(out_dir / SUITE_JSON, json.dumps(out, indent=2) + "\n")
+    write_text(out_dir / SUITE_MD, suite_markdown(out, out["std"]) + f"\n![primary metrics]({SUITE_PNG})\n")
     plot_suite_primary(out, out_dir / SUITE_PNG)
     return out
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from supermoe_rec.config.experiment import Arch, ConfigError, load_config
 from supermoe_rec.config.tasks import TaskSpec
+from supermoe_rec.data.output import write_text
 from supermoe_rec.studies.executor import RunSpec, check_counts, execute, make_run, read_test_metric, runs_dir_of
 from supermoe_rec.studies.seesaw import ABLATIONS_MD, mean_std, write_report_markdown
 from supermoe_rec.training.metrics import primary_metric
@@ -215,8 +216,8 @@ def ablate(
         argv += ["--variants", ",".join(name for name in variants if name != "default")]
     argv += overrides
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / ABLATIONS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / ABLATIONS_MD).write_text(render_ablations(summary, seeds, shlex.join(argv)))
+    write_text(out_dir / ABLATIONS_JSON, json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / ABLATIONS_MD, render_ablations(summary, seeds, shlex.join(argv)))
     if (out_dir / "report.json").exists():
         write_report_markdown(out_dir)
     log.info("wrote %s", out_dir / ABLATIONS_MD)

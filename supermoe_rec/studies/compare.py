@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, load_config
+from supermoe_rec.data.output import write_text
 from supermoe_rec.evaluation.plots import plot_gains
 from supermoe_rec.studies.executor import RunSpec, check_counts, execute, make_run, runs_dir_of
 from supermoe_rec.studies.seesaw import GAIN_PLOT, ArchPlan, Report, build_report, write_report_markdown
@@ -174,7 +175,7 @@ def compare(
     results = execute(runs, force=force, progress=progress, jobs=jobs)
     report = build_report(plans, tasks, seed_list, results, base, command)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     plot_gains(report, out_dir / GAIN_PLOT)
     write_report_markdown(out_dir)
     log.info("wrote %s", out_dir / "report.md")

@@ -30,6 +30,7 @@ from typing import Any
 
 from supermoe_rec.config.experiment import Arch, ConfigError, ExperimentConfig, load_config
 from supermoe_rec.config.tasks import TaskSpec
+from supermoe_rec.data.output import write_text
 from supermoe_rec.evaluation.plots import plot_scaling
 from supermoe_rec.modules.moe_recipe import ExpertShape, active_params, choose_expert_shape
 from supermoe_rec.studies.executor import RunSpec, check_counts, execute, make_run, read_test_metric
@@ -239,8 +240,8 @@ def scale(
     argv += overrides
     summary["command"] = shlex.join(argv)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SCALING_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / SCALING_MD).write_text(render_markdown(summary, seeds, summary["command"]))
+    write_text(out_dir / SCALING_JSON, json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / SCALING_MD, render_markdown(summary, seeds, summary["command"]))
     plot_scaling(summary, out_dir / SCALING_PNG)
     log.info("wrote %s", out_dir / SCALING_MD)
     return summary

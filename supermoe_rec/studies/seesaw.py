@@ -21,6 +21,7 @@ from typing import Any, TypedDict
 
 from supermoe_rec.config.experiment import Arch, ExperimentConfig, TaskType, to_dict
 from supermoe_rec.config.tasks import TaskSpec
+from supermoe_rec.data.output import write_text
 from supermoe_rec.studies.executor import RunSpec, read_test_metric
 
 STD_DDOF = 0
@@ -394,7 +395,7 @@ def write_report_markdown(out_dir: Path) -> None:
     for appendix in (ABLATIONS_MD, FINDINGS_MD):
         if (out_dir / appendix).exists():
             text += "\n" + (out_dir / appendix).read_text()
-    (out_dir / "report.md").write_text(text)
+    write_text(out_dir / "report.md", text)
 
 
 __all__ = [
