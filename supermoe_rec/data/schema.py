@@ -188,11 +188,15 @@ class Schema:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: schema file not found")
-        with path.open() as f:
-            try:
-                values = yaml.safe_load(f)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            byte = exc.object[exc.start]
+            raise ConfigError(f"{path}: not UTF-8 text: byte {byte:#04x} at byte offset {exc.start}") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
         if not isinstance(values, Mapping):
             raise ConfigError(f"{path}: a schema is a mapping (user_column, tables, features, tasks)")
         return Schema.from_dict(values, source=str(path))

@@ -166,3 +166,7 @@ def test_non_utf8_files_name_the_byte_offset(tmp_path: Path) -> None:
     config.write_bytes(b"train:\n  name: caf\xe9\n")
     with pytest.raises(ConfigError, match=rf"^{config}: not UTF-8 text: byte 0xe9 at byte offset 18$"):
         load_config(config)
+    schema = tmp_path / "schema.yaml"
+    schema.write_bytes(b"user_column: caf\xe9\n")
+    with pytest.raises(ConfigError, match=rf"^{schema}: not UTF-8 text: byte 0xe9 at byte offset 16$"):
+        Schema.from_yaml(schema)
