@@ -14,6 +14,7 @@ import enum
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 
@@ -48,6 +49,16 @@ REMOVED_KEYS: dict[str, str] = {
     "model.use_moe": "model.arch is the only switch between MoE and dense (model.arch: dense_transformer is the dense "
     "twin of supermoe)",
 }
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a config or schema file; bytes that are not UTF-8 are a :class:`ConfigError` naming the byte and
+    its offset."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise ConfigError(f"{path}: not UTF-8 text: byte {byte:#04x} at byte offset {exc.start}") from None
 
 
 def unknown_key_error(key: str, known: Sequence[str]) -> ConfigError:

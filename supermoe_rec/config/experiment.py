@@ -48,8 +48,8 @@ from supermoe_rec.config.base import MOVED_KEYS as MOVED_KEYS
 from supermoe_rec.config.base import REMOVED_KEYS as REMOVED_KEYS
 from supermoe_rec.config.base import ConfigError as ConfigError
 from supermoe_rec.config.base import from_dict as from_dict
+from supermoe_rec.config.base import read_utf8, unknown_key_error
 from supermoe_rec.config.base import to_dict as to_dict
-from supermoe_rec.config.base import unknown_key_error
 from supermoe_rec.config.tasks import TaskType as TaskType
 from supermoe_rec.data.schema import check_table_config
 
@@ -547,11 +547,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        byte = exc.object[exc.start]
-        raise ConfigError(f"{path}: not UTF-8 text: byte {byte:#04x} at byte offset {exc.start}") from None
+    text = read_utf8(path)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

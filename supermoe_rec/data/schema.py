@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from supermoe_rec.config.base import ConfigError, from_dict
+from supermoe_rec.config.base import ConfigError, from_dict, read_utf8
 from supermoe_rec.config.tasks import TaskSpec, TaskType
 
 if TYPE_CHECKING:
@@ -188,11 +188,7 @@ class Schema:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: schema file not found")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            byte = exc.object[exc.start]
-            raise ConfigError(f"{path}: not UTF-8 text: byte {byte:#04x} at byte offset {exc.start}") from None
+        text = read_utf8(path)
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as exc:
