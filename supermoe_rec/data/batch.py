@@ -9,12 +9,36 @@ the history is looked up and encoded once per group, and every candidate of the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
+
+
+def bags_of_one(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """Re-express jagged sequences as bags of one id each, compactly: stride ``n = max_f N_f``.
+
+    Key f's N_f ids become its first N_f bags (length 1); its other ``n - N_f`` bags are empty (zeros after
+    pooling). Values are untouched. The cost is O(F n), whatever the padded width of the sequences: a batch whose
+    only long sequences are a few group histories pays for their ids, not for B x their length.
+
+    Example::
+
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["h", "t"], torch.tensor([5, 6, 7, 8]),
+        ...                                           torch.tensor([3, 0, 1, 0]))
+        >>> out = bags_of_one(kjt)
+        >>> out.lengths().tolist(), out.stride()
+        ([1, 1, 1, 1, 0, 0], 3)
+    """
+    keys = kjt.keys()
+    batch = kjt.stride()
+    counts = kjt.lengths().view(len(keys), batch).long().sum(dim=1)  # (F,) N_f
+    n = max(int(counts.max()) if len(keys) else 0, 1)  # a KJT needs a stride >= 1
+    lengths = (torch.arange(n, device=counts.device)[None, :] < counts[:, None]).to(torch.int32)  # (F, n)
+    return KeyedJaggedTensor(keys=keys, values=kjt.values(), lengths=lengths.view(-1), stride=n)
 
 
 @dataclass
@@ -55,6 +79,13 @@ class Batch(Pipelineable):
     user_index: torch.Tensor
     position_index: torch.Tensor | None = None
     target_start: torch.Tensor | None = None
+
+    @functools.cached_property
+    def sequence_bags(self) -> KeyedJaggedTensor:
+        """``sequence_features`` as bags of one id each (:func:`bags_of_one`), the input of the bags-of-one sequence
+        table. A batch field in the eyes of TorchRec's pipeline, so that table's input is distributed one batch
+        ahead like every other sharded lookup's."""
+        return bags_of_one(self.sequence_features)
 
     @property
     def batch_size(self) -> int:

@@ -83,5 +83,7 @@ class MultiTaskMLPRec(nn.Module):
         Returns:
             :class:`ModelOutput` with predictions [B] per task (no user representation).
         """
-        out: ModelOutput = self.over_arch(self.sparse_arch(batch.sparse_features, batch.sequence_features), batch)
+        out: ModelOutput = self.over_arch(
+            self.sparse_arch(batch.sparse_features, batch.sequence_features, batch.sequence_bags), batch
+        )
         return out

@@ -322,5 +322,7 @@ class SuperMoERec(nn.Module):
         Returns:
             :class:`ModelOutput` with predictions [B] per task, user [G, M] and task representations [G, T, M].
         """
-        out: ModelOutput = self.over_arch(self.sparse_arch(batch.sparse_features, batch.sequence_features), batch)
+        out: ModelOutput = self.over_arch(
+            self.sparse_arch(batch.sparse_features, batch.sequence_features, batch.sequence_bags), batch
+        )
         return out

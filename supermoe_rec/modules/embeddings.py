@@ -29,6 +29,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from supermoe_rec.config.experiment import SequenceLookup
+from supermoe_rec.data.batch import bags_of_one
 from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema
 from supermoe_rec.modules.padding import pad_rows
 
@@ -99,29 +100,6 @@ def _tables_by_feature(features: tuple[FeatureSpec, ...]) -> dict[str, list[Feat
     for f in features:
         by_table.setdefault(f.table, []).append(f)
     return by_table
-
-
-def bags_of_one(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """Re-express jagged sequences as bags of one id each, compactly: stride ``n = max_f N_f``.
-
-    Key f's N_f ids become its first N_f bags (length 1); its other ``n - N_f`` bags are empty (zeros after
-    pooling). Values are untouched. The cost is O(F n), whatever the padded width of the sequences: a batch whose
-    only long sequences are a few group histories pays for their ids, not for B x their length.
-
-    Example::
-
-        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["h", "t"], torch.tensor([5, 6, 7, 8]),
-        ...                                           torch.tensor([3, 0, 1, 0]))
-        >>> out = bags_of_one(kjt)
-        >>> out.lengths().tolist(), out.stride()
-        ([1, 1, 1, 1, 0, 0], 3)
-    """
-    keys = kjt.keys()
-    batch = kjt.stride()
-    counts = kjt.lengths().view(len(keys), batch).long().sum(dim=1)  # (F,) N_f
-    n = max(int(counts.max()) if len(keys) else 0, 1)  # a KJT needs a stride >= 1
-    lengths = (torch.arange(n, device=counts.device)[None, :] < counts[:, None]).to(torch.int32)  # (F, n)
-    return KeyedJaggedTensor(keys=keys, values=kjt.values(), lengths=lengths.view(-1), stride=n)
 
 
 class SparseArch(nn.Module):
@@ -221,11 +199,19 @@ class SparseArch(nn.Module):
                 device=device,
             )
 
-    def forward(self, sparse_features: KeyedJaggedTensor, sequence_features: KeyedJaggedTensor) -> SparseOutput:
+    def forward(
+        self,
+        sparse_features: KeyedJaggedTensor,
+        sequence_features: KeyedJaggedTensor,
+        sequence_bags: KeyedJaggedTensor | None = None,
+    ) -> SparseOutput:
         """Look up every feature.
 
         The body only calls the embedding collections on the batch's KJTs and hands their outputs to plain
         functions: TorchRec's TrainPipelineSparseDist traces it with torch.fx to pipeline the sharded lookups.
+        ``sequence_bags`` is ``sequence_features`` as bags of one (:attr:`supermoe_rec.data.batch.Batch.sequence_bags`):
+        given straight from the batch, the pipeline distributes the sequence table's input one batch ahead; when
+        None, it is built here (and that lookup is not pipelined).
 
         Returns:
             :class:`SparseOutput` with pooled [B, D] and padded sequence [B, L_f, D] embeddings.
@@ -235,7 +221,8 @@ class SparseArch(nn.Module):
             unpooled = self.sequence_ec(sequence_features)
             return sparse_output_from_ec(pooled, unpooled, sequence_features, self.grad_scale)
         if self.sequence_ebc is not None:
-            bags = self.sequence_ebc(bags_of_one_kjt(sequence_features))
+            bag_input = sequence_bags if sequence_bags is not None else bags_of_one_kjt(sequence_features)
+            bags = self.sequence_ebc(bag_input)
             return sparse_output_from_bags(pooled, bags, sequence_features, self.grad_scale)
         return sparse_output_from_ec(pooled, {}, sequence_features, self.grad_scale)
 

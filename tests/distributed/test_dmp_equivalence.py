@@ -199,6 +199,8 @@ def _worker(rank: int, world_size: int, data_cfg: DataConfig) -> dict[str, Any]:
             "grads": grads,
             "plan": plan,
             "generative": batches[0].position_index is not None,
+            # TorchRec's pipeline distributes these sharded lookups' inputs one batch ahead.
+            "pipelined": sorted(type(m).__name__ for m in pipeline._pipelined_modules),
             "seconds": time.monotonic() - start,
         }
     return results
@@ -236,6 +238,8 @@ def test_two_rank_dmp_matches_one_process(runs: dict[int, list[dict[str, Any]]],
             assert ranks[0]["plan"][table][1] == [0, 1], ranks[0]["plan"]
 
     assert ref["generative"] == ranks[0]["generative"] == sharding.endswith("+generative")  # the layout trained
+    # Both the pooled and the bags-of-one sequence tables are pipelined (the bags come from the batch).
+    assert ranks[0]["pipelined"] == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingBagCollection"], ranks[0]
     if "+next_items" in sharding:  # the next-items loss is part of the total, and is itself global
         assert ref["next_items"] and ref["next_items"][0] > 0
         mean = sum(r["next_items"][0] for r in ranks) / W
