@@ -70,6 +70,11 @@ def build(runs: Path) -> dict[str, Any]:
             metric: {
                 **_stats([float(m["test"]["next_item"][metric]) for m in loo]),
                 "recbole": {name: peers[name][metric] for name in ("SASRec", "GRU4Rec") if name in peers},
+                "recbole_epochs": {
+                    name: f"{peers[name].get('epochs')} epochs, stopped by {peers[name].get('stopped_by')}"
+                    for name in ("SASRec", "GRU4Rec")
+                    if name in peers
+                },
             }
             for metric in LOO_METRICS
         }
@@ -112,7 +117,11 @@ def markdown(result: dict[str, Any], command: str) -> str:
         lines += [
             "## Next-item retrieval, RecBole's leave-one-out protocol (configs/ml100k_universal.yaml)",
             "",
-            "Full ranking over the catalogue, unmasked, as RecBole scores its sequential models.",
+            "Full ranking over the catalogue, unmasked, as RecBole scores its sequential models. RecBole's figures",
+            "come from reports/ml100k/recbole_peer.json, runs made on this machine in an earlier session, not",
+            "run to convergence: "
+            + "; ".join(f"{k} {v}" for k, v in next(iter(result["leave_one_out"].values()))["recbole_epochs"].items())
+            + ".",
             "",
             "| metric | generative | RecBole SASRec | RecBole GRU4Rec |",
             "|---|---|---|---|",
