@@ -116,6 +116,8 @@ class Batch(Pipelineable):
         for opt in (self.position_index, self.target_start):
             if opt is not None:
                 opt.record_stream(stream)  # type: ignore[arg-type]
+        if "sequence_bags" in self.__dict__:  # built on this device already (a cached property)
+            self.sequence_bags.record_stream(stream)
 
     def pin_memory(self) -> Batch:
         return Batch(
