@@ -42,7 +42,14 @@ from torch import Tensor, nn
 from supermoe_rec.config.experiment import Arch, ModelConfig
 from supermoe_rec.modules.experts import DenseFFN, ExpertImpl
 from supermoe_rec.modules.moe import MoELayer, MoEOutput
-from supermoe_rec.modules.transformer import AttentionImpl, EncoderBlock, MultiHeadSelfAttention, moe_summary
+from supermoe_rec.modules.transformer import (
+    AttentionImpl,
+    EncoderBlock,
+    MultiHeadSelfAttention,
+    block_ffn,
+    moe_slots,
+    moe_summary,
+)
 
 __all__ = [
     "CausalEncoderOutput",
@@ -408,18 +415,13 @@ class CausalMoEEncoder(nn.Module):
         self.num_experts = config.moe.num_experts
         self.dropout = enc.dropout
         self.use_task_tokens = enc.use_task_tokens and num_tasks > 0
-        use_moe = config.arch is Arch.SUPERMOE
 
         def ffn_for(moe_slot: bool) -> DenseFFN | MoELayer:
-            if use_moe and moe_slot:
-                return MoELayer(M, config.moe, num_tasks=num_tasks + 2, device=device, impl=expert_impl)
-            if moe_slot and dense_hidden_for_moe_blocks is not None:
-                return DenseFFN(M, dense_hidden_for_moe_blocks, device=device)
-            return DenseFFN(M, enc.ffn_hidden, device=device)
+            return block_ffn(config, moe_slot, num_tasks + 2, dense_hidden_for_moe_blocks, device, expert_impl)
 
         self.start_token = nn.Parameter(torch.empty(M, device=device))  # (M,)
         self.input_proj: nn.Linear | None = nn.Linear(input_dim, M, device=device) if input_dim != M else None
-        slots = [(i + 1) % config.moe.moe_every == 0 for i in range(enc.num_layers)]
+        slots = moe_slots(config)
         self.blocks = nn.ModuleList(
             EncoderBlock(
                 M,

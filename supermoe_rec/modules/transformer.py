@@ -33,6 +33,8 @@ __all__ = [
     "EncoderOutput",
     "MoETransformerEncoder",
     "MultiHeadSelfAttention",
+    "block_ffn",
+    "moe_slots",
     "moe_summary",
     "token_kind_labels",
 ]
@@ -257,6 +259,30 @@ class EncoderBlock(nn.Module):
         return flat.view(G, S, M), moe_out  # (G, S, M)
 
 
+def moe_slots(config: ModelConfig) -> list[bool]:
+    """Which blocks are MoE slots: block i (0-based) when ``(i + 1) % moe.moe_every == 0``."""
+    return [(i + 1) % config.moe.moe_every == 0 for i in range(config.encoder.num_layers)]
+
+
+def block_ffn(
+    config: ModelConfig,
+    moe_slot: bool,
+    num_kinds: int,
+    dense_hidden_for_moe_blocks: int | None,
+    device: torch.device | None,
+    expert_impl: ExpertImpl,
+) -> DenseFFN | MoELayer:
+    """The FFN of a block, the same rule in both encoders: an MoE layer in an MoE slot of the ``supermoe`` arch
+    (routing ``num_kinds`` token kinds); in a slot of ``dense_transformer``, a dense FFN of width
+    ``dense_hidden_for_moe_blocks`` when given; otherwise a dense FFN of ``encoder.ffn_hidden``."""
+    M = config.encoder.d_model
+    if config.arch is Arch.SUPERMOE and moe_slot:
+        return MoELayer(M, config.moe, num_tasks=num_kinds, device=device, impl=expert_impl)
+    if moe_slot and dense_hidden_for_moe_blocks is not None:
+        return DenseFFN(M, dense_hidden_for_moe_blocks, device=device)
+    return DenseFFN(M, config.encoder.ffn_hidden, device=device)
+
+
 class MoESummary(NamedTuple):
     """An encoder's MoE losses and statistics over its Λ MoE layers (zeros and empty tensors when Λ = 0).
 
@@ -407,25 +433,23 @@ class MoETransformerEncoder(nn.Module):
         self.num_task_tokens = num_tasks if enc.use_task_tokens else 0
         self.num_experts = config.moe.num_experts
         self.dropout = enc.dropout
-        use_moe = config.arch is Arch.SUPERMOE
 
         self.user_token = nn.Parameter(torch.empty(M, device=device))  # (M,)
         self.task_tokens = nn.Parameter(torch.empty(self.num_task_tokens, M, device=device))  # (T', M)
         self.positions = nn.Parameter(torch.empty(max_history, M, device=device))  # (max_history, M)
         self.input_proj: nn.Linear | None = nn.Linear(input_dim, M, device=device) if input_dim != M else None
 
-        blocks: list[EncoderBlock] = []
-        for i in range(enc.num_layers):
-            moe_slot = (i + 1) % config.moe.moe_every == 0
-            ffn: DenseFFN | MoELayer
-            if use_moe and moe_slot:
-                ffn = MoELayer(M, config.moe, num_tasks=num_tasks + 2, device=device, impl=expert_impl)
-            elif moe_slot and dense_hidden_for_moe_blocks is not None:
-                ffn = DenseFFN(M, dense_hidden_for_moe_blocks, device=device)
-            else:
-                ffn = DenseFFN(M, enc.ffn_hidden, device=device)
-            blocks.append(EncoderBlock(M, enc.num_heads, ffn, enc.dropout, attention_impl, device=device))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(
+                M,
+                enc.num_heads,
+                block_ffn(config, moe_slot, num_tasks + 2, dense_hidden_for_moe_blocks, device, expert_impl),
+                enc.dropout,
+                attention_impl,
+                device=device,
+            )
+            for moe_slot in moe_slots(config)
+        )
         self.final_norm = nn.LayerNorm(M, device=device)
         self._reset_own_parameters()
 
