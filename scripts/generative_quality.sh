@@ -10,11 +10,8 @@ out=${1:-runs/generative}
 [[ $# -gt 0 ]] && shift
 seeds=("$@")
 [[ ${#seeds[@]} -gt 0 ]] || seeds=(0 1 2)
-train() {  # NAME ARGS...
-  local name=$1; shift
-  [[ -f $out/$name/metrics.json ]] && return 0
-  .venv/bin/supermoe-rec train "$@" --train.num_threads=1 --train.out_dir="$out" --train.name="$name"
-}
+# shellcheck source=scripts/study_runs.sh
+source scripts/study_runs.sh  # train NAME ARGS...: skips finished runs, resumes interrupted ones
 report() {
   .venv/bin/python scripts/generative_report.py --runs "$out" --out reports/ml100k/generative.md
 }

@@ -8,11 +8,8 @@ out=${1:-runs/universal}
 [[ $# -gt 0 ]] && shift
 seeds=("$@")
 [[ ${#seeds[@]} -gt 0 ]] || seeds=(0 1 2)
-train() {  # NAME ARGS...
-  local name=$1; shift
-  [[ -f $out/$name/metrics.json ]] && return 0
-  .venv/bin/supermoe-rec train "$@" --train.num_threads=1 --train.out_dir="$out" --train.name="$name"
-}
+# shellcheck source=scripts/study_runs.sh
+source scripts/study_runs.sh  # train NAME ARGS...: skips finished runs, resumes interrupted ones
 for s in "${seeds[@]}"; do
   # The universal vector: behaviour only, self-supervised next items, on the ml100k-mt split (probes, future tasks).
   train "u-mt-s$s" --config configs/ml100k_universal.yaml --train.seed="$s"
