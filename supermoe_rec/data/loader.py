@@ -92,7 +92,7 @@ class ShardedBatchLoader:
         # Same batch count on every rank; never more batches than the smallest shard has groups.
         n_batches = max(min(math.ceil(max_rows / self.batch_size), min(len(s) for s in shards)), 1)
         mine = shards[self.rank]
-        lengths = getattr(self.dataset, "group_lengths", None)
+        lengths = self.dataset.group_lengths
         if lengths is None or not self.shuffle:
             return list(np.array_split(mine, n_batches))
         # Generative layout: a batch pads its chunks to the longest one, so chunks of similar length go together.

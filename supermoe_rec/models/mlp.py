@@ -84,6 +84,6 @@ class MultiTaskMLPRec(nn.Module):
             :class:`ModelOutput` with predictions [B] per task (no user representation).
         """
         out: ModelOutput = self.over_arch(
-            self.sparse_arch(batch.sparse_features, batch.sequence_features, batch.sequence_bags), batch
+            self.sparse_arch(batch.sparse_features, batch.sequence_features, self.sparse_arch.bag_input(batch)), batch
         )
         return out

@@ -323,6 +323,6 @@ class SuperMoERec(nn.Module):
             :class:`ModelOutput` with predictions [B] per task, user [G, M] and task representations [G, T, M].
         """
         out: ModelOutput = self.over_arch(
-            self.sparse_arch(batch.sparse_features, batch.sequence_features, batch.sequence_bags), batch
+            self.sparse_arch(batch.sparse_features, batch.sequence_features, self.sparse_arch.bag_input(batch)), batch
         )
         return out

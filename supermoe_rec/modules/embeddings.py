@@ -29,7 +29,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from supermoe_rec.config.experiment import SequenceLookup
-from supermoe_rec.data.batch import bags_of_one
+from supermoe_rec.data.batch import Batch, bags_of_one
 from supermoe_rec.data.schema import ITEM_CANDIDATES, FeatureSpec, Schema
 from supermoe_rec.modules.padding import pad_rows
 
@@ -198,6 +198,12 @@ class SparseArch(nn.Module):
                 ],
                 device=device,
             )
+
+    def bag_input(self, batch: Batch) -> KeyedJaggedTensor | None:
+        """The batch's bags of one (:attr:`~supermoe_rec.data.batch.Batch.sequence_bags`) when the sequence features
+        go through the bags-of-one table, else None: an EmbeddingCollection reads the jagged features themselves, so
+        the bags are not built for it."""
+        return batch.sequence_bags if self.sequence_ebc is not None else None
 
     def forward(
         self,
